@@ -162,6 +162,19 @@ def local_checkpoint(source, *, directory: bool = False, revision: Optional[str]
         try:
             return hub_snapshot(repo_id, kind="model", revision=pinned or revision)
         except CheckpointError as e:
+            if path.parent.is_dir():
+                # (an org/name whose org is a folder here: a local folder mistyped, far likelier than a hub
+                # repository, was said as the hub's failure, lines of advice on the connection; the hub's
+                # error is kept, cut to its first line)
+                hub = e.__cause__ or e
+                first = next(iter(str(hub).strip().splitlines()), "")
+                why = f"{type(hub).__name__}: {first}" if first else type(hub).__name__
+                held = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+                listed = ", ".join(held[:10]) + (", ..." if len(held) > 10 else "")
+                raise FileNotFoundError(
+                    f"no folder {path.absolute()}: {path.parent} holds no {path.name!r}"
+                    f"{f' (its folders: {listed})' if held else ''}, and {repo_id!r} is no HF hub repository "
+                    f"that could be fetched ({why})") from e
             raise FileNotFoundError(f"no local path {path.absolute()}, and {e}") from e
     if directory and path.is_file():
         raise FileNotFoundError(f"{source} is a file, not a checkpoint directory: give the directory "

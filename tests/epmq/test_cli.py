@@ -838,3 +838,23 @@ def test_task_files_given_without_their_task_show_the_yaml_to_write(tmp_path, ca
     err = capsys.readouterr().err
     assert f"{key} must map each task to its" in err and "names no task" in err
     assert example in err + "\n"
+
+
+def test_a_mistyped_local_folder_is_said_as_one_not_as_the_hubs_error(tmp_path, capsys, monkeypatch):
+    """`model: merged/tie` beside a folder merged/ (an org/name in form) ended in the hub library's
+    lines on the connection: it is said to be no folder there, naming the folders merged/ holds; an
+    org/name with no such folder here keeps the hub's error."""
+    import huggingface_hub.constants as hub
+
+    (tmp_path / "merged" / "ties").mkdir(parents=True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    said = {}
+    for model in ("merged/tie", "org/missing"):
+        path = write(tmp_path, {"model": model, "method": "rtn"})
+        assert main(["quantize", str(path), "out", "--quiet"]) == 2
+        said[model] = capsys.readouterr().err
+    assert said["merged/tie"].count("\n") == 1
+    assert f"no folder {tmp_path / 'merged' / 'tie'}: merged holds no 'tie' (its folders: ties)" in said["merged/tie"]
+    assert "'org/missing' could not be fetched from the HF hub" in said["org/missing"]
