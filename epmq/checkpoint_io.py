@@ -150,6 +150,24 @@ def hub_snapshot(repo_id: str, *, kind: str = "weights", revision: Optional[str]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def not_fetched(path: Path, repo_id: str, error: CheckpointError) -> str:
+    """What to say of ``path``, no local path, that the hub could not give as ``repo_id`` either
+    (``error``, hub_snapshot's). An org/name whose org is a folder here is a local folder mistyped,
+    far likelier than a hub repository, and was said as the hub's failure, its lines of advice on
+    the connection: it is said to be no folder there, naming those it holds, the hub's error cut
+    to its first line."""
+    if not path.parent.is_dir():
+        return f"no local path {path.absolute()}, and {error}"
+    hub = error.__cause__ or error
+    first = next(iter(str(hub).strip().splitlines()), "")
+    why = f"{type(hub).__name__}: {first}" if first else type(hub).__name__
+    held = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+    listed = ", ".join(held[:10]) + (", ..." if len(held) > 10 else "")
+    return (f"no folder {path.absolute()}: {path.parent} holds no {path.name!r}"
+            f"{f' (its folders: {listed})' if held else ''}, and {repo_id!r} is no HF hub repository that "
+            f"could be fetched ({why})")
+
+
 def local_checkpoint(source, *, directory: bool = False, revision: Optional[str] = None) -> Path:
     """``source`` on disk, or the HF hub snapshot (weights, config, tokenizer) of an ``org/name``
     that is not a local path; ``directory``: it must be a directory. ``revision``: the hub
@@ -162,20 +180,7 @@ def local_checkpoint(source, *, directory: bool = False, revision: Optional[str]
         try:
             return hub_snapshot(repo_id, kind="model", revision=pinned or revision)
         except CheckpointError as e:
-            if path.parent.is_dir():
-                # (an org/name whose org is a folder here: a local folder mistyped, far likelier than a hub
-                # repository, was said as the hub's failure, lines of advice on the connection; the hub's
-                # error is kept, cut to its first line)
-                hub = e.__cause__ or e
-                first = next(iter(str(hub).strip().splitlines()), "")
-                why = f"{type(hub).__name__}: {first}" if first else type(hub).__name__
-                held = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
-                listed = ", ".join(held[:10]) + (", ..." if len(held) > 10 else "")
-                raise FileNotFoundError(
-                    f"no folder {path.absolute()}: {path.parent} holds no {path.name!r}"
-                    f"{f' (its folders: {listed})' if held else ''}, and {repo_id!r} is no HF hub repository "
-                    f"that could be fetched ({why})") from e
-            raise FileNotFoundError(f"no local path {path.absolute()}, and {e}") from e
+            raise FileNotFoundError(not_fetched(path, repo_id, e)) from e
     if directory and path.is_file():
         raise FileNotFoundError(f"{source} is a file, not a checkpoint directory: give the directory "
                                 f"that holds it and its config")

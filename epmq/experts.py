@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .checkpoint_io import (Binding, CheckpointError, CheckpointReader, hub_reference, hub_snapshot,
-                            joined_tensor, saved_pieces)
+                            joined_tensor, not_fetched, saved_pieces)
 from .checks import all_finite
 
 
@@ -56,8 +56,8 @@ class ExpertWeights:
                 try:
                     source = hub_snapshot(reference[0], kind="weights", revision=reference[1])
                 except CheckpointError as e:
-                    raise FileNotFoundError(f"the expert of task {task!r}: no local path "
-                                            f"{Path(source)}, and {e}") from e
+                    raise FileNotFoundError(f"the expert of task {task!r}: "
+                                            + not_fetched(Path(source), reference[0], e)) from e
         elif not isinstance(source, (nn.Module, Mapping)):
             raise TypeError(
                 f"the expert of task {task!r} must be an nn.Module, a state dict or a checkpoint "

@@ -19,7 +19,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ..checkpoint_io import CheckpointError, hub_snapshot, looks_like_hub_id
+from ..checkpoint_io import CheckpointError, hub_snapshot, looks_like_hub_id, not_fetched
 from .config import BenchConfigError
 
 
@@ -36,7 +36,7 @@ def resolve(source: str, *, base_dir, what: str, kind: str = "model", revision: 
     try:
         return hub_snapshot(source, kind=kind, revision=revision, cache_dir=cache_dir, offline=offline)
     except CheckpointError as e:
-        raise BenchConfigError(f"{what}: not a local path (looked for {path}); {e}") from e
+        raise BenchConfigError(f"{what}: {not_fetched(path, source, e)}") from e
 
 
 @torch.no_grad()

@@ -840,10 +840,10 @@ def test_task_files_given_without_their_task_show_the_yaml_to_write(tmp_path, ca
     assert example in err + "\n"
 
 
-def test_a_mistyped_local_folder_is_said_as_one_not_as_the_hubs_error(tmp_path, capsys, monkeypatch):
+def test_a_mistyped_local_folder_is_said_as_one_not_as_the_hubs_error(tiny_config, tmp_path, capsys, monkeypatch):
     """`model: merged/tie` beside a folder merged/ (an org/name in form) ended in the hub library's
     lines on the connection: it is said to be no folder there, naming the folders merged/ holds; an
-    org/name with no such folder here keeps the hub's error."""
+    org/name with no such folder here keeps the hub's error. `epmq run`'s experts alike."""
     import huggingface_hub.constants as hub
 
     (tmp_path / "merged" / "ties").mkdir(parents=True)
@@ -858,3 +858,8 @@ def test_a_mistyped_local_folder_is_said_as_one_not_as_the_hubs_error(tmp_path, 
     assert said["merged/tie"].count("\n") == 1
     assert f"no folder {tmp_path / 'merged' / 'tie'}: merged holds no 'tie' (its folders: ties)" in said["merged/tie"]
     assert "'org/missing' could not be fetched from the HF hub" in said["org/missing"]
+    config = yaml.safe_load(tiny_config.read_text())
+    config["tasks"][1]["expert"] = "experts/c"
+    bad = write(tiny_config.parent, config, "mistyped-expert.yaml")
+    assert main(["run", str(bad), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "experts holds no 'c' (its folders: alpha, beta)" in capsys.readouterr().err
