@@ -603,6 +603,12 @@ class QuantLinear(nn.Module):
         if not all_finite(scaled):
             raise ValueError(f"multiplying the weight of QuantLinear({self.extra_repr()}) by {factor:g} "
                              f"gives scales past {str(self.scales.dtype)[6:]}'s range (or NaN)")
+        # (finite scales may still give weights past the layer's dtype, its outputs inf: refused as a
+        # load of those scales is, before the write rather than at the next refresh())
+        problems = self._state_problems({"scales": scaled}, assign=True)
+        if problems:
+            raise ValueError(f"multiplying the weight of QuantLinear({self.extra_repr()}) by {factor:g}: "
+                             + "; ".join(problems))
         self.scales.copy_(scaled)
         if self.scales.is_inference():  # (no version counter: the caches keyed on it would not see it)
             self.refresh()

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -263,6 +264,19 @@ def test_scaling_the_weight_in_place_scales_the_scales(gen):
     with pytest.raises(ValueError, match=r"by inf gives scales past"):
         layer.weight.div_(0)
     assert torch.equal(layer.dequantize(), before)
+
+
+def test_scaling_the_weight_past_the_layers_dtype_is_refused(gen):
+    """Scales still finite in float16 may give weights (codes less zero points, times the scales)
+    past a float16 layer's range: the multiplication went through and the outputs were inf without a
+    word, refused only by the next refresh(). Refused as a load of those scales is, the layer unchanged."""
+    layer = epmq.QuantLinear.from_result(solve(SPECS[0], gen)).half()
+    before = layer.dequantize()
+    factor = 2.0 ** math.ceil(math.log2(65504 / float(before.abs().max())))
+    assert torch.isfinite(layer.scales * factor).all()  # (the scales alone fit)
+    with pytest.raises(ValueError, match=rf"by {factor:g}: scales: weights up to .* overflow float16"):
+        layer.weight.mul_(factor)
+    assert torch.equal(layer.dequantize(), before) and layer.refresh() is layer
 
 
 def test_constructor_checks():
