@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 from peft import LoraConfig
+from peft.tuners import tuners_utils
 from peft.tuners.lora import model as lora_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
@@ -118,7 +119,10 @@ def _dense_copy(packed: QuantLinear) -> nn.Linear:
     return dense
 
 
-_peft_device_map = getattr(lora_model, "get_device_map", None)
+# (PEFT's own, from where it is defined: the LoRA tuner's name for it is the one replaced, and read
+# from there after a reload of this module (a notebook's autoreload) it was this module's own
+# _device_map, which then called itself)
+_peft_device_map = getattr(tuners_utils, "get_device_map", None)
 
 
 def _device_map(model: nn.Module) -> dict:
@@ -138,7 +142,7 @@ def with_quant_linear(config: LoraConfig) -> LoraConfig:
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a peft LoraConfig, got {type(config).__name__}")
     config._register_custom_module({QuantLinear: QuantLoraLinear})
-    if _peft_device_map is not None:  # (PEFT's LoRA tuner reads it from its own module)
+    if _peft_device_map is not None and hasattr(lora_model, "get_device_map"):  # (its LoRA tuner's own name)
         lora_model.get_device_map = _device_map
     return config
 

@@ -930,6 +930,27 @@ def test_peft_lora_on_a_model_of_packed_layers_alone(gen):
                             with_quant_linear(peft.LoraConfig(r=2, target_modules=["0"])))
 
 
+def test_peft_lora_after_a_reload_of_the_module_adapts_ordinary_models(gen):
+    """with_quant_linear replaces PEFT's LoRA device map by one that takes models of packed layers
+    alone, and took PEFT's own from the name it replaces: reloaded (a notebook's autoreload), the
+    module's replacement took itself for PEFT's, and LoRA on any model ended in a RecursionError."""
+    import importlib
+
+    peft = pytest.importorskip("peft")
+    import epmq.peft_lora
+
+    def adapt(model, target):
+        config = epmq.peft_lora.with_quant_linear(peft.LoraConfig(r=2, target_modules=[target]))
+        return [p for p in peft.get_peft_model(model, config).parameters() if p.requires_grad]
+
+    for _ in range(2):
+        importlib.reload(epmq.peft_lora)
+        assert len(adapt(torch.nn.Sequential(torch.nn.Linear(8, 4)), "0")) == 2
+        packed = _tiny_packed_model(gen)
+        del packed.norm
+        assert len(adapt(packed, "up")) == 2
+
+
 def test_peft_lora_variants_that_read_the_base_weight_are_refused(gen):
     """DoRA and PiSSA-like initialisations read the base weight, which a QuantLinear holds packed
     (its .weight a data-less stand-in)."""
