@@ -1097,7 +1097,8 @@ def _open_clip_pool(cfg: dict, tower: str, own: bool, custom_text: bool) -> None
     ln_after_pool = cfg.pop("final_ln_after_pool", None)
     if not own or tower == "multimodal_cfg" or isinstance(cfg.get("layers"), (list, tuple)):
         return
-    if tower == "vision_cfg" and isinstance(cfg.get("attentional_pool"), str):
+    attentional = cfg.get("attentional_pool")
+    if tower == "vision_cfg" and isinstance(attentional, str) and attentional:  # ("": no pool, as open_clip tests it)
         pool = "none"
     elif tower == "text_cfg" and cfg.get("embed_cls") and custom_text:
         pool = "last"

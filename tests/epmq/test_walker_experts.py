@@ -1967,7 +1967,6 @@ def test_open_clip_s_shipped_configs_are_read_as_the_models_they_build():
             _check_architectures(None, [None], [name], reference=reference, configs=[config])
 
 
-
 def test_open_clip_hf_text_tower_whole_or_alone_refuses_experts_built_otherwise(gen, tmp_path):
     """An open_clip text tower that is HF's (HFTextEncoder) walked alone was read as its HF model's config
     (an 'xlm-roberta' one), so its own open_clip checkpoint was refused as another architecture; inside its
@@ -2026,3 +2025,23 @@ def test_open_clip_hf_text_tower_whole_or_alone_refuses_experts_built_otherwise(
     with pytest.raises(ValueError, match=r"reads its weights as \{'num_attention_heads': 2\}, the model's xlm-roberta "
                                          r"tower as \{'num_attention_heads': 4\}"):
         walk(clip.text, {"a": [text]}, {"a": str(tmp_path / "2")})
+
+
+def test_an_open_clip_image_tower_of_an_empty_string_attentional_pool_pools_by_its_pool_type():
+    """open_clip builds an attention pool where attentional_pool is truthy, a string one pooling
+    "none": an empty string builds none, its tower pooling by pool_type. Read as "none", such a
+    config was refused as its own model's expert."""
+    from open_clip.model import CLIP
+
+    from epmq.merge_checkpoint import _check_architectures, _open_clip_config
+    from epmq.walker import _config_of
+
+    for attentional in ("", False, "parallel"):
+        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 1, "width": 32, "head_width": 8, "patch_size": 8,
+                                                     "image_size": 16, "attentional_pool": attentional,
+                                                     "attn_pooler_queries": 4, "attn_pooler_heads": 4},
+                     "text_cfg": {"width": 32, "heads": 4, "layers": 1, "vocab_size": 64, "context_length": 8}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _check_architectures(None, [None], ["own"], reference=_config_of(CLIP(**model_cfg)),
+                                 configs=[_open_clip_config({"model_cfg": model_cfg})])
