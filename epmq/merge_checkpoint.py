@@ -1060,9 +1060,11 @@ def _open_clip_config(content) -> dict:
             config[tower].pop("attn_pooler_heads", None)
         if tower == "multimodal_cfg":  # (a CLIPTextCfg's field, without which open_clip builds CoCa's decoder: causal)
             config[tower].pop("no_causal_mask", None)
+        # (a ResNet image tower, layers per stage, is built of ReLUs and BatchNorms without them)
+        resnet = isinstance(config[tower].get("layers"), (list, tuple))
         for field, defaults in OPEN_CLIP_KWARGS.items():
             given = config[tower].pop(field, None)
-            if not (timm or hf) and tower != "multimodal_cfg":
+            if not (timm or hf or resnet) and tower != "multimodal_cfg":
                 config[tower][field] = {k: v for k, v in (given or {}).items() if k not in defaults or defaults[k] != v}
         if timm:
             config[tower]["timm_model_name"] = _timm_architecture(timm_name)

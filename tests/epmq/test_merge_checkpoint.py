@@ -3278,6 +3278,25 @@ def test_open_clip_checkpoints_of_another_gelu_or_norm_epsilon_are_refused_or_wa
                              ["defaults"])
 
 
+def test_open_clip_resnet_image_towers_are_not_compared_by_gelu_or_norm_kwargs(tmp_path):
+    """open_clip builds a ResNet image tower (its layers per stage) of ReLUs and BatchNorms, without
+    act_kwargs and norm_kwargs: two such checkpoints written with others are one model, and were
+    refused (another GELU approximation) or warned of (another epsilon) as if its tower were a ViT."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    def save(name, **vision):
+        (tmp_path / name).mkdir()
+        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": [1, 1, 1, 1], "width": 8, **vision},
+                     "text_cfg": {"width": 32, "heads": 4, "layers": 2}}
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        return tmp_path / name
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_architectures(save("base"), [save("other", act_kwargs={"approximate": "tanh"},
+                                                 norm_kwargs={"eps": 1e-6})], ["other"])
+
+
 def test_a_chat_template_over_no_tokenizer_files_is_refused(tmp_path):
     """transformers 5 builds a Qwen2 (GPT-2, BERT, T5, ...) checkpoint without tokenizer files a
     tokenizer of its special tokens alone, no error: a chat_template given for such models was
