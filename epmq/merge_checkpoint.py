@@ -1058,9 +1058,12 @@ def _open_clip_config(content) -> dict:
             config[tower] = {**OPEN_CLIP_DEFAULTS["attentional_pool"], **config[tower]}
         elif tower != "text_cfg":  # (no attention pool built of them: its heads say nothing)
             config[tower].pop("attn_pooler_heads", None)
-        if tower == "multimodal_cfg":  # (a CLIPTextCfg's field, without which open_clip builds CoCa's decoder: causal)
+        # (a CLIPTextCfg's field, without which open_clip builds CoCa's decoder, causal, and which a HF
+        # text tower, built from its hf_model_name alone, does not read)
+        if tower == "multimodal_cfg" or hf:
             config[tower].pop("no_causal_mask", None)
-        # (a ResNet image tower, layers per stage, is built of ReLUs and BatchNorms without them)
+        # (a ResNet image tower, layers per stage, is built of ReLUs and BatchNorms without them, a HF text
+        # tower of its HF model's modules)
         resnet = isinstance(config[tower].get("layers"), (list, tuple))
         for field, defaults in OPEN_CLIP_KWARGS.items():
             given = config[tower].pop(field, None)

@@ -3297,6 +3297,25 @@ def test_open_clip_resnet_image_towers_are_not_compared_by_gelu_or_norm_kwargs(t
                                                  norm_kwargs={"eps": 1e-6})], ["other"])
 
 
+def test_open_clip_hf_text_towers_are_not_compared_by_fields_they_do_not_read(tmp_path):
+    """open_clip builds a text tower naming a HF model (hf_model_name) from that model alone, without
+    act_kwargs, norm_kwargs or no_causal_mask: two such checkpoints written with others are one model,
+    and were refused (another GELU approximation, a mask) or warned of (another epsilon)."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    def save(name, **text):
+        (tmp_path / name).mkdir()
+        model_cfg = {"embed_dim": 16, "custom_text": True, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8},
+                     "text_cfg": {"hf_model_name": "roberta-base", "hf_pooler_type": "mean_pooler", **text}}
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        return tmp_path / name
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_architectures(save("base"), [save("other", act_kwargs={"approximate": "tanh"},
+                                                 norm_kwargs={"eps": 1e-6}, no_causal_mask=True)], ["other"])
+
+
 def test_a_chat_template_over_no_tokenizer_files_is_refused(tmp_path):
     """transformers 5 builds a Qwen2 (GPT-2, BERT, T5, ...) checkpoint without tokenizer files a
     tokenizer of its special tokens alone, no error: a chat_template given for such models was
