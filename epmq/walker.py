@@ -1964,8 +1964,23 @@ class _Placeholders(torch.overrides.TorchFunctionMode):
         self._dispatched.__exit__(kind, error, traceback)
         super().__exit__(kind, error, traceback)
         refused, self._refused = self._refused, None
-        if error is not None and refused is not None and error is not refused:
-            raise refused from None  # (scripted code's failure on a placeholder: the refusal, not its wrapping)
+        # (scripted code's failure on a placeholder: the refusal, not the interpreter's RuntimeError around it,
+        # which does not carry it, nor what the walk made of that; any other error is its own, one raised
+        # after a refusal the model caught too)
+        if refused is not None and error is not refused and _from_scripted(error):
+            raise refused from None
+
+
+def _from_scripted(error) -> bool:
+    """Whether ``error`` is, or was raised from, the TorchScript interpreter's failure of an op."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, RuntimeError) and str(error).startswith(
+                "The following operation failed in the TorchScript interpreter"):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class _Dispatched(TorchDispatchMode):

@@ -2045,3 +2045,22 @@ def test_an_open_clip_image_tower_of_an_empty_string_attentional_pool_pools_by_i
             warnings.simplefilter("error")
             _check_architectures(None, [None], ["own"], reference=_config_of(CLIP(**model_cfg)),
                                  configs=[_open_clip_config({"model_cfg": model_cfg})])
+
+
+@pytest.mark.parametrize("late", [KeyboardInterrupt, RuntimeError])
+def test_an_error_after_a_refusal_the_model_caught_is_raised_as_itself(late):
+    """The guard of placeholders raises the refusal of a use in place of the TorchScript interpreter's
+    RuntimeError around it; it raised it in place of any error that followed a refusal the model
+    caught (a fallback path), a KeyboardInterrupt or the block's own error too."""
+    from epmq.walker import _Placeholders
+
+    class Refused(ValueError):
+        pass
+
+    placeholders, weight = _Placeholders(), torch.ones(3)
+    placeholders.hold("w", weight, Refused, "w unread")
+    with pytest.raises(late, match="its own"):
+        with placeholders:
+            with pytest.raises(Refused):
+                weight.sum()
+            raise late("its own")
