@@ -60,7 +60,8 @@ from epmq_kernels.grid import is_integer
 
 from ._util import (own_temporary, read_json, read_json_file, release_freed_memory, remove_stale_temporaries,
                     rescaled_divisors, save_safetensors, storage_key, umask, wrapped_model)
-from .adapters import Transposed, auto_beside, checkpoint_names, find_towers, prepare_towers, remember
+from .adapters import (Transposed, auto_beside, checkpoint_names, find_towers, named_blocks, prepare_towers,
+                       remember)
 from .adapters.attention import PROJECTIONS, call_projections, hands_weights_to_torch
 from .adapters.moe import LinearExperts
 from .checkpoint_io import (key_renaming, local_checkpoint, renamed, saved_key_renaming, shard_weight_map,
@@ -497,12 +498,12 @@ def _hidden_activation(model) -> Optional[str]:
     return name if isinstance(name, str) else None
 
 
-def _disk_rel(disk: str, stack: str, i: int, rel: str) -> tuple:
-    """``(block prefix, name in the block)`` of a linear's name on disk (renaming rules may
-    change either part: Mixtral's ``block_sparse_moe``)."""
+def _disk_rel(disk: str, stack: str, key: str, rel: str) -> tuple:
+    """``(block prefix, name in the block)`` of a linear's name on disk, ``key`` its block's name in
+    the stack (renaming rules may change either part: Mixtral's ``block_sparse_moe``)."""
     parts, last = disk.split("."), stack.rpartition(".")[2]
     for j in range(1, len(parts) - 1):
-        if parts[j] == str(i) and parts[j - 1] == last:
+        if parts[j] == key and parts[j - 1] == last:
             return ".".join(parts[:j]), ".".join(parts[j + 1:])
     return stack, rel
 
@@ -524,22 +525,27 @@ def _partial_fields(model, layers, to_disk) -> tuple:
     # precision were named in no rule, and engines built them as GPTQ layers
     towers += auto_beside(model, towers, lambda _, blocks: any(id(m) in quantized for b in blocks for m in b.modules()))
     found = []  # (disk prefix, disk rel, block index, quantized) of the linears in the stacks holding quantized ones
+    # (disk prefix, block index) -> the block's name in its stack: its index, or the child name an OrderedDict gave it
+    # (torchvision's ViT's encoder_layer_0), which the rules and lists below name it by
+    keys = {}
     module_names = {}  # (disk prefix, block index, disk rel) -> the module's name in the model (transformers')
     routing = set()  # those of them that are routers (JetMoE's sits among its experts: not an expert)
     for adapter, stacks in towers:
         for prefix, blocks in stacks:
             if not any(id(m) in quantized for block in blocks for m in block.modules()):
                 continue
-            for i, block in enumerate(blocks):
+            for i, (name, block) in enumerate(named_blocks(prefix, blocks)):
+                child = name[len(prefix) + 1:]
                 # the adapter's linears left in full precision and the packed layers in their place
                 candidates = {**adapter.linears(block), **{rel: m for rel, m in block.named_modules()
                                                            if id(m) in quantized}}
                 routers = set(adapter.routers(block))
                 for rel, m in candidates.items():
-                    key = f"{prefix}.{i}.{rel}.{'qweight' if isinstance(m, QuantLinear) else 'weight'}"
+                    key = f"{name}.{rel}.{'qweight' if isinstance(m, QuantLinear) else 'weight'}"
                     disk = to_disk.get(key, key).rpartition(".")[0]
-                    found.append((*_disk_rel(disk, prefix, i, rel), i, id(m) in quantized))
-                    module_names[found[-1][0], i, found[-1][1]] = f"{prefix}.{i}.{rel}"
+                    found.append((*_disk_rel(disk, prefix, child, rel), i, id(m) in quantized))
+                    keys[found[-1][0], i] = child
+                    module_names[found[-1][0], i, found[-1][1]] = f"{name}.{rel}"
                     if rel in routers:
                         routing.add(found[-1][:3])
     if all(q for *_, q in found):
@@ -558,6 +564,9 @@ def _partial_fields(model, layers, to_disk) -> tuple:
         else:
             groups.append([rel])
     rules = []
+    # (every block of a stack: by number, by any name where an OrderedDict named them)
+    every = {stack: r"\d+" if all(key.isdigit() for (s, _), key in keys.items() if s == stack) else r"[^.]+"
+             for stack, _ in keys}
     by_block, by_rel = {}, {}
     for stack, rel, i, q in found:
         by_block.setdefault((stack, i), []).append(q)
@@ -566,7 +575,7 @@ def _partial_fields(model, layers, to_disk) -> tuple:
     # gives its layers (qkv_proj); each rule matches the names engines load a VLM's layers under too
     whole = {key for key, qs in by_block.items() if not any(qs)}
     for stack, i in sorted(whole):
-        rules.append(rf"{_engine_name(stack, composite)}\.{i}\.")
+        rules.append(rf"{_engine_name(stack, composite)}\.{re.escape(keys[stack, i])}\.")
     # vLLM chooses a block's experts' precision by the FusedMoE module's name alone (``<experts>``),
     # which the rules per projection below do not match: experts left in full precision need a rule
     # of their own, or it builds them quantized and fails to load them (SGLang reads no rule for
@@ -578,21 +587,23 @@ def _partial_fields(model, layers, to_disk) -> tuple:
     mixed = []
     for (stack, module), blocks in experts.items():
         left = [i for i, qs in blocks.items() if qs == {False} and (stack, i) not in whole]
-        mixed += [f"{stack}.{i}.{module} (MoE)" for i, qs in blocks.items() if len(qs) > 1]
+        mixed += [f"{stack}.{keys[stack, i]}.{module} (MoE)" for i, qs in blocks.items() if len(qs) > 1]
         # (those the rules keep in full precision on GPTQ Marlin only: vLLM's plain GPTQ path reads no rule for them)
-        mixed += [f"{stack}.{i}.{module} (MoE float)" for i, qs in blocks.items() if qs == {False}]
+        mixed += [f"{stack}.{keys[stack, i]}.{module} (MoE float)" for i, qs in blocks.items() if qs == {False}]
         if left and len(left) == len(blocks):
-            rules.append(rf"{_engine_name(stack, composite)}\.\d+\.{re.escape(module)}$")
+            rules.append(rf"{_engine_name(stack, composite)}\.{every[stack]}\.{re.escape(module)}$")
         else:
-            rules += [rf"{_engine_name(stack, composite)}\.{i}\.{re.escape(module)}$" for i in left]
+            rules += [rf"{_engine_name(stack, composite)}\.{re.escape(keys[stack, i])}\.{re.escape(module)}$"
+                      for i in left]
     for (stack, rel), entries in by_rel.items():
         left = [i for i, q in entries if not q and (stack, i) not in whole]
         if not left:
             continue
         if len(left) == len(entries):
-            rules.append(rf"{_engine_name(stack, composite)}\.\d+\.{re.escape(rel)}$")
+            rules.append(rf"{_engine_name(stack, composite)}\.{every[stack]}\.{re.escape(rel)}$")
         else:
-            rules += [rf"{_engine_name(stack, composite)}\.{i}\.{re.escape(rel)}$" for i in left]
+            rules += [rf"{_engine_name(stack, composite)}\.{re.escape(keys[stack, i])}\.{re.escape(rel)}$"
+                      for i in left]
     # vLLM takes a linear for quantized where any name listed lies inside its own (a fused qkv_proj by its
     # q/k/v names), and builds towers left whole with the same config: a name of theirs holding a
     # block's (LLaVA's vision tower's self_attn.q_proj) had GPTQ layers built for its float weights. The
@@ -612,10 +623,10 @@ def _partial_fields(model, layers, to_disk) -> tuple:
         blocks = dict.fromkeys((stack, i) for stack, _, i, q in found if q)
         groups = [list(dict.fromkeys(whole)) for stack, i in blocks for group in groups
                   if (whole := [n for rel in group if (stack, i, rel) in packed
-                                for n in (f"{stack}.{i}.{rel}", module_names[stack, i, rel],
-                                          *_vllm_tower_names(f"{stack}.{i}.{rel}", composite))])]
+                                for n in (f"{stack}.{keys[stack, i]}.{rel}", module_names[stack, i, rel],
+                                          *_vllm_tower_names(f"{stack}.{keys[stack, i]}.{rel}", composite))])]
     fields = {"modules_in_block_to_quantize": groups, "dynamic": {f"-:{r}": {} for r in rules}}
-    return fields, _fused_splits(found) + mixed
+    return fields, _fused_splits(found, keys) + mixed
 
 
 # the names vLLM and SGLang give the linears they load as one (their packed_modules_mapping)
@@ -726,14 +737,15 @@ def _dynamic_rules(layers, names, base, composite, desc_act=False) -> dict:
     return dynamic
 
 
-def _fused_splits(found) -> list:
-    """The blocks' linears that vLLM loads fused with others of another precision."""
+def _fused_splits(found, keys) -> list:
+    """The blocks' linears that vLLM loads fused with others of another precision (``keys``: (disk
+    prefix, block index) -> the block's name in its stack)."""
     shards = {}
     for stack, rel, i, q in found:
         group = _fused_set(rel)
         if group is not None:
             shards.setdefault((stack, i, rel.rpartition(".")[0], id(group)), []).append((rel, q))
-    return [f"{stack}.{i}.{rel}" for (stack, i, _, _), members in shards.items()
+    return [f"{stack}.{keys[stack, i]}.{rel}" for (stack, i, _, _), members in shards.items()
             if len({q for _, q in members}) > 1 for rel, q in members if not q]
 
 

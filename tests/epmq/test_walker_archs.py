@@ -3,6 +3,7 @@ bits, save, load into a fresh model, and compare outputs."""
 
 import copy
 import json
+import re
 import warnings
 
 import pytest
@@ -1017,3 +1018,42 @@ def test_an_expert_of_more_blocks_named_by_an_ordered_dict_than_the_model_is_ref
                                          r"model's 2"):
         epmq.quantize_model(model, SPEC_4, method="epmq", experts=experts, calibration=calibration, progress=False)
     assert not any(type(m) is epmq.QuantLinear for m in model.modules())
+
+
+def test_a_checkpoint_of_blocks_named_by_an_ordered_dict_names_them_in_its_rules(gen, tmp_path):
+    """A model quantized in part holds rules in its quantize config (``dynamic``: the linears left in
+    full precision, those of other bits; ``modules_in_block_to_quantize``) that name the blocks by their
+    index: of torchvision's ViT, whose blocks an OrderedDict named (encoder.layers.encoder_layer_0, ...),
+    they named encoder.layers.0.*, modules the model has not. Each rule names the modules it is of by
+    the model's names, as the numbered copy's names its own (a rule of every block by any name)."""
+    model = _torchvision_vit()
+    numbered = copy.deepcopy(model)
+    numbered.encoder.layers = torch.nn.Sequential(*numbered.encoder.layers)
+    configs = {}
+    for net, where in ((model, "named"), (numbered, "numbered")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the checkpoint's serving warnings)
+            epmq.quantize_model(net, SPEC_4, method="rtn", layers=r"(encoder_layer_)?0\.self_attention|mlp\.0",
+                                progress=False)
+            epmq.quantize_model(net, epmq.QuantSpec(bits=8, group_size=16), method="rtn",
+                                layers=r"layers\.(encoder_layer_)?1\.self_attention\.out_proj", progress=False)
+            epmq.save_quantized(net, tmp_path / where)
+        configs[where] = json.loads((tmp_path / where / "quantize_config.json").read_text())
+    modules = dict(model.named_modules())
+    rules = configs["named"]["dynamic"]
+    assert {r"-:encoder\.layers\.[^.]+\.mlp\.3$", r"-:encoder\.layers\.encoder_layer_1\.self_attention\.q_proj$",
+            r"+:encoder\.layers\.encoder_layer_1\.self_attention\.out_proj$"} <= rules.keys()
+    for rule, override in rules.items():
+        named = [name for name, m in modules.items() if re.match(rule[2:], name)]
+        assert named, rule
+        if rule.startswith("-:"):
+            assert all(type(modules[name]) is torch.nn.Linear for name in named), rule
+        else:
+            assert all(modules[name].bits == override["bits"] == 8 for name in named), rule
+    listed = [name for group in configs["named"]["modules_in_block_to_quantize"] for name in group]
+    assert listed and all(type(modules[name]) is epmq.QuantLinear for name in listed)
+    numbered_rules = {re.sub(r"layers\\\.(\d+)\\\.", r"layers\\.encoder_layer_\1\\.", rule)
+                      .replace(r"\d+", "[^.]+"): override for rule, override in configs["numbered"]["dynamic"].items()}
+    assert rules == numbered_rules
+    assert listed == [re.sub(r"layers\.(\d+)\.", r"layers.encoder_layer_\1.", name)
+                      for group in configs["numbered"]["modules_in_block_to_quantize"] for name in group]
