@@ -1699,6 +1699,21 @@ def _open_clip_expert(directory, state_dict, model_cfg) -> dict:
     return {"a": str(directory)}
 
 
+def _open_clip_text_alone(clip, model_cfg):
+    """A family whose merged model is ``clip``'s text tower alone (an open_clip TextTransformer)."""
+    import types
+
+    from open_clip.transformer import TextTransformer
+
+    def text_tower():  # (CLIP keeps its text tower's modules on itself, by the names the tower gives them)
+        tower = TextTransformer(**model_cfg["text_cfg"], output_dim=model_cfg["embed_dim"]).eval()
+        names = tower.state_dict()
+        tower.load_state_dict({k: v for k, v in clip.merged().state_dict().items() if k in names})
+        return tower
+
+    return types.SimpleNamespace(merged=text_tower, calibration={"a": [i["text"] for i in clip.calibration["a"]]})
+
+
 def _walk_epmq(fam, experts):
     """``fam``'s merged model quantized by E-PMQ (4-bit, groups of 16) toward ``experts``."""
     model = fam.merged()
@@ -1716,21 +1731,13 @@ def test_open_clip_text_and_timm_towers_alone_refuse_experts_whose_config_reads_
     vision_cfg and the expert's tower compared with it."""
     import types
 
-    from open_clip.transformer import TextTransformer
-
     from test_walker_models import TIMM_CLIP_CFG, VOCAB
 
     model_cfg = _open_clip_cfg(VOCAB)
     clip = Family("open_clip_clip", gen, tasks=["a"], n_samples=1)
     timm_clip = Family("open_clip_timm", gen, tasks=["a"], n_samples=1)
 
-    def text_tower():  # (CLIP keeps its text tower's modules on itself, by the names the tower gives them)
-        tower = TextTransformer(**model_cfg["text_cfg"], output_dim=model_cfg["embed_dim"]).eval()
-        names = tower.state_dict()
-        tower.load_state_dict({k: v for k, v in clip.merged().state_dict().items() if k in names})
-        return tower
-
-    text = types.SimpleNamespace(merged=text_tower, calibration={"a": [i["text"] for i in clip.calibration["a"]]})
+    text = _open_clip_text_alone(clip, model_cfg)
     timm = types.SimpleNamespace(merged=lambda: timm_clip.merged().visual,
                                  calibration={"a": [i["image"] for i in timm_clip.calibration["a"]]})
 
@@ -1817,23 +1824,13 @@ def test_open_clip_experts_attending_otherwise_are_refused(gen, tmp_path):
     an image tower's attention pool of other heads (vision_cfg's attn_pooler_heads: CoCa's, whose tokens
     its decoder reads). An expert giving either was walked in silence, beside a CLIP or its text tower
     alone; the model's are read off its modules (its mask, its pool's heads) and compared."""
-    import types
-
-    from open_clip.transformer import TextTransformer
-
     from test_walker_models import COCA_CFG, VOCAB
 
     model_cfg = _open_clip_cfg(VOCAB)
     clip = Family("open_clip_clip", gen, tasks=["a"], n_samples=1)
     coca = Family("open_clip_coca", gen, tasks=["a"], n_samples=1)
 
-    def text_tower():  # (CLIP keeps its text tower's modules on itself, by the names the tower gives them)
-        tower = TextTransformer(**model_cfg["text_cfg"], output_dim=model_cfg["embed_dim"]).eval()
-        names = tower.state_dict()
-        tower.load_state_dict({k: v for k, v in clip.merged().state_dict().items() if k in names})
-        return tower
-
-    text = types.SimpleNamespace(merged=text_tower, calibration={"a": [i["text"] for i in clip.calibration["a"]]})
+    text = _open_clip_text_alone(clip, model_cfg)
     bidirectional = _open_clip_expert(tmp_path / "bidirectional", clip.experts["a"].state_dict(), {
         **model_cfg, "text_cfg": {**model_cfg["text_cfg"], "no_causal_mask": True}})
     with pytest.raises(ValueError, match=r"reads its weights as \{'text_cfg.no_causal_mask': True\}, the model as "
@@ -1898,22 +1895,12 @@ def test_open_clip_experts_pooling_other_tokens_are_refused(gen, tmp_path):
     whose text tower pooled its last token was walked in silence, beside a CLIP or its text tower alone.
     The model's pool is read off its modules (a CLIP's text_pool_type, a tower's pool_type, its class
     token) and compared."""
-    import types
-
-    from open_clip.transformer import TextTransformer
-
     from test_walker_models import VOCAB
 
     model_cfg = _open_clip_cfg(VOCAB)
     clip = Family("open_clip_clip", gen, tasks=["a"], n_samples=1)
 
-    def text_tower():  # (CLIP keeps its text tower's modules on itself, by the names the tower gives them)
-        tower = TextTransformer(**model_cfg["text_cfg"], output_dim=model_cfg["embed_dim"]).eval()
-        names = tower.state_dict()
-        tower.load_state_dict({k: v for k, v in clip.merged().state_dict().items() if k in names})
-        return tower
-
-    text = types.SimpleNamespace(merged=text_tower, calibration={"a": [i["text"] for i in clip.calibration["a"]]})
+    text = _open_clip_text_alone(clip, model_cfg)
 
     def expert(name, **text_cfg):
         return _open_clip_expert(tmp_path / name, clip.experts["a"].state_dict(),
