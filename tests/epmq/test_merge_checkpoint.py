@@ -3333,6 +3333,15 @@ def test_a_chat_template_over_no_tokenizer_files_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _check_quietly(base, model):
+    """``model``'s open_clip checkpoint compared with ``base``'s, any warning an error."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_architectures(base, [model], [model.name])
+
+
 def test_open_clip_checkpoints_pooling_other_tokens_are_refused(tmp_path):
     """open_clip's pool_type (a text tower's "argmax", "last", "first", "eos" token or "none"; an image
     tower's "tok", "avg" or "none") pools the same weights' tokens otherwise and was compared with nothing:
@@ -3340,8 +3349,6 @@ def test_open_clip_checkpoints_pooling_other_tokens_are_refused(tmp_path):
     the tower pools: a text tower appending a class token (embed_cls, built whole: custom_text) pools the
     last, a string attentional_pool pools none; a CLIP keeps no class token, and timm's and HF's towers pool
     by their own fields."""
-    from epmq.merge_checkpoint import _check_architectures
-
     def save(name, vision=(), text=(), **top):
         (tmp_path / name).mkdir()
         model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, **dict(vision)},
@@ -3349,45 +3356,41 @@ def test_open_clip_checkpoints_pooling_other_tokens_are_refused(tmp_path):
         (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
         return tmp_path / name
 
-    def check(base, model):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            _check_architectures(base, [model], [model.name])
-
     base = save("base")
     with pytest.raises(ValueError, match=r"\{'text_cfg.pool_type': 'last'\}, the base as "
                                          r"\{'text_cfg.pool_type': 'argmax'\}"):
-        check(base, save("last", text={"pool_type": "last"}))
+        _check_quietly(base, save("last", text={"pool_type": "last"}))
     with pytest.raises(ValueError, match=r"\{'vision_cfg.pool_type': 'avg'\}, the base as "
                                          r"\{'vision_cfg.pool_type': 'tok'\}"):
-        check(base, save("avg", vision={"pool_type": "avg"}))
+        _check_quietly(base, save("avg", vision={"pool_type": "avg"}))
     with pytest.raises(ValueError, match=r"\{'text_cfg.eos_id': 1\}, the base as \{'text_cfg.eos_id': 2\}"):
-        check(save("eos", text={"pool_type": "eos"}), save("eos_1", text={"pool_type": "eos", "eos_id": 1}))
-    check(base, save("argmax", text={"pool_type": "argmax", "eos_id": 1}))  # (an EOS id no pool reads)
+        _check_quietly(save("eos", text={"pool_type": "eos"}), save("eos_1", text={"pool_type": "eos", "eos_id": 1}))
+    _check_quietly(base, save("argmax", text={"pool_type": "argmax", "eos_id": 1}))  # (an EOS id no pool reads)
     custom_cls = save("custom_cls", text={"embed_cls": True}, custom_text=True)
-    check(save("custom_last", text={"pool_type": "last"}, custom_text=True), custom_cls)
+    _check_quietly(save("custom_last", text={"pool_type": "last"}, custom_text=True), custom_cls)
     with pytest.raises(ValueError, match=r"\{'text_cfg.pool_type': 'last'\}, the base as "
                                          r"\{'text_cfg.pool_type': 'argmax'\}"):
-        check(save("custom", custom_text=True), custom_cls)
-    check(base, save("clip_cls", text={"embed_cls": True}))
+        _check_quietly(save("custom", custom_text=True), custom_cls)
+    _check_quietly(base, save("clip_cls", text={"embed_cls": True}))
     decoder = {"width": 32, "heads": 4, "layers": 2}  # (a CoCa's, built whole: custom_text or not)
-    check(save("coca_last", text={"pool_type": "last"}, multimodal_cfg=decoder),
+    _check_quietly(save("coca_last", text={"pool_type": "last"}, multimodal_cfg=decoder),
           save("coca_cls", text={"embed_cls": True}, multimodal_cfg=decoder))
-    check(save("parallel", vision={"attentional_pool": "parallel"}),
+    _check_quietly(save("parallel", vision={"attentional_pool": "parallel"}),
           save("parallel_avg", vision={"attentional_pool": "parallel", "pool_type": "avg"}))
     with pytest.raises(ValueError, match=r"\{'vision_cfg.pool_type': 'none'\}, the base as "
                                          r"\{'vision_cfg.pool_type': 'tok'\}"):
-        check(base, save("cascade", vision={"attentional_pool": "cascade"}))
+        _check_quietly(base, save("cascade", vision={"attentional_pool": "cascade"}))
     mean = save("mean", vision={"pool_type": "avg", "final_ln_after_pool": True})  # (CLIPA's)
     with pytest.raises(ValueError, match=r"\{'vision_cfg.final_ln_after_pool': False\}, the base as "
                                          r"\{'vision_cfg.final_ln_after_pool': True\}"):
-        check(mean, save("mean_normed", vision={"pool_type": "avg"}))
-    check(base, save("token_normed", vision={"final_ln_after_pool": True}))  # (a norm of one token, either way)
+        _check_quietly(mean, save("mean_normed", vision={"pool_type": "avg"}))
+    # (a norm of one token, either way)
+    _check_quietly(base, save("token_normed", vision={"final_ln_after_pool": True}))
     hf = {"hf_model_name": "roberta-base", "heads": 4, "layers": 2}
-    check(save("hf", text=hf, custom_text=True), save("hf_last", text={**hf, "pool_type": "last"}, custom_text=True))
+    _check_quietly(save("hf", text=hf, custom_text=True),
+                   save("hf_last", text={**hf, "pool_type": "last"}, custom_text=True))
     timm = {"timm_model_name": "vit_tiny_patch16_224"}
-    check(save("timm", vision=timm), save("timm_avg", vision={**timm, "pool_type": "avg"}))
-
+    _check_quietly(save("timm", vision=timm), save("timm_avg", vision={**timm, "pool_type": "avg"}))
 
 
 def test_open_clip_checkpoints_on_hf_text_towers_built_otherwise_are_refused(tmp_path):
@@ -3396,7 +3399,6 @@ def test_open_clip_checkpoints_on_hf_text_towers_built_otherwise_are_refused(tmp
     merged in silence, and CLIPTextCfg's heads and causal mask, which such a tower does not read, were filled
     in. Its own fields are compared, open_clip's defaults filled in; a hub name without its owner (the hub's
     legacy names), a local directory's as no repository's."""
-    from epmq.merge_checkpoint import _check_architectures
 
     def save(name, **text):
         (tmp_path / name).mkdir()
@@ -3405,25 +3407,20 @@ def test_open_clip_checkpoints_on_hf_text_towers_built_otherwise_are_refused(tmp
         (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
         return tmp_path / name
 
-    def check(base, model):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            _check_architectures(base, [model], [model.name])
-
     base = save("base")
     with pytest.raises(ValueError, match=r"\{'text_cfg.hf_pooler_type': 'cls_pooler'\}, the base as "
                                          r"\{'text_cfg.hf_pooler_type': 'mean_pooler'\}"):
-        check(base, save("cls", hf_pooler_type="cls_pooler"))
+        _check_quietly(base, save("cls", hf_pooler_type="cls_pooler"))
     with pytest.raises(ValueError, match=r"\{'text_cfg.hf_proj_type': 'linear'\}, the base as "
                                          r"\{'text_cfg.hf_proj_type': 'mlp'\}"):
-        check(base, save("linear", hf_proj_type="linear"))
+        _check_quietly(base, save("linear", hf_proj_type="linear"))
     with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 'roberta-base'\}, the base as "
                                          r"\{'text_cfg.hf_model_name': 'xlm-roberta-base'\}"):
-        check(base, save("roberta", hf_model_name="FacebookAI/roberta-base"))
+        _check_quietly(base, save("roberta", hf_model_name="FacebookAI/roberta-base"))
     (tmp_path / "copy").mkdir()
-    check(base, save("owned", hf_model_name="FacebookAI/xlm-roberta-base", hf_pooler_type="mean_pooler",
+    _check_quietly(base, save("owned", hf_model_name="FacebookAI/xlm-roberta-base", hf_pooler_type="mean_pooler",
                      hf_proj_type="mlp", heads=12, no_causal_mask=True))
-    check(base, save("local", hf_model_name=str(tmp_path / "copy")))
+    _check_quietly(base, save("local", hf_model_name=str(tmp_path / "copy")))
 
 
 def test_open_clip_timm_model_names_of_a_local_directory_here_are_compared_by_its_architecture(tmp_path):
