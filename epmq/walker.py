@@ -2013,6 +2013,25 @@ class _Interleaved(Exception):
         self.t = t
 
 
+# (passes on, unnoted: the walk's control flow, and refusals that name what they refuse)
+_UNNOTED = (_Stop, _Interleaved, _Unread, StandInError, ExpertShapeError)
+
+
+@contextmanager
+def _running(block: str, task, n, how: str):
+    """An error raised while the walk runs ``block`` on calibration item ``n`` of ``task``
+    (``how``: which of its passes) goes on as it is, its type and traceback the block's, with
+    a note naming them: it said nothing of where in the walk it happened (a KeyError of block 7's
+    code on one item of one task ended the walk with the key alone)."""
+    try:
+        yield
+    except _UNNOTED:
+        raise
+    except Exception as error:
+        error.add_note(f"(while the walk ran block {block!r} on calibration[{task!r}] item {n}: {how})")
+        raise
+
+
 class _StandIn(nn.Module):
     """Takes a block's place in its ModuleList while the model runs up to a stack; attribute
     reads fall through to the block (models read e.g. ``layer.attention_type``)."""
@@ -3258,7 +3277,9 @@ class _Walk:
                     now["again"][j] = now["again"].get(j, 1) + 1
                     now["chain"] &= _chained(hidden, now["passed"]) and _same_arguments(named, now["kwargs"][j])
                     # (the block itself: how often the model calls it may depend on what it returns)
-                    output = block(*args, **kwargs)
+                    with _running(stack.names[j], now["task"], now["n"],
+                                  "the model's own forward calling it again after the last block"):
+                        output = block(*args, **kwargs)
                     passed = stack.adapter.hidden_of(output)
                     now["passed"] = passed, version(passed) if isinstance(passed, torch.Tensor) else None
                     return output
@@ -3292,8 +3313,11 @@ class _Walk:
                         if handed:
                             stack.handoff[j] = handed
                 # (the last one runs too: what its stand-in returns later is learnt from it)
-                output = (_run_block(stack, j, block, hidden, named) if stack.adapter.runs_blocks
-                          else stack.adapter.passthrough_of(block, hidden))
+                if stack.adapter.runs_blocks:
+                    with _running(stack.names[j], now["task"], now["n"], "the model's own forward calling it"):
+                        output = _run_block(stack, j, block, hidden, named)
+                else:
+                    output = stack.adapter.passthrough_of(block, hidden)
                 if stack.adapter.runs_blocks:  # (its arguments as the block left them: _kept_depth)
                     now["left"] = j, named, _versions_of(named)
                 if j == last and not now["watch"]:
@@ -3572,7 +3596,8 @@ class _Walk:
                 with self._visiting(block):
                     for task, hidden in finals.items():
                         for n in range(len(hidden)):
-                            out = block(hidden[n], **self.q.recorded[task][n][j])
+                            with _running(stack.names[j], task, n, "a later round of the blocks"):
+                                out = block(hidden[n], **self.q.recorded[task][n][j])
                             hidden[n] = stack.adapter.hidden_of(out)
 
     @contextmanager
@@ -3618,7 +3643,8 @@ class _Walk:
             groups, leader = (self._groups(block, prefix, stack.chosen[i], stack.adapter, first=i == 0)
                               if stack.chosen[i] else ([], {}))
             if stack.chosen[i]:  # (a block not probed is called once per item: what the model does)
-                _check_replayable(stack, i, block, self.probed)
+                with _running(prefix, self.probed[0], 0, "called again to see whether it changes its arguments"):
+                    _check_replayable(stack, i, block, self.probed)
             groups = self._chunked(block, groups, leader, stack.loops)
             self._plan_reads(prefix, groups)
             for g, group in enumerate(groups):
@@ -3653,7 +3679,8 @@ class _Walk:
             for task, hidden in self.q.hidden.items():
                 for n in range(len(hidden)):
                     counts.clear()
-                    out = _looped(stack, block, hidden[n], self.q.kwargs[task][n])
+                    with _running(prefix, task, n, "the pass after its linears were quantized"):
+                        out = _looped(stack, block, hidden[n], self.q.kwargs[task][n])
                     taken = self._captured.get((task, n), {})
                     more = more or next(((task, n, rel, k, taken[rel]) for rel, k in counts.items()
                                          if rel in taken and k > taken[rel]), None)
@@ -3710,11 +3737,12 @@ class _Walk:
                 before = version(probe) if isinstance(probe, torch.Tensor) else None
                 counted = {rel: len(reads.get(rel, ())) for rel in rels}
                 try:
-                    block(probe, **self.q.kwargs[task][0])
+                    with _running(prefix, task, 0, "the probe of which linears it calls"):
+                        block(probe, **self.q.kwargs[task][0])
                 except torch.OutOfMemoryError:
                     raise
                 except (RuntimeError, IndexError, TypeError) as e:
-                    if not first:
+                    if not first:  # (an error of the block's, noted)
                         raise
                     raise ValueError(f"calibration[{task!r}] item 0: the block {prefix!r} cannot run on its "
                                      f"input ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
@@ -3875,7 +3903,8 @@ class _Walk:
         for task, items in self.t.hidden.items():
             target = self._target_block(template, prefix, task)
             for n in range(len(items)):
-                outputs[task, n] = _looped(stack, target, self.t.hidden[task][n], self.t.kwargs[task][n])
+                with _running(prefix, task, n, f"its target's pass (targets={self.targets!r})"):
+                    outputs[task, n] = _looped(stack, target, self.t.hidden[task][n], self.t.kwargs[task][n])
                 self.t.hidden[task][n] = None  # (as _solve_group lets it go)
         return outputs
 
@@ -3935,12 +3964,14 @@ class _Walk:
                 t_hidden = None if target is None else self.t.hidden[task][n]
                 for call in range(loops):  # (a looped block: each call's inputs, on the last one's output)
                     again = call + 1 < loops
-                    xs, output = self._capture(block, hidden, self.q.kwargs[task][n], group, again, leader,
-                                               self.q.masks[task][n], self._captured.setdefault((task, n), {}))
+                    with _running(prefix, task, n, "a pass taking its linears' statistics"):
+                        xs, output = self._capture(block, hidden, self.q.kwargs[task][n], group, again, leader,
+                                                   self.q.masks[task][n], self._captured.setdefault((task, n), {}))
                     x_t = None
                     if target is not None:
-                        x_t, out = self._capture_target(target, t_hidden, self.t.kwargs[task][n], group,
-                                                        full_target or again, leader, self.t.masks[task][n])
+                        with _running(prefix, task, n, f"its target's pass (targets={self.targets!r})"):
+                            x_t, out = self._capture_target(target, t_hidden, self.t.kwargs[task][n], group,
+                                                            full_target or again, leader, self.t.masks[task][n])
                         if t_out is not None and not again:
                             t_out[task, n] = out
                             # (its input, read for the last time: held, every item's input and output

@@ -735,6 +735,47 @@ def test_a_block_that_writes_its_input_in_place(method):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+
+class Failing(Residual):
+    """Residual that raises ``error`` where ``fails(x, block)``, once ``failing`` (the block's own bug,
+    on some inputs)."""
+
+    error, fails, failing = None, None, False
+
+    def forward(self, x):
+        if self.failing and type(self).fails(x, self):
+            raise type(self).error("the block's own bug")
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("block, error, adapter, fails, item, during", [
+    (1, KeyError, None, lambda x, b: len(x) == 4, 0, "the probe of which linears it calls"),
+    (0, AttributeError, None, lambda x, b: len(x) == 4, 0, "the probe of which linears it calls"),
+    (1, RuntimeError, None, lambda x, b: len(x) == 3, 1, "a pass taking its linears' statistics"),
+    (1, ValueError, None, lambda x, b: len(x) == 3 and isinstance(b.fc, epmq.QuantLinear), 1,
+     "the pass after its linears were quantized"),
+    (1, KeyError, epmq.adapters.AUTO, lambda x, b: len(x) == 3, 1, "the model's own forward calling it"),
+], ids=["probe", "first-block", "statistics", "after-quantization", "models-own-forward"])
+def test_an_error_a_block_raises_names_the_block_the_item_and_the_pass(block, error, adapter, fails, item, during,
+                                                                       gen, monkeypatch):
+    """A block's own error (block 1's on one item, or a KeyError, AttributeError, ValueError of any
+    block) ended the walk bare, naming no block, task or item: it goes on as it was raised, noted with
+    them and the walk's pass that ran it, and the model is left as it was."""
+    model = Net(Failing)
+    model.layers[block].failing = True
+    monkeypatch.setattr(Failing, "error", error)
+    monkeypatch.setattr(Failing, "fails", staticmethod(fails))
+    before = snapshot(model)
+    calibration = {"a": [torch.randn(4, 16, generator=gen), torch.randn(3, 16, generator=gen)],
+                   "b": [torch.randn(2, 16, generator=gen)]}
+    with pytest.raises(error, match="the block's own bug") as raised:
+        epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, progress=False,
+                            adapter=adapter or epmq.Adapter("blocks", block_types=(Failing,)))
+    assert raised.value.__notes__ == [f"(while the walk ran block 'layers.{block}' on calibration['a'] item {item}: "
+                                      f"{during})"]
+    assert_untouched(model, before)
+
+
 # --------------------------------------------------------------------------- models as users hold them
 
 
