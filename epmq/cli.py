@@ -398,6 +398,8 @@ def _quantize(args) -> int:
     # outgrew, a RuntimeError, which would end in a traceback saying nothing of the blocks kept)
     except (ValueError, OSError, torch.OutOfMemoryError) as e:
         message = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        # (the walk's note of the block, calibration item and pass an error was raised in: said too)
+        message += "".join(f"\n{note}" for note in getattr(e, "__notes__", ()))
         raise CLIError(message + _blocks_kept(args.out, message)) from e
     except Exception as e:  # (another error keeps its traceback: the blocks kept said beneath it)
         kept = _blocks_kept(args.out, str(e))

@@ -1059,6 +1059,38 @@ def test_cli_says_the_blocks_kept_when_the_device_runs_out_of_memory(files, tmp_
     assert "(1 blocks loaded from the interrupted run)" in capsys.readouterr().out
 
 
+
+@pytest.mark.parametrize("error, message, said", [
+    (torch.OutOfMemoryError, "CUDA out of memory", "OutOfMemoryError: CUDA out of memory"),
+    (ValueError, "a check of the block's own", "a check of the block's own")])
+def test_cli_says_which_block_and_item_a_failed_quantization_ran(error, message, said, files, tmp_path, capsys,
+                                                                 monkeypatch):
+    """The walk notes an error a block raises with the block, the calibration item and the pass;
+    ``epmq quantize`` printed a ValueError or an out-of-memory error as its message alone, the note
+    dropped: it is printed beneath the message, before the blocks kept."""
+    import functools
+
+    from transformers.models.llama import modeling_llama
+
+    config = tmp_path / "q.yaml"
+    config.write_text(yaml.safe_dump(dict(model=str(files / "merged"), method="gptq",
+                                          calibration={"a": str(files / "a.txt")}, bits=4, group_size=16,
+                                          samples=4, seq_len=16, batch_size=2)))
+    forward = modeling_llama.LlamaDecoderLayer.forward
+
+    @functools.wraps(forward)  # (its signature: the walker binds the arguments by it)
+    def failing(self, *args, **kwargs):
+        if self.self_attn.layer_idx == 1:
+            raise error(message)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", failing)
+    assert main(["quantize", str(config), str(tmp_path / "w4"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"error: {said}\n\(while the walk ran block 'model\.layers\.1' on calibration\['a'\] "
+                     rf"item 0: the probe of which linears it calls\)\n1 block done is kept", err), err
+
+
 # --------------------------------------------------------------------------- vision towers
 
 
