@@ -851,7 +851,7 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys, monkeypatch):
         (dict(samples="1e2"), "samples must be an integer, got '1e2'"),
         (dict(seed="abc"), "seed must be an integer"),
         (dict(seed=2 ** 64), "seed must be an integer from -2\\*\\*63 to 2\\*\\*64 - 1, got 18446744073709551616"),
-        (dict(calibration=str(root / "a.txt")), "calibration must map each task to file"),
+        (dict(calibration=str(root / "a.txt")), "calibration must map each task to its file.*\n\n  calibration:\n    a: "),
         (dict(calibration={"a": None}), "calibration must map each task to file"),
         # (one checkpoint per task: a list was accepted, then a TypeError traceback after loading)
         (dict(by_epmq, experts={"a": [str(root / "expert0")]}), "experts must map each task to a checkpoint path"),
