@@ -216,6 +216,22 @@ def weight_overflow(scales, zeros, codes, g_idx, maxq: int, dtype: torch.dtype) 
     return largest if overflows(largest) else None
 
 
+def _warn_subnormal(scales, exact, bits, advice):
+    """A warning where float16 ``scales`` keep too few bits of ``exact``: below float16's normal
+    range (6.1e-5) a scale keeps fewer bits, below 3e-8 none. Warned of where that moves a weight
+    by over a quarter of its rounding step (the code's distance from the zero point, up to maxq,
+    times the scale's error)."""
+    maxq = 2 ** bits - 1
+    exact = exact.double()
+    off = (scales.double() - exact).abs() * maxq > exact.abs() / 4
+    if bool(off.any()):
+        lost = int((off & (scales == 0)).sum())
+        warnings.warn(f"{int(off.sum())} of {scales.numel()} scales are below float16's normal range "
+                      f"(6.1e-05), the gptq format's scale dtype, and lose precision that matters at "
+                      f"{bits} bits" + (f"; {lost} round to 0, zeroing their groups' weights" if lost else "")
+                      + f" (groups of weights spanning under {float(exact[off].abs().max()) * maxq:.2g}): {advice}")
+
+
 class QuantLinear(nn.Module):
     """Packed replacement of ``nn.Linear(in_features, out_features)``; see the module docstring.
 
@@ -308,15 +324,7 @@ class QuantLinear(nn.Module):
         # below float16's normal range (6.1e-5) a scale keeps fewer bits, below 3e-8 none: warned
         # of where that moves a weight by over a quarter of its rounding step (the code's
         # distance from the zero point, up to maxq, times the scale's error)
-        exact = result.scales.t()
-        off = (scales.double() - exact.double()).abs() * spec.maxq > exact.double().abs() / 4
-        if bool(off.any()):
-            lost = int((off & (scales == 0)).sum())
-            warnings.warn(f"{int(off.sum())} of {scales.numel()} scales are below float16's normal range "
-                          f"(6.1e-05), the gptq format's scale dtype, and lose precision that matters at "
-                          f"{spec.bits} bits" + (f"; {lost} round to 0, zeroing their groups' weights" if lost else "")
-                          + f" (groups of weights spanning under {float(exact[off].abs().max()) * spec.maxq:.2g}): "
-                          f"rescale the layer, or use fewer bits or larger groups")
+        _warn_subnormal(scales, result.scales.t(), spec.bits, "rescale the layer, or use fewer bits or larger groups")
         largest = weight_overflow(scales, lambda: zeros.t(), lambda: result.codes.t(), result.g_idx, spec.maxq, dtype)
         if largest is not None:
             raise ValueError(f"weights up to {largest:.4g} (scales times codes less zero points) overflow "
@@ -609,6 +617,9 @@ class QuantLinear(nn.Module):
         if problems:
             raise ValueError(f"multiplying the weight of QuantLinear({self.extra_repr()}) by {factor:g}: "
                              + "; ".join(problems))
+        _warn_subnormal(scaled, self.scales.double() * factor, self.bits,
+                        f"here by multiplying the weight of QuantLinear({self.extra_repr()}) by {factor:g} "
+                        f"(RWKV's rescaling in eval mode: rescale_every=0 keeps them whole)")
         self.scales.copy_(scaled)
         if self.scales.is_inference():  # (no version counter: the caches keyed on it would not see it)
             self.refresh()

@@ -266,6 +266,21 @@ def test_scaling_the_weight_in_place_scales_the_scales(gen):
     assert torch.equal(layer.dequantize(), before)
 
 
+def test_scaling_the_weight_into_float16s_subnormals_is_warned_of(gen):
+    """Dividing the scales by 2 ** k (RWKV's eval-mode rescale of a loaded checkpoint, whose weights
+    are held whole) takes small ones below float16's normal range, where they keep fewer bits and
+    no longer multiply back exactly: warned of as a quantization giving such scales is."""
+    layer = epmq.QuantLinear.from_result(solve(SPECS[0], gen))
+    with torch.no_grad():
+        layer.weight.div_(2)  # (exact: no warning)
+        layer.weight.mul_(2)
+    layer.scales.mul_(1e-4 / float(layer.scales.abs().max()))  # (small, still normal)
+    layer.refresh()
+    with pytest.warns(UserWarning, match=r"scales are below float16's normal range .* by multiplying the weight "
+                                         r"of QuantLinear\(.*\) by 0.015625"):
+        layer.weight.div_(64)
+
+
 def test_scaling_the_weight_past_the_layers_dtype_is_refused(gen):
     """Scales still finite in float16 may give weights (codes less zero points, times the scales)
     past a float16 layer's range: the multiplication went through and the outputs were inf without a
