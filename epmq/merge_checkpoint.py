@@ -1428,7 +1428,8 @@ def _set_chat_template(source: Path, target: Path, template: str) -> None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except Exception as e:
         raise ValueError(f"chat_template: {source} has no tokenizer to carry it ({type(e).__name__}: {e})") from e
-    if holds_no_vocabulary(tokenizer):  # (transformers 5's stand-in where no files are: not written as the model's)
+    # (transformers 5's stand-in where no files are: not written as the model's)
+    if holds_no_vocabulary(tokenizer, source):
         raise ValueError(f"chat_template: {source} has no tokenizer to carry it (no tokenizer files)")
     tokenizer.chat_template = template
     _save_tokenizer(tokenizer, target)

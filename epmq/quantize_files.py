@@ -276,7 +276,7 @@ def _preprocessor(auto, directory: Path, what: str, needed: bool):
     else:
         # (transformers 5 builds a model type's tokenizer of special tokens alone where no files are:
         # the texts read as no tokens, and RTN's checkpoint was written with it)
-        if not (what == "tokenizer" and holds_no_vocabulary(loaded)):
+        if not (what == "tokenizer" and holds_no_vocabulary(loaded, directory)):
             return loaded
         cause = "no tokenizer files: transformers built one of the special tokens alone"
     message = (f"{directory} has no {what} that loads ({cause}); "

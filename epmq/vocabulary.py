@@ -87,13 +87,21 @@ def check_tokens(tokens) -> None:
                 raise ValueError(f"{where}.source.token_id must be a row number, got {source['token_id']!r}")
 
 
-def holds_no_vocabulary(tokenizer) -> bool:
+def holds_no_vocabulary(tokenizer, directory) -> bool:
     """Whether ``tokenizer`` holds its special tokens and at most one other: the minimal one
     transformers 5's AutoTokenizer builds, without an error, for a directory with no tokenizer
     files (Qwen2's and GPT-2's lone ``<|endoftext|>``, BERT's and Gemma's five, T5's and mBART's
-    with their space piece), which reads every text as nothing or unknown tokens."""
+    with their space piece), which reads every text as nothing or unknown tokens. A ValueError
+    naming ``directory`` (where it was loaded from) where it cannot list its vocabulary."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception as e:
+        # (a tokenizer that loads is the checkpoint's: taken as none, a merge laid the model's rows
+        # out by another model's tokens)
+        raise ValueError(f"the tokenizer of {directory} loads but cannot list its vocabulary "
+                         f"({type(e).__name__}: {e})") from e
     special = set(tokenizer.all_special_tokens)
-    return sum(token not in special for token in tokenizer.get_vocab()) <= 1
+    return sum(token not in special for token in vocab) <= 1
 
 
 def load_tokenizer(path: Path):
@@ -103,9 +111,6 @@ def load_tokenizer(path: Path):
     directory = path if path.is_dir() else path.parent
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-        # (transformers 5's stand-in where no files are: taken as a tokenizer, the model's rows were
-        # laid out as a vocabulary of those few tokens, its updates to every other row lost)
-        return None if holds_no_vocabulary(tokenizer) else tokenizer
     except json.JSONDecodeError as e:
         # (a tokenizer file empty or cut, an interrupted copy or download, is no model without a
         # tokenizer: taken as one, its rows were laid out by another model's tokens)
@@ -119,6 +124,9 @@ def load_tokenizer(path: Path):
         raise ValueError(f"the tokenizer of {directory} does not load: {e}") from None
     except Exception:  # (as mergekit: a model without a tokenizer has the base's)
         return None
+    # (transformers 5's stand-in where no files are: taken as a tokenizer, the model's rows were
+    # laid out as a vocabulary of those few tokens, its updates to every other row lost)
+    return None if holds_no_vocabulary(tokenizer, directory) else tokenizer
 
 
 def _copy(tokenizer):

@@ -85,7 +85,7 @@ def check_has_vocabulary(tokenizer, directory):
     text as nothing or unknown tokens (and the tasks were evaluated so)."""
     from ..vocabulary import holds_no_vocabulary
 
-    if holds_no_vocabulary(tokenizer):
+    if holds_no_vocabulary(tokenizer, directory):
         raise BenchConfigError(f"cannot load the tokenizer from {directory}: it holds no tokenizer files (transformers "
                                f"built one of special tokens alone); copy the model's tokenizer files into it, or "
                                f"name them with model.tokenizer")

@@ -374,6 +374,38 @@ def test_review_defects(models, tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(out).chat_template == chatml
 
 
+def test_a_tokenizer_that_cannot_list_its_vocabulary_is_named(models, tmp_path, monkeypatch):
+    """A tokenizer that loads but whose get_vocab raises was taken by load_tokenizer's catch-all as
+    no tokenizer, so a merge laid the expert's rows out by the base's tokens; quantize's preprocessor
+    check raised it bare. Both refuse naming the checkpoint."""
+    import re
+
+    from epmq.quantize_files import _preprocessor
+    from epmq.vocabulary import load_tokenizer
+
+    cls = type(transformers.AutoTokenizer.from_pretrained(models["plain"]))
+    listed = cls.get_vocab
+
+    def get_vocab(self):
+        if str(self.name_or_path) == str(models["plain"]):
+            raise RuntimeError("no vocabulary")
+        return listed(self)
+
+    monkeypatch.setattr(cls, "get_vocab", get_vocab)
+    named = re.escape(f"the tokenizer of {models['plain']} loads but cannot list its vocabulary") + \
+        r" \(RuntimeError: no vocabulary\)"
+    with pytest.raises(ValueError, match=named):
+        load_tokenizer(models["plain"])
+    with pytest.raises(ValueError, match=named):
+        merge_checkpoints("average", [models["chat"], models["plain"]], tmp_path / "out", tokenizer_source="union",
+                          progress=False)
+    assert not (tmp_path / "out").exists()
+    for needed in (True, False):  # (RTN, too: the checkpoint's own tokenizer is not dropped silently)
+        with pytest.raises(ValueError, match=named):
+            _preprocessor(transformers.AutoTokenizer, models["plain"], "tokenizer", needed)
+    assert load_tokenizer(models["chat"]) is not None
+
+
 def test_lora_adapters_merged_without_a_base(models, tmp_path):
     """Adapters merged without a base (average) take their base's config and tokenizer for the
     vocabulary, with or without lora_base given."""
