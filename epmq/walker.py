@@ -2270,19 +2270,32 @@ def _check_replayable(stack, i, block, probed) -> None:
     arguments and their ``_versions_of`` of the block's first call in the walk (``_groups``' probe);
     where that call changed an argument, the block is called once more, to compare."""
     task, hidden, named, before = probed
-    if not any(_changed(before[name], now) for name, now in _versions_of(named).items()):
+    changed = [name for name, now in _versions_of(named).items() if _changed(before[name], now)]
+    if not changed:
         return
     once = _versions_of(named, count=torch.clone)
-    block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden, **named)
+    try:
+        block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden, **named)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        # (it ran on these arguments as the model gave them; failing on what its call left there, it
+        # is the change that fails, which the block's own error, noted as this call's, did not say)
+        first_line = str(e).splitlines()[0][:300] if str(e) else ""
+        how = f"and fails when called again on what that call left there ({type(e).__name__}: {first_line})"
+        raise ValueError(_unreplayable(stack, i, task, changed[0], named, how)) from e
     twice = _versions_of(named, count=torch.clone)
     changed = [name for name in named if not _same_contents(once[name], twice[name])]
     if changed:
-        name = changed[0]
-        raise ValueError(
-            f"calibration[{task!r}] item 0: block {i} at {stack.prefix!r} changes its argument {name!r} (a "
-            f"{type(named[name]).__name__}) otherwise on each call; the model hands the later blocks what its one "
-            f"call left there, the walk calls each block several times on its arguments as they were given: have "
-            f"the block return what later blocks read, or leave the blocks out: "
+        raise ValueError(_unreplayable(stack, i, task, changed[0], named, "otherwise on each call"))
+
+
+def _unreplayable(stack, i, task, name, named, how) -> str:
+    """``_check_replayable``'s refusal of block ``i``, which changes its argument ``name`` ``how``."""
+    return (f"calibration[{task!r}] item 0: block {i} at {stack.prefix!r} changes its argument {name!r} (a "
+            f"{type(named[name]).__name__}) {how}; the model hands the later blocks what its one call left "
+            f"there, the walk calls each block several times on its arguments as they were given: have the "
+            f"block return what later blocks read, or leave the blocks out: "
             f"layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
 
 

@@ -1638,6 +1638,37 @@ def test_an_object_a_block_changes_for_the_next_is_refused(counter, adapter, gen
     assert_untouched(model, before)
 
 
+class CountedUpTo(Counted):
+    """Counted, failing past ``limit`` calls (a cache with room for so many)."""
+
+    limit = 1
+
+    def forward(self, x, counter):
+        if counter.calls >= self.limit:
+            raise RuntimeError(f"no room past {self.limit} calls")
+        return super().forward(x, counter)
+
+
+@pytest.mark.parametrize("adapter, limit", [("registered", 1), ("auto", 3)])
+def test_an_object_a_block_changes_and_then_fails_on_is_refused(adapter, limit, gen):
+    """Block 0 changes an object it is handed, and fails when called again on what its call left there:
+    the walk's call to compare ended in the block's own bare error (noted as that call's), as if the
+    block could not run, not saying that it was the change it made that failed. Refused as a block that
+    changes its argument, naming it and the block's error; the model as it was."""
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    model = CountingNet("namespace")
+    for layer in model.layers:
+        layer.__class__, layer.limit = CountedUpTo, limit
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: block 0 at 'layers' changes its argument "
+                                         rf"'counter' \(a SimpleNamespace\) and fails when called again on what that "
+                                         rf"call left there \(RuntimeError: no room past {limit} calls\)"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                            adapter=epmq.adapters.AUTO if adapter == "auto" else
+                            epmq.Adapter("counted", block_types=(CountedUpTo,)))
+    assert_untouched(model, before)
+
+
 class Storing(GainedBlock):
     """GainedBlock reading its gain from the object it is handed or (``stores``) storing its output's
     mean there for the later ones, set anew by each call (as Gemma 4's layers store their keys and
