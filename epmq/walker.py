@@ -3427,7 +3427,7 @@ class _Walk:
                         watch = stream is self.q and (n == 0 or bool(now.get("looping")))
                         now.update(task=task, n=n, kwargs=[None] * (last + 1), versions=[None] * (last + 1),
                                    hidden=None, next=0, started=False, watch=watch, past=False, called=None,
-                                   left=None)
+                                   left=None, raised=None)
                         if watch:
                             now["again"] = {}
                         try:
@@ -3450,6 +3450,11 @@ class _Walk:
                                                  f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
                                                  f"{_meta_hint(self.model, e)}") from e
                             else:
+                                if e is not now["raised"]:  # (the model's own code between the blocks)
+                                    where = (f"after block {stack.names[now['called'][0]]!r}" if now["called"]
+                                             else f"before the blocks at {stack.prefix!r}")
+                                    e.add_note(f"(while the model's own forward ran calibration[{task!r}] item {n}, "
+                                               f"{where})")
                                 raise
                         else:
                             if not now["past"]:
@@ -3485,7 +3490,13 @@ class _Walk:
 
             def started(*args, **kwargs):
                 now["started"] = True
-                return fn(*args, **kwargs)
+                try:
+                    return fn(*args, **kwargs)
+                except _UNNOTED:
+                    raise
+                except Exception as error:  # (a block's, noted by _running, or the walk's own refusal)
+                    now["raised"] = error
+                    raise
 
             return started
 

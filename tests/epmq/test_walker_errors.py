@@ -776,6 +776,34 @@ def test_an_error_a_block_raises_names_the_block_the_item_and_the_pass(block, er
     assert_untouched(model, before)
 
 
+class LookingUpNet(Net):
+    """Looks a key up in its own table, before block ``at``, that a batch of 3 lacks (the model's own bug)."""
+
+    at = 1
+
+    def forward(self, x):
+        for j, layer in enumerate(self.layers):
+            if j == self.at:
+                x = x * {4: 1.0, 2: 1.0}[len(x)]
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("at, where", [(1, "after block 'layers.0'"), (0, "before the blocks at 'layers'")])
+def test_an_error_the_models_own_forward_raises_names_the_item(at, where, gen, monkeypatch):
+    """An error of the model's own code around its blocks (a KeyError on one item) ended the walk bare,
+    naming no task or item: it goes on as it was raised, noted with them."""
+    model = LookingUpNet(Residual)
+    monkeypatch.setattr(model, "at", at)
+    calibration = {"a": [torch.randn(4, 16, generator=gen), torch.randn(3, 16, generator=gen)],
+                   "b": [torch.randn(2, 16, generator=gen)]}
+    with pytest.raises(KeyError, match="3") as raised:
+        epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, progress=False,
+                            adapter=epmq.Adapter("blocks", block_types=(Residual,)))
+    assert raised.value.__notes__ == [f"(while the model's own forward ran calibration['a'] item 1, {where})"]
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
 # --------------------------------------------------------------------------- models as users hold them
 
 
