@@ -2299,10 +2299,11 @@ def _unreplayable(stack, i, task, name, named, how) -> str:
             f"layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
 
 
-def _run_block(stack, j, block, hidden, named):
+def _run_block(stack, j, block, hidden, named, ran_on=None):
     """Block ``j`` of ``stack`` called as the walk will call it (where the adapter's stand-ins
     run the blocks, ``AUTO``), refused by name unless it returns hidden states of its input's
-    shape and leaves what it is given as it was."""
+    shape and leaves what it is given as it was. ``ran_on``: the calibration item it ran on
+    before, if any; an error on this one is then the block's own on this input."""
     try:
         # (tensors alone: an object a block changes alike on each call is _check_replayable's)
         given = _versions_of(named, depth=0)
@@ -2316,6 +2317,10 @@ def _run_block(stack, j, block, hidden, named):
         raise
     except (RuntimeError, IndexError, TypeError, NotImplementedError, AttributeError) as e:
         first_line = str(e).splitlines()[0][:300] if str(e) else ""
+        if ran_on is not None:  # (called alike on an item before, without an error: not a block the walk cannot call)
+            raise ValueError(f"block {j} at {stack.prefix!r} raised on this calibration item ({type(e).__name__}: "
+                             f"{first_line}), having run on {ran_on}: an error of the block's own on this "
+                             f"input") from e
         wrong = f"block {j} fails when called as the model called it ({type(e).__name__}: {first_line})"
     if wrong:
         raise ValueError(f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are not blocks the walker can "
@@ -3327,8 +3332,10 @@ class _Walk:
                             stack.handoff[j] = handed
                 # (the last one runs too: what its stand-in returns later is learnt from it)
                 if stack.adapter.runs_blocks:
+                    ran = now.setdefault("ran", {})
                     with _running(stack.names[j], now["task"], now["n"], "the model's own forward calling it"):
-                        output = _run_block(stack, j, block, hidden, named)
+                        output = _run_block(stack, j, block, hidden, named, ran.get(j))
+                    ran.setdefault(j, f"calibration[{now['task']!r}] item {now['n']}")
                 else:
                     output = stack.adapter.passthrough_of(block, hidden)
                 if stack.adapter.runs_blocks:  # (its arguments as the block left them: _kept_depth)
