@@ -2303,7 +2303,8 @@ def _run_block(stack, j, block, hidden, named, ran_on=None):
     """Block ``j`` of ``stack`` called as the walk will call it (where the adapter's stand-ins
     run the blocks, ``AUTO``), refused by name unless it returns hidden states of its input's
     shape and leaves what it is given as it was. ``ran_on``: the calibration item it ran on
-    before, if any; an error on this one is then the block's own on this input."""
+    before, if any; an error on this one is then the block's own on this input, as one where
+    the walk hands it what the model gave it."""
     try:
         # (tensors alone: an object a block changes alike on each call is _check_replayable's)
         given = _versions_of(named, depth=0)
@@ -2317,10 +2318,13 @@ def _run_block(stack, j, block, hidden, named, ran_on=None):
         raise
     except (RuntimeError, IndexError, TypeError, NotImplementedError, AttributeError) as e:
         first_line = str(e).splitlines()[0][:300] if str(e) else ""
-        if ran_on is not None:  # (called alike on an item before, without an error: not a block the walk cannot call)
+        # (called alike on an item before, or handed just what the model gave it, no cache taken nor a
+        # TypeError of the walk's calling it by name: not a block the walk cannot call, but its own error)
+        as_given = not isinstance(e, TypeError) and not any(key in named for key in (*_CACHE_KWARGS, "use_cache"))
+        if ran_on is not None or as_given:
+            how = f"having run on {ran_on}" if ran_on is not None else "called with the model's own arguments"
             raise ValueError(f"block {j} at {stack.prefix!r} raised on this calibration item ({type(e).__name__}: "
-                             f"{first_line}), having run on {ran_on}: an error of the block's own on this "
-                             f"input") from e
+                             f"{first_line}), {how}: an error of the block's own on this input") from e
         wrong = f"block {j} fails when called as the model called it ({type(e).__name__}: {first_line})"
     if wrong:
         raise ValueError(f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are not blocks the walker can "

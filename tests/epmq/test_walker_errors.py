@@ -777,21 +777,25 @@ def test_an_error_a_block_raises_names_the_block_the_item_and_the_pass(block, er
 
 
 @pytest.mark.parametrize("error", [RuntimeError, AttributeError])
-def test_a_block_that_raises_on_one_item_under_auto_is_named_as_raising_on_it(error, gen, monkeypatch):
-    """Under AUTO, a block's RuntimeError or AttributeError on one item only (block 1 ran on item 0)
-    was refused as blocks the walker cannot quantize one by one, to be registered an adapter for:
-    it is named as the block's own error on that item, its cause chained."""
+@pytest.mark.parametrize("rows, item, how", [(3, 1, r"having run on calibration\['a'\] item 0"),
+                                             (4, 0, "called with the model's own arguments")])
+def test_a_block_that_raises_on_one_item_under_auto_is_named_as_raising_on_it(error, rows, item, how, gen,
+                                                                              monkeypatch):
+    """Under AUTO, a block's RuntimeError or AttributeError on one item (after it ran on item 0, or
+    on item 0 called as the model called it, no cache taken) was refused as blocks the walker cannot
+    quantize one by one, to be registered an adapter for: it is named as the block's own error on
+    that item, its cause chained."""
     model = Net(Failing)
     model.layers[1].failing = True
     monkeypatch.setattr(Failing, "error", error)
-    monkeypatch.setattr(Failing, "fails", staticmethod(lambda x, b: len(x) == 3))
+    monkeypatch.setattr(Failing, "fails", staticmethod(lambda x, b: len(x) == rows))
     calibration = {"a": [torch.randn(4, 16, generator=gen), torch.randn(3, 16, generator=gen)]}
     with pytest.raises(ValueError, match=rf"block 1 at 'layers' raised on this calibration item \({error.__name__}: "
-                                         r"the block's own bug\), having run on calibration\['a'\] item 0") as raised:
+                                         rf"the block's own bug\), {how}: an error of the block's own") as raised:
         epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, progress=False,
                             adapter=epmq.adapters.AUTO)
     assert "register an adapter" not in str(raised.value) and type(raised.value.__cause__) is error
-    assert raised.value.__notes__ == ["(while the walk ran block 'layers.1' on calibration['a'] item 1: "
+    assert raised.value.__notes__ == [f"(while the walk ran block 'layers.1' on calibration['a'] item {item}: "
                                       "the model's own forward calling it)"]
 
 
