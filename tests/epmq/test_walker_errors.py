@@ -248,6 +248,7 @@ def test_a_layer_the_models_own_loading_ignores_is_no_extra_block(tmp_path):
                         experts={"a": str(tmp_path / "expert.safetensors")}, progress=False)
     assert len(model.epmq_report.layers) == 14
 
+
 def test_meta_devices_and_weights_are_refused(gen):
     fam = Family("llama", gen, n_samples=1)
     model = fam.merged()
@@ -733,7 +734,6 @@ def test_a_block_that_writes_its_input_in_place(method):
                                     progress=False, adapter=epmq.Adapter("blocks", block_types=(block_type,)))
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-
 
 
 class Failing(Residual):
