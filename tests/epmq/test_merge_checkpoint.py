@@ -860,8 +860,6 @@ def test_clip_vision_experts_of_a_clip_base_then_e_pmq_on_the_tower(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("method, params", [("ties", {"density": 0.3}), ("tsv", {}), ("dare", {"density": 0.5}),
                                            ("multislerp", {"weights": [1.0, 0.5, 2.0]})])
-
-
 def test_merge_on_the_gpu_equals_the_cpu(checkpoints, tmp_path, method, params):
     root, _, _ = checkpoints
     models = [root / "e0", root / "e1", root / "e2"]
@@ -1060,8 +1058,6 @@ def test_regmeans_calibration_passes_show_their_progress(checkpoints, tmp_path, 
 
 @pytest.mark.parametrize("second, error", [("missing.txt", "no calibration file or directory at 1 path"),
                                            ("bad.jsonl", "expected a string, or an object")])
-
-
 def test_a_later_models_calibration_files_are_read_before_the_first_models_pass(checkpoints, tmp_path,
                                                                                 monkeypatch, second, error):
     """RegMean read each model's calibration files only when its turn came: a missing or
@@ -2093,8 +2089,6 @@ def test_the_models_argument_of_karcher_is_no_parameter():
 @pytest.mark.parametrize("method, switch", [("model_stock", "per_row"), ("slerp", "per_row"),
                                             ("nuslerp", "row_wise"), ("nuslerp", "flatten"),
                                             ("multislerp", "normalize_weights")])
-
-
 def test_a_switch_written_as_a_string_is_an_error(method, switch):
     """(params: {per_row: "false"} is a true string: Model Stock merged per row, silently, the
     opposite of what the config says; the run's MergePlan took it too.)"""

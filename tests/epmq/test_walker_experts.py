@@ -295,8 +295,6 @@ def _fetch_threads(monkeypatch):
 
 @pytest.mark.parametrize("arch,targets", [("llama", "merged_path"), ("qwen3_moe", "merged_path"),
                                           ("llama", "fp_path")])
-
-
 def test_the_read_ahead_reads_in_the_background_and_changes_nothing(arch, targets, gen, tmp_path,
                                                                     monkeypatch):
     """Experts in files: their linear weights are read by the read-ahead's thread while the walk
@@ -456,8 +454,6 @@ def test_an_expert_given_as_a_lazy_state_dict_is_read_once(gen, tmp_path, monkey
 
 @pytest.mark.parametrize("index", ['{"metadata": {}, "weight_map": {"model.embed', '{"metadata": {}}', '[]',
                                    '{"weight_map": ["model-00001-of-00002.safetensors"]}'])
-
-
 def test_a_damaged_shard_index_is_named(index, tmp_path):
     """A shard index cut short (an interrupted download) or without its weight map: the error
     names the expert and the index, not a bare JSONDecodeError or KeyError."""
