@@ -321,9 +321,6 @@ class QuantLinear(nn.Module):
             big = float(result.scales.abs().max())
             raise ValueError(f"scales up to {big:.3g} overflow float16, the gptq format's scale dtype "
                              f"(weights of magnitude ~{big * spec.maxq:.3g}): rescale the layer")
-        # below float16's normal range (6.1e-5) a scale keeps fewer bits, below 3e-8 none: warned
-        # of where that moves a weight by over a quarter of its rounding step (the code's
-        # distance from the zero point, up to maxq, times the scale's error)
         _warn_subnormal(scales, result.scales.t(), spec.bits, "rescale the layer, or use fewer bits or larger groups")
         largest = weight_overflow(scales, lambda: zeros.t(), lambda: result.codes.t(), result.g_idx, spec.maxq, dtype)
         if largest is not None:
