@@ -1073,8 +1073,7 @@ def _open_clip_config(content) -> dict:
             config[tower]["timm_model_name"] = _timm_architecture(timm_name)
             if config[tower]["timm_pool"] == "":  # (the trunk's own pooling, or none: which, it does not say)
                 del config[tower]["timm_pool"]
-        if hf:  # (the HF model attends as it does, whatever no_causal_mask says)
-            config[tower].pop("no_causal_mask", None)
+        if hf:
             config[tower].pop("hf_model_name")
             config[tower].update(_hf_model_repository(hf_name))
     return config
@@ -1187,11 +1186,10 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 # (timm_model_name, timm_pool) or by other heads (attn_pooler_heads), an open_clip text tower attending
 # both ways (no_causal_mask), an open_clip tower's GELU approximated otherwise (act_kwargs) or pooling
 # other tokens (pool_type: its class token, the last, the EOS's, eos_id; its mean normed after it or
-# before, final_ln_after_pool), an open_clip text tower built of
-# another HF model or pooling or projecting its features otherwise (hf_model_name, hf_pooler_type,
-# hf_proj_type) (refused, as
-# another layer count); or positions turned by another
-# RoPE (a long-context fine-tune's: warned of, the output or the walk reading one config)
+# before, final_ln_after_pool), an open_clip text tower built of another HF model or pooling or
+# projecting its features otherwise (hf_model_name, hf_pooler_type, hf_proj_type) (refused, as
+# another layer count); or positions turned by another RoPE (a long-context fine-tune's: warned of,
+# the output or the walk reading one config)
 READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "n_heads",
            "attention_heads", "encoder_attention_heads", "decoder_attention_heads", "num_encoder_attention_heads",
            "encoder_num_attention_heads", "decoder_num_attention_heads", "num_kv_heads", "n_head_kv",
