@@ -2261,21 +2261,30 @@ def _same_contents(given, now) -> bool:
 
 def _check_replayable(stack, i, block, probed) -> None:
     """A ValueError where block ``i`` changes an argument it is handed otherwise on each call (a count
-    it advances, a cache it adds to under a name not a cache's): the model hands the later blocks
-    what its one call left there, the walk calls each block several times (probes, statistics, the
-    pass after) on its arguments as they were given, so that each call got them changed by the ones
-    before and block ``i + 1`` by every one (a SimpleNamespace whose count block 0 advances: 2.5x the
-    statistics of the model's). One that each call changes alike (Gemma 4's layers storing their keys
-    and values for later ones to read) holds what one call leaves. ``probed``: the task, input,
-    arguments and their ``_versions_of`` of the block's first call in the walk (``_groups``' probe);
-    where that call changed an argument, the block is called once more, to compare."""
-    task, hidden, named, before = probed
+    it advances, a cache it adds to under a name not a cache's) or reads what its call left there (a
+    flag it sets on its first call): the model hands the later blocks what its one call left there,
+    the walk calls each block several times (probes, statistics, the pass after) on its arguments as
+    they were given, so that each call got them changed by the ones before and block ``i + 1`` by
+    every one (a SimpleNamespace whose count block 0 advances: 2.5x the statistics of the model's).
+    One that each call changes alike (Gemma 4's layers storing their keys and values for later ones
+    to read) holds what one call leaves. ``probed``: the task, input, arguments, their
+    ``_versions_of`` and the hidden states the block returned on them of its first call in the walk
+    (``_groups``' probe); where that call changed an argument, the block is called once more, to
+    compare."""
+    task, hidden, named, before, first = probed
     changed = [name for name, now in _versions_of(named).items() if _changed(before[name], now)]
-    if not changed:
-        return
+    if changed:
+        _check_called_again(stack, i, block, task, hidden, named, changed[0], first)
+
+
+def _check_called_again(stack, i, block, task, hidden, named, name, first) -> None:
+    """``_check_replayable`` of block ``i``, whose call on item 0 of ``task`` returned the hidden
+    states ``first`` from ``hidden`` and changed its argument ``name``: called once more on what that
+    call left in ``named``, refused where that changes them otherwise or returns other hidden states
+    (the walk's later calls would see what the model's one call did not)."""
     once = _versions_of(named, count=torch.clone)
     try:
-        block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden, **named)
+        again = block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden, **named)
     except torch.OutOfMemoryError:
         raise
     except Exception as e:
@@ -2283,11 +2292,26 @@ def _check_replayable(stack, i, block, probed) -> None:
         # is the change that fails, which the block's own error, noted as this call's, did not say)
         first_line = str(e).splitlines()[0][:300] if str(e) else ""
         how = f"and fails when called again on what that call left there ({type(e).__name__}: {first_line})"
-        raise ValueError(_unreplayable(stack, i, task, changed[0], named, how)) from e
+        raise ValueError(_unreplayable(stack, i, task, name, named, how)) from e
     twice = _versions_of(named, count=torch.clone)
     changed = [name for name in named if not _same_contents(once[name], twice[name])]
     if changed:
         raise ValueError(_unreplayable(stack, i, task, changed[0], named, "otherwise on each call"))
+    if not _same_output(first, stack.adapter.hidden_of(again)):
+        raise ValueError(_unreplayable(stack, i, task, name, named, "and returns other hidden states when called "
+                                                                   "again on what that call left there"))
+
+
+def _same_output(first, again) -> bool:
+    """Whether two calls of a block returned the same hidden states, a kernel's rounding apart (an MoE's
+    experts summed by index_add_'s atomics on a GPU, in any order)."""
+    if not isinstance(first, torch.Tensor) or not isinstance(again, torch.Tensor):
+        return True
+    if (first.shape, first.dtype) != (again.shape, again.dtype):
+        return False
+    first, again = first.float(), again.to(first.device).float()
+    atol = 1e-2 * float(first.abs().max()) if first.numel() else 0.0
+    return torch.allclose(again, first, rtol=1e-2, atol=atol, equal_nan=True)
 
 
 def _unreplayable(stack, i, task, name, named, how) -> str:
@@ -3337,9 +3361,21 @@ class _Walk:
                 # (the last one runs too: what its stand-in returns later is learnt from it)
                 if stack.adapter.runs_blocks:
                     ran = now.setdefault("ran", {})
+                    # (as the walk's probe of a block it runs: what its call changes in an object only
+                    # the model's call of it sees unchanged, _check_replayable's would not)
+                    probing = now["watch"] and now["n"] == 0
+                    given = _versions_of(named) if probing else None
+                    unwritten = hidden.clone() if probing and isinstance(hidden, torch.Tensor) else hidden
                     with _running(stack.names[j], now["task"], now["n"], "the model's own forward calling it"):
                         output = _run_block(stack, j, block, hidden, named, ran.get(j))
                     ran.setdefault(j, f"calibration[{now['task']!r}] item {now['n']}")
+                    changed = ([name for name, v in _versions_of(named).items() if _changed(given[name], v)]
+                               if probing else [])
+                    if changed:
+                        with _running(stack.names[j], now["task"], 0, "called again to see whether it changes its "
+                                                                      "arguments"):
+                            _check_called_again(stack, j, block, now["task"], unwritten, named, changed[0],
+                                                stack.adapter.hidden_of(output))
                 else:
                     output = stack.adapter.passthrough_of(block, hidden)
                 if stack.adapter.runs_blocks:  # (its arguments as the block left them: _kept_depth)
@@ -3764,7 +3800,7 @@ class _Walk:
         calls = {}  # linear -> the most calls it got in one probe (a pass stops after them)
         first_task = next(iter(self.q.hidden))
         named = self.q.kwargs[first_task][0]
-        self.probed = first_task, self.q.hidden[first_task][0], named, _versions_of(named)  # (_check_replayable)
+        given = _versions_of(named)  # (_check_replayable)
         try:
             for task in self.q.hidden:
                 probe = self.q.hidden[task][0]
@@ -3773,7 +3809,9 @@ class _Walk:
                 counted = {rel: len(reads.get(rel, ())) for rel in rels}
                 try:
                     with _running(prefix, task, 0, "the probe of which linears it calls"):
-                        block(probe, **self.q.kwargs[task][0])
+                        output = block(probe, **self.q.kwargs[task][0])
+                    if task == first_task:
+                        self.probed = first_task, self.q.hidden[task][0], named, given, adapter.hidden_of(output)
                 except torch.OutOfMemoryError:
                     raise
                 except (RuntimeError, IndexError, TypeError) as e:

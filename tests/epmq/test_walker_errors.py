@@ -1700,8 +1700,8 @@ class CountedUpTo(Counted):
         return super().forward(x, counter)
 
 
-@pytest.mark.parametrize("adapter, limit", [("registered", 1), ("auto", 3)])
-def test_an_object_a_block_changes_and_then_fails_on_is_refused(adapter, limit, gen):
+@pytest.mark.parametrize("adapter", ["registered", "auto"])
+def test_an_object_a_block_changes_and_then_fails_on_is_refused(adapter, gen):
     """Block 0 changes an object it is handed, and fails when called again on what its call left there:
     the walk's call to compare ended in the block's own bare error (noted as that call's), as if the
     block could not run, not saying that it was the change it made that failed. Refused as a block that
@@ -1709,14 +1709,56 @@ def test_an_object_a_block_changes_and_then_fails_on_is_refused(adapter, limit, 
     items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
     model = CountingNet("namespace")
     for layer in model.layers:
-        layer.__class__, layer.limit = CountedUpTo, limit
+        layer.__class__ = CountedUpTo
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: block 0 at 'layers' changes its argument "
-                                         rf"'counter' \(a SimpleNamespace\) and fails when called again on what that "
-                                         rf"call left there \(RuntimeError: no room past {limit} calls\)"):
+                                         r"'counter' \(a SimpleNamespace\) and fails when called again on what that "
+                                         r"call left there \(RuntimeError: no room past 1 calls\)"):
         epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
                             adapter=epmq.adapters.AUTO if adapter == "auto" else
                             epmq.Adapter("counted", block_types=(CountedUpTo,)))
+    assert_untouched(model, before)
+
+
+class Flagged(nn.Module):
+    """``x + fc(x * gain)``, the gain 1 on a ``ctx`` it has not marked seen, 3 on one it has; it marks it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x, ctx):
+        gain = 3.0 if getattr(ctx, "seen", False) else 1.0
+        ctx.seen = True
+        return x + self.fc(x * gain)
+
+
+class FlaggingNet(Net):
+    def __init__(self):
+        super().__init__(Flagged)
+
+    def forward(self, x):
+        ctx = types.SimpleNamespace()
+        for layer in self.layers:
+            x = layer(x, ctx=ctx)
+        return x
+
+
+@pytest.mark.parametrize("adapter", ["registered", "auto"])
+def test_a_block_that_reads_what_its_call_set_on_an_object_is_refused(adapter, gen):
+    """Block 0 sets a flag on an object it is handed and reads it: the model's call of it sees the flag
+    unset (gain 1), every call of the walk's but the first set (gain 3), and the flag set alike on each
+    call passed the check of replayable blocks: block 0 solved on x * 3 where the model runs it on x,
+    without a word. Refused, naming the block and the argument; the model as it was."""
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    model = FlaggingNet()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: block 0 at 'layers' changes its argument "
+                                         r"'ctx' \(a SimpleNamespace\) and returns other hidden states when called "
+                                         r"again on what that call left there"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                            adapter=epmq.adapters.AUTO if adapter == "auto" else
+                            epmq.Adapter("flagged", block_types=(Flagged,)))
     assert_untouched(model, before)
 
 
