@@ -2223,9 +2223,29 @@ def _check_kept(stack, now, task, n) -> None:
     it (a step counter advanced between calls), or put other tensors or values into it (a dict's
     entry, a list appended to): the walk calls each block again with the arguments as recorded,
     which would then hold the later values."""
+    _check_left(stack, now["left"], task, n)
     for j, (named, versions) in enumerate(zip(now["kwargs"], now["versions"])):
         if named is not None:
             _check_kept_of(stack, j, named, versions, task, n, _kept_depth(stack))
+
+
+def _left_by_blocks(left: dict, j: Optional[int] = None, named: Optional[dict] = None) -> dict:
+    """Where the stand-ins run the blocks (AUTO): every argument the blocks of a pass were handed so far
+    (``left``: its id -> the first block handed it, its name there, itself and its ``_versions_of``),
+    block ``j``'s ``named`` joined, each as the blocks' calls left it. Those of earlier blocks too: the
+    model's change to an object only a later block gets went unseen (looked for among the last block's
+    arguments alone), and the earlier block was walked on what the model had changed there since."""
+    joined = dict(left)
+    for name, value in (named or {}).items():
+        joined.setdefault(id(value), (j, name, value, None))
+    return {key: (k, name, value, _versions_of({name: value})[name]) for key, (k, name, value, _) in joined.items()}
+
+
+def _check_left(stack, left: dict, task, n) -> None:
+    """``_check_kept`` of the arguments in ``left`` (``_left_by_blocks``) since the blocks' last call:
+    what the model changed there (in objects too: ``_kept_depth``'s blocks' changes are not among it)."""
+    for j, name, value, versions in left.values():
+        _check_kept_of(stack, j, {name: value}, {name: versions}, task, n, _OBJECTS_DEEP)
 
 
 def _check_kept_of(stack, j, named, versions, task, n, depth) -> None:
@@ -3326,6 +3346,8 @@ class _Walk:
                     with _running(stack.names[j], now["task"], now["n"],
                                   "the model's own forward calling it again after the last block"):
                         output = block(*args, **kwargs)
+                    if stack.adapter.runs_blocks:  # (what a block changes is its own)
+                        now["left"] = _left_by_blocks(now["left"])
                     passed = stack.adapter.hidden_of(output)
                     now["passed"] = passed, version(passed) if isinstance(passed, torch.Tensor) else None
                     return output
@@ -3335,8 +3357,7 @@ class _Walk:
                         f"their order: block {j} is called where block {now['next']} is next (a model that "
                         f"skips, repeats or reorders its blocks cannot be quantized block by block)")
                 now["next"] = j + 1
-                if now["left"] is not None:  # (what the model changed in an object since the last call)
-                    _check_kept_of(stack, *now["left"], now["task"], now["n"], _OBJECTS_DEEP)
+                _check_left(stack, now["left"], now["task"], now["n"])
                 if j and not stack.adapter.runs_blocks and now["called"] is not None:
                     # (WavLM's encoder unpacks (hidden, position bias): a stand-in's tensor of a batch of 2
                     # unpacked into its rows, the second handed on as the bias, the walk's error torch's at
@@ -3379,7 +3400,7 @@ class _Walk:
                 else:
                     output = stack.adapter.passthrough_of(block, hidden)
                 if stack.adapter.runs_blocks:  # (its arguments as the block left them: _kept_depth)
-                    now["left"] = j, named, _versions_of(named)
+                    now["left"] = _left_by_blocks(now["left"], j, named)
                 if j == last and not now["watch"]:
                     raise _Stop
                 # (with its version: a write between the blocks is a change too)
@@ -3474,7 +3495,7 @@ class _Walk:
                         watch = stream is self.q and (n == 0 or bool(now.get("looping")))
                         now.update(task=task, n=n, kwargs=[None] * (last + 1), versions=[None] * (last + 1),
                                    hidden=None, next=0, started=False, watch=watch, past=False, called=None,
-                                   left=None, raised=None)
+                                   left={}, raised=None)
                         if watch:
                             now["again"] = {}
                         try:

@@ -1638,6 +1638,39 @@ def test_an_object_the_model_changes_between_blocks_auto_runs_is_refused(nest, g
     assert_untouched(model, before)
 
 
+class SkippingGainNet(Net):
+    """Three GainedBlocks, the one ``gains`` handed to blocks 0 and 2 alone, its gain advanced by the model
+    between blocks 1 and 2: a change only block 2 gets."""
+
+    def __init__(self):
+        super().__init__(GainedBlock)
+        self.layers.append(GainedBlock())
+
+    def forward(self, x):
+        gains = types.SimpleNamespace(gain=1.0)
+        x = self.layers[1](self.layers[0](x, gains=gains), gains=types.SimpleNamespace(gain=1.0))
+        gains.gain += 2
+        return self.layers[2](x, gains=gains)
+
+
+@pytest.mark.parametrize("adapter", ["registered", "auto"])
+def test_an_object_the_model_changes_for_a_later_block_alone_is_refused(adapter, gen):
+    """Where the stand-ins run the blocks (AUTO), the model's changes to an object were looked for between
+    one block's call and the next among the arguments of the block called last alone: a gain the model
+    advanced in the object block 0 got, between blocks 1 and 2, went unseen, and block 0 was solved on x * 3
+    where the model runs it on x, without a word. Refused, naming the argument and block 0, as where the
+    blocks are stand-ins; the model as it was."""
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    model = SkippingGainNet()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: the model puts other values into 'gains', an "
+                                         r"argument of block 0 at 'layers', after that block's call"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                            adapter=epmq.adapters.AUTO if adapter == "auto" else
+                            epmq.Adapter("gained", block_types=(GainedBlock,)))
+    assert_untouched(model, before)
+
+
 class Counted(nn.Module):
     """``x + fc(x * calls)``, ``calls`` this block's and the earlier ones' on ``counter``, an object
     handed to every block: an attribute each adds 1 to, or the tokens a transformers DynamicCache
