@@ -3630,7 +3630,11 @@ class _Walk:
                         now.update(task=task, n=n, out=_to_device(outputs[task][n], self.model_device),
                                    started=False)
                         try:
-                            _call(self.model, item, self.model_device, _item_seed(task, n), self.seeded_devices)
+                            # (the model's own code between the blocks: its error said nothing of where in the
+                            # walk it came, as the walk's others do)
+                            with _running(stack.names[i], task, n, f"the model's own forward replayed on its "
+                                                                   f"output, up to block {i + 1}'s input"):
+                                _call(self.model, item, self.model_device, _item_seed(task, n), self.seeded_devices)
                         except _Stop:
                             stream.hidden[task][n] = self._here(now["hidden"])
                         else:  # (the entry reached block i + 1 with this item)

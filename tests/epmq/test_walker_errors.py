@@ -827,6 +827,43 @@ def test_an_error_the_models_own_forward_raises_names_the_item(at, where, gen, m
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
 
 
+class ReplayLookingUpNet(Net):
+    """Adds 1 to block 0's output (the walk replays it to take block 1's input), then looks a key up that a
+    batch of 3 lacks once ``broken`` (the model's own bug, hit in the replay alone)."""
+
+    broken = False
+
+    def forward(self, x):
+        x = self.layers[0](x) + 1.0
+        if self.broken:
+            x = x * {4: 1.0, 2: 1.0}[len(x)]
+        return self.layers[1](x)
+
+
+def test_an_error_the_models_own_forward_raises_in_the_replay_names_the_block_and_item(gen, monkeypatch):
+    """The model's own code between the blocks failing while the walk replays it on a block's output (to
+    take the next one's input) ended the walk bare, naming no block, task, item or pass, where the walk's
+    others are noted with them: it goes on as it was raised, noted so."""
+    import epmq.walker as walker
+
+    model = ReplayLookingUpNet(Residual)
+    replay_next = walker._Walk._replay_next
+
+    def broken(walk, *args):
+        monkeypatch.setattr(model, "broken", True)
+        return replay_next(walk, *args)
+
+    monkeypatch.setattr(walker._Walk, "_replay_next", broken)
+    calibration = {"a": [torch.randn(4, 16, generator=gen), torch.randn(3, 16, generator=gen)],
+                   "b": [torch.randn(2, 16, generator=gen)]}
+    with pytest.raises(KeyError, match="3") as raised:
+        epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, progress=False,
+                            adapter=epmq.Adapter("blocks", block_types=(Residual,)))
+    assert raised.value.__notes__ == ["(while the walk ran block 'layers.0' on calibration['a'] item 1: the model's "
+                                      "own forward replayed on its output, up to block 1's input)"]
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
 # --------------------------------------------------------------------------- models as users hold them
 
 
