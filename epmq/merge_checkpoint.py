@@ -1062,6 +1062,9 @@ def _open_clip_config(content) -> dict:
         # text tower, built from its hf_model_name alone, does not read)
         if tower == "multimodal_cfg" or hf:
             config[tower].pop("no_causal_mask", None)
+        if timm or hf:  # (nor the sizes of open_clip's own transformer, which they are not)
+            for field in ("layers", "heads", "head_width"):
+                config[tower].pop(field, None)
         # (a ResNet image tower, layers per stage, is built of ReLUs and BatchNorms without them, a HF text
         # tower of its HF model's modules)
         resnet = isinstance(config[tower].get("layers"), (list, tuple))

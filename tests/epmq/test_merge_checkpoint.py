@@ -3450,3 +3450,19 @@ def test_open_clip_timm_model_names_of_a_local_directory_here_are_compared_by_it
         _check_architectures(base, [save("absent", f"local-dir:{tmp_path / 'absent'}")], ["absent"])
     with pytest.raises(ValueError, match=r"broken_timm\S*config.json is not valid JSON"):
         _check_architectures(base, [save("broken", local("broken_timm", "{"))], ["broken"])
+
+
+def test_open_clip_timm_and_hf_towers_are_not_compared_by_transformer_sizes_they_do_not_read(tmp_path):
+    """An image tower naming a timm model and a text tower naming a HF model are built by that model
+    alone: the layers, heads and head_width their vision_cfg or text_cfg may also give (CLIPTextCfg's,
+    CLIPVisionCfg's, for open_clip's own transformer) build nothing, and two checkpoints giving others were
+    refused as counting their layers or reading their weights otherwise."""
+    def save(name, **sizes):
+        (tmp_path / name).mkdir()
+        model_cfg = {"embed_dim": 16, "custom_text": True,
+                     "vision_cfg": {"timm_model_name": "vit_base_patch16_siglip_224", **sizes},
+                     "text_cfg": {"hf_model_name": "xlm-roberta-base", **sizes}}
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        return tmp_path / name
+
+    _check_quietly(save("base", layers=12, heads=12, head_width=64), save("other", layers=24, heads=16, head_width=80))
