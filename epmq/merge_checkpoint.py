@@ -997,11 +997,26 @@ def _timm_read(config: dict) -> dict:
 # gives true; an image tower naming a timm model (timm_model_name) is built by its timm fields, no head_width,
 # a text tower naming a HF model (hf_model_name) by its hf_ fields; an image tower's attention pool's heads
 # (attn_pooler_heads) are those of one built with it (attentional_pool)
-OPEN_CLIP_DEFAULTS = {"quick_gelu": False, "vision_cfg": {"head_width": 64, "pool_type": "tok"},
+OPEN_CLIP_DEFAULTS = {"quick_gelu": False, "vision_cfg": {"head_width": 64, "pool_type": "tok", "no_ln_pre": False,
+                                                          "attentional_pool": False},
                       "attentional_pool": {"attn_pooler_heads": 8},
-                      "text_cfg": {"heads": 8, "no_causal_mask": False, "pool_type": "argmax"},
-                      "multimodal_cfg": {"heads": 8}, "timm": {"timm_pool": "avg"},
+                      "text_cfg": {"heads": 8, "no_causal_mask": False, "pool_type": "argmax", "proj_type": "linear",
+                                   "proj_bias": False},
+                      "multimodal_cfg": {"heads": 8, "ls_init_value": None},
+                      "timm": {"timm_pool": "avg", "timm_proj": "linear", "timm_proj_bias": False},
                       "hf": {"hf_pooler_type": "mean_pooler", "hf_proj_type": "mlp"}}
+
+# open_clip's defaults of how its own transformer's blocks are built (an image or text tower's; CoCa's decoder
+# reads ls_init_value alone): each other one adds weights (LayerScale's gammas, q and k norms, a cosine
+# attention's scales, per-head scales, norms inside the attention, after it, inside the MLP), which merged
+# beside a model without them were copied from the base, or dropped, with a warning
+OPEN_CLIP_BLOCKS = {"ls_init_value": None, "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
+                    "scale_attn_inner": False, "scale_attn": False, "scale_fc": False}
+
+# CLIPVisionCfg's and CLIPTextCfg's fields that build open_clip's own transformer, which a tower built by timm
+# or transformers (timm_model_name, hf_model_name) does not read: its sizes, blocks, pool and projection
+OPEN_CLIP_TRANSFORMER = ("layers", "heads", "head_width", *OPEN_CLIP_BLOCKS, "no_ln_pre", "attentional_pool",
+                         "proj_type", "proj_bias")
 
 # open_clip's default eos_id, the token a text tower pooling at its EOS (pool_type "eos") reads
 OPEN_CLIP_EOS_ID = 2
@@ -1049,10 +1064,13 @@ def _open_clip_config(content) -> dict:
         timm = isinstance(timm_name, str) and bool(timm_name)
         hf_name = model_cfg[tower].get("hf_model_name") if tower == "text_cfg" else None
         hf = isinstance(hf_name, str) and bool(hf_name)
+        own = not (timm or hf)
+        resnet = isinstance(model_cfg[tower].get("layers"), (list, tuple))
+        blocks = OPEN_CLIP_BLOCKS if own and not resnet and tower != "multimodal_cfg" else {}
         config[tower] = {"model_type": f"open_clip_{tower}",
-                         **OPEN_CLIP_DEFAULTS["timm" if timm else "hf" if hf else tower], **model_cfg[tower]}
+                         **OPEN_CLIP_DEFAULTS["timm" if timm else "hf" if hf else tower], **blocks, **model_cfg[tower]}
         # (multimodal_cfg: a CoCa, which open_clip builds with custom_text alone, a CLIP taking no decoder)
-        _open_clip_pool(config[tower], tower, own=not (timm or hf),
+        _open_clip_pool(config[tower], tower, own=own,
                         custom_text=bool(model_cfg.get("custom_text")) or "multimodal_cfg" in model_cfg)
         if tower == "vision_cfg" and not timm and config[tower].get("attentional_pool"):
             config[tower] = {**OPEN_CLIP_DEFAULTS["attentional_pool"], **config[tower]}
@@ -1062,12 +1080,30 @@ def _open_clip_config(content) -> dict:
         # text tower, built from its hf_model_name alone, does not read)
         if tower == "multimodal_cfg" or hf:
             config[tower].pop("no_causal_mask", None)
-        if timm or hf:  # (nor the sizes of open_clip's own transformer, which they are not)
-            for field in ("layers", "heads", "head_width"):
-                config[tower].pop(field, None)
+        # (nor what builds open_clip's own transformer, which they are not; a ResNet and CoCa's decoder are
+        # built of none of its blocks' options, an explicitly "default" block of none but its LayerScale)
+        unread = ()
+        if not own:
+            unread = OPEN_CLIP_TRANSFORMER
+        elif resnet:
+            unread = ("no_ln_pre", "attentional_pool", *OPEN_CLIP_BLOCKS)
+        elif tower == "multimodal_cfg":
+            unread = ("proj_type", "proj_bias", *OPEN_CLIP_BLOCKS.keys() - {"ls_init_value"})
+        elif config[tower].get("block_type") == "default":
+            unread = OPEN_CLIP_BLOCKS.keys() - {"ls_init_value"}
+        for field in unread:
+            config[tower].pop(field, None)
+        if config[tower].get("attentional_pool") == "":  # (no pool, as open_clip tests it)
+            config[tower]["attentional_pool"] = False
+        if tower == "text_cfg" and config[tower].get("proj_type") == "none":  # (no projection: no bias of it)
+            config[tower].pop("proj_bias", None)
+        # (a class token appended masks the padding, which the pad_id says; a CLIP keeps no class token)
+        pad_id = config[tower].pop("pad_id", None)
+        if (tower == "text_cfg" and own and config[tower].get("embed_cls")
+                and (model_cfg.get("custom_text") or "multimodal_cfg" in model_cfg)):
+            config[tower]["pad_id"] = 0 if pad_id is None else pad_id
         # (a ResNet image tower, layers per stage, is built of ReLUs and BatchNorms without them, a HF text
         # tower of its HF model's modules)
-        resnet = isinstance(config[tower].get("layers"), (list, tuple))
         for field, defaults in OPEN_CLIP_KWARGS.items():
             given = config[tower].pop(field, None)
             if not (timm or hf or resnet) and tower != "multimodal_cfg":
@@ -1190,9 +1226,12 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 # both ways (no_causal_mask), an open_clip tower's GELU approximated otherwise (act_kwargs) or pooling
 # other tokens (pool_type: its class token, the last, the EOS's, eos_id; its mean normed after it or
 # before, final_ln_after_pool), an open_clip text tower built of another HF model or pooling or
-# projecting its features otherwise (hf_model_name, hf_pooler_type, hf_proj_type) (refused, as
-# another layer count); or positions turned by another RoPE (a long-context fine-tune's: warned of,
-# the output or the walk reading one config)
+# projecting its features otherwise (hf_model_name, hf_pooler_type, hf_proj_type), an open_clip tower
+# of other blocks, pre-norm, attention pool or projection (OPEN_CLIP_BLOCKS, no_ln_pre, attentional_pool,
+# proj_type, proj_bias, timm_proj, timm_proj_bias: other weights, which the merge copies from the base or
+# drops with a warning) or masking its padding otherwise (pad_id) (refused, as another layer count); or
+# positions turned by another RoPE (a long-context fine-tune's: warned of, the output or the walk reading one
+# config)
 READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "n_heads",
            "attention_heads", "encoder_attention_heads", "decoder_attention_heads", "num_encoder_attention_heads",
            "encoder_num_attention_heads", "decoder_num_attention_heads", "num_kv_heads", "n_head_kv",
@@ -1206,11 +1245,18 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "moe_top_k", "num_experts_per_token", "moe_renormalize", "act_layer", "global_pool", "kv_n_heads",
            "clip_qkv", "alibi_bias_max", "softmax_scale", "ffn_act_fn", "moe_normalize_expert_weights",
            "timm_model_name", "timm_pool", "no_causal_mask", "attn_pooler_heads", "act_kwargs", "pool_type", "eos_id",
-           "final_ln_after_pool", "hf_model_name", "hf_pooler_type", "hf_proj_type")
+           "final_ln_after_pool", "hf_model_name", "hf_pooler_type", "hf_proj_type", *OPEN_CLIP_BLOCKS, "no_ln_pre",
+           "attentional_pool", "proj_type", "proj_bias", "pad_id", "timm_proj", "timm_proj_bias")
+
+# fields of READ_AS whose values read the weights alike, though they differ: open_clip's ls_init_value
+# initializes LayerScale, which any value builds (None: none), and its text tower's proj_type any other
+# than "none" is one linear projection
+READ_ALIKE = {"ls_init_value": lambda mine, theirs: (mine is None) == (theirs is None),
+              "proj_type": lambda mine, theirs: (mine == "none") == (theirs == "none")}
 
 # fields whose None turns what they do off (no softcapping, no sliding window, no clipping), where others'
 # None stands for their model's default (num_key_value_heads: as many as the heads): written None, compared
-OFF_WHEN_NONE = ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window", "clip_qkv")
+OFF_WHEN_NONE = ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window", "clip_qkv", "ls_init_value")
 
 # other spellings of one field, as transformers' attribute_maps read them (GPT-2's and Bloom's n_head
 # and n_layer, T5's num_heads, num_layers and d_kv, MPT's n_heads and n_layers, XGLM's and Mllama's
@@ -1233,10 +1279,10 @@ SPELLINGS = {"n_head": "num_attention_heads", "num_heads": "num_attention_heads"
              "local_attention_window": "sliding_window"}
 
 
-def _differing(mine: dict, theirs: dict, differ: Callable = operator.ne) -> list:
+def _differing(mine: dict, theirs: dict, differ: Callable = operator.ne, alike: Mapping = {}) -> list:
     """The pairs (my key, their key) of ``scope.field`` keys that name one field (each spelled
     as its config spells it: a scope spelling two spellings of one field keeps them apart) and
-    whose values ``differ``."""
+    whose values ``differ`` (where ``alike`` gives the field, whose values it does not call alike)."""
     def common(fields: dict) -> dict:  # (scope, the field's name to compare by) -> its key
         by = {}  # (scope, the field's common name) -> the keys spelling it
         for key in fields:
@@ -1246,8 +1292,11 @@ def _differing(mine: dict, theirs: dict, differ: Callable = operator.ne) -> list
                 for (scope, field), keys in by.items() for key in keys}
 
     mine_by, theirs_by = common(mine), common(theirs)
-    return sorted((mine_by[k], theirs_by[k]) for k in mine_by.keys() & theirs_by.keys()
-                  if differ(mine[mine_by[k]], theirs[theirs_by[k]]))
+    def differs(k):
+        values = mine[mine_by[k]], theirs[theirs_by[k]]
+        return not alike[k[1]](*values) if k[1] in alike else differ(*values)
+
+    return sorted((mine_by[k], theirs_by[k]) for k in mine_by.keys() & theirs_by.keys() if differs(k))
 
 
 # config.json's nested settings that are no tower's config (no model_type): MPT's and DBRX's attention
@@ -1328,7 +1377,7 @@ def _ropes(config: dict, nested: bool) -> dict:
 def _check_reading(config: dict, reference: dict, what: str, ref_name: str, goal: str, experts: bool,
                    nested: bool = True, warn: bool = True) -> None:
     mine, theirs = _config_fields(config, READ_AS, nested), _config_fields(reference, READ_AS, nested)
-    differ = _differing(mine, theirs)  # (both spell out)
+    differ = _differing(mine, theirs, alike=READ_ALIKE)  # (both spell out)
     if differ:
         raise ValueError(f"{what} reads its weights as {({m: mine[m] for m, _ in differ})}, the {ref_name} as "
                          f"{({t: theirs[t] for _, t in differ})} (config.json): {goal.format('configuration')}")

@@ -557,12 +557,18 @@ def _config_of(module) -> Optional[dict]:
     if callable(getattr(config, "to_dict", None)) and library != "open_clip":
         return config.to_dict()
     if library == "open_clip":
-        from .merge_checkpoint import _open_clip_config, _tower_config
+        from .merge_checkpoint import OPEN_CLIP_BLOCKS, _open_clip_config, _tower_config
 
         model_cfg = _open_clip_model_cfg(module)
         config = _open_clip_config({"model_cfg": model_cfg}) if model_cfg else None
         if config is not None and "quick_gelu" not in model_cfg:  # (not open_clip's default: unknown)
             del config["quick_gelu"]
+        # (how its blocks and projections were built, which the modules are not read for: unknown, not the defaults
+        # filled in. Each other one adds weights, which the experts' tensors are held to)
+        for tower, tower_config in (config or {}).items():
+            for field in (*OPEN_CLIP_BLOCKS, "no_ln_pre", "proj_type", "proj_bias", "timm_proj", "timm_proj_bias"):
+                if isinstance(tower_config, dict) and field not in model_cfg.get(tower, {}):
+                    tower_config.pop(field, None)
         if config is not None and not isinstance(getattr(module, "visual", None), nn.Module):
             # (a tower walked alone: its CLIP's vision_cfg or text_cfg, which an expert's
             # open_clip_config.json holds and _check_architectures compares as a tower of it)
@@ -623,7 +629,11 @@ def _open_clip_model_cfg(model) -> dict:
             model_cfg[scope].update(_open_clip_pool_of(tower))
         pool = getattr(tower, "attn_pool", None)  # (attentional_pool: CoCa's, whose tokens its decoder reads)
         if scope == "vision_cfg" and isinstance(getattr(pool, "attn", None), nn.MultiheadAttention):
-            model_cfg[scope].update(attentional_pool=True, attn_pooler_heads=pool.attn.num_heads)
+            # (a string: "parallel" or "cascade", its two pools reading the tokens side by side or one after the other)
+            model_cfg[scope].update(attentional_pool=getattr(tower, "attn_pool_type", "") or True,
+                                    attn_pooler_heads=pool.attn.num_heads)
+        elif scope == "vision_cfg" and hasattr(tower, "attn_pool"):
+            model_cfg[scope]["attentional_pool"] = False
         activations |= {type(m).__name__ for m in blocks.modules() if type(m).__name__ in ("QuickGELU", "GELU")}
     if len(activations) == 1:
         model_cfg["quick_gelu"] = activations == {"QuickGELU"}

@@ -3371,8 +3371,9 @@ def test_open_clip_checkpoints_pooling_other_tokens_are_refused(tmp_path):
           save("coca_cls", text={"embed_cls": True}, multimodal_cfg=decoder))
     _check_quietly(save("parallel", vision={"attentional_pool": "parallel"}),
           save("parallel_avg", vision={"attentional_pool": "parallel", "pool_type": "avg"}))
-    with pytest.raises(ValueError, match=r"\{'vision_cfg.pool_type': 'none'\}, the base as "
-                                         r"\{'vision_cfg.pool_type': 'tok'\}"):
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.attentional_pool': 'cascade', 'vision_cfg.pool_type': 'none'\}"
+                                         r", the base as \{'vision_cfg.attentional_pool': False, "
+                                         r"'vision_cfg.pool_type': 'tok'\}"):
         _check_quietly(base, save("cascade", vision={"attentional_pool": "cascade"}))
     mean = save("mean", vision={"pool_type": "avg", "final_ln_after_pool": True})  # (CLIPA's)
     with pytest.raises(ValueError, match=r"\{'vision_cfg.final_ln_after_pool': False\}, the base as "
@@ -3466,3 +3467,102 @@ def test_open_clip_timm_and_hf_towers_are_not_compared_by_transformer_sizes_they
         return tmp_path / name
 
     _check_quietly(save("base", layers=12, heads=12, head_width=64), save("other", layers=24, heads=16, head_width=80))
+
+
+def test_open_clip_checkpoints_whose_blocks_or_projections_are_built_otherwise_are_refused(tmp_path):
+    """open_clip's LayerScale (ls_init_value), pre-norm (no_ln_pre), q and k norms, cosine attention, head
+    scales, inner norms (qk_norm, scaled_cosine_attn, scale_heads, scale_attn_inner, scale_attn, scale_fc),
+    attention pools (attentional_pool) and text projection (proj_type, proj_bias) were compared with nothing:
+    an expert built with another had other tensors, merged with a warning that they were copied from the base
+    or dropped, the output run as the base's config says. They are compared, open_clip's defaults filled in;
+    LayerScale's init value builds the same model, as does a text projection other than "none", and
+    "parallel" and "cascade" pools, of the same tensors, read them otherwise."""
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 1, "width": 16, "head_width": 8, "image_size": 16,
+                                                  "patch_size": 8, "attn_pooler_queries": 2, "attn_pooler_heads": 2},
+                 "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 16, "heads": 2, "layers": 1}}
+
+    def save(name, tower=None, **changes):
+        cfg = json.loads(json.dumps(model_cfg))
+        if tower:
+            cfg[tower].update(changes)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+        save_file({k: v.contiguous() for k, v in CLIP(**cfg).state_dict().items()},
+                  str(tmp_path / name / "open_clip_model.safetensors"))
+        return tmp_path / name
+
+    def merge(base, model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            merge_checkpoints("task_arithmetic", [model], tmp_path / "out", base=base, params={"scale": 1.0},
+                              progress=False)
+
+    base = save("base")
+    for tower, field, value, default in [
+            ("vision_cfg", "ls_init_value", 0.1, None), ("vision_cfg", "no_ln_pre", True, False),
+            ("vision_cfg", "qk_norm", True, False), ("vision_cfg", "scaled_cosine_attn", True, False),
+            ("vision_cfg", "scale_heads", True, False), ("vision_cfg", "scale_attn_inner", True, False),
+            ("vision_cfg", "scale_attn", True, False), ("vision_cfg", "scale_fc", True, False),
+            ("vision_cfg", "attentional_pool", True, False), ("text_cfg", "ls_init_value", 0.1, None),
+            ("text_cfg", "qk_norm", True, False), ("text_cfg", "proj_type", "none", "linear"),
+            ("text_cfg", "proj_bias", True, False)]:
+        other = save(f"{tower}_{field}", tower, **{field: value})
+        for model, ref, mine, theirs in ((other, base, value, default), (base, other, default, value)):
+            with pytest.raises(ValueError, match=re.escape(f"{{'{tower}.{field}': {mine!r}}}, the base as "
+                                                           f"{{'{tower}.{field}': {theirs!r}}}")):
+                merge(ref, model)
+    merge(base, save("defaults", "vision_cfg", ls_init_value=None, no_ln_pre=False, qk_norm=False, scale_fc=False,
+                     attentional_pool=""))
+    merge(save("layer_scale", "vision_cfg", ls_init_value=1e-5),
+          save("layer_scale_0.1", "vision_cfg", ls_init_value=0.1))
+    merge(base, save("mlp", "text_cfg", proj_type="mlp"))  # (a text tower's projection: one linear, any but "none")
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.attentional_pool': 'cascade'\}, the base as "
+                                         r"\{'vision_cfg.attentional_pool': 'parallel'\}"):
+        merge(save("parallel", "vision_cfg", attentional_pool="parallel"),
+              save("cascade", "vision_cfg", attentional_pool="cascade"))
+
+
+def test_open_clip_towers_are_compared_by_block_options_they_read(tmp_path):
+    """A ResNet image tower, CoCa's decoder (LayerScale alone) and a transformer of open_clip's "default"
+    blocks (LayerScale alone) are built without the block options a vision_cfg, text_cfg or multimodal_cfg
+    may give; a timm image tower projects its features by its timm_proj and timm_proj_bias (adding weights or
+    not), and a text tower appending a class token, built whole, masks the padding its pad_id says."""
+    def save(name, vision=(), text=(), **top):
+        (tmp_path / name).mkdir()
+        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, **dict(vision)},
+                     "text_cfg": {"width": 32, "heads": 4, "layers": 2, **dict(text)}, **top}
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        return tmp_path / name
+
+    resnet = {"layers": [1, 1, 1, 1], "width": 8}
+    _check_quietly(save("resnet", resnet), save("resnet_qk", {**resnet, "qk_norm": True, "no_ln_pre": True}))
+    default = {"block_type": "default"}
+    _check_quietly(save("default", default), save("default_qk", {**default, "qk_norm": True}))
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.ls_init_value': 0.1\}, the base as "
+                                         r"\{'vision_cfg.ls_init_value': None\}"):
+        _check_quietly(save("default_ls", default), save("default_ls_0.1", {**default, "ls_init_value": 0.1}))
+    decoder = {"width": 32, "heads": 4, "layers": 2}
+    _check_quietly(save("coca", multimodal_cfg=decoder), save("coca_qk", multimodal_cfg={**decoder, "qk_norm": True}))
+    with pytest.raises(ValueError, match=r"\{'multimodal_cfg.ls_init_value': 0.1\}, the base as "
+                                         r"\{'multimodal_cfg.ls_init_value': None\}"):
+        _check_quietly(save("coca_ls", multimodal_cfg=decoder),
+                       save("coca_ls_0.1", multimodal_cfg={**decoder, "ls_init_value": 0.1}))
+    timm = {"timm_model_name": "vit_tiny_patch16_224"}
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.timm_proj': 'mlp'\}, the base as "
+                                         r"\{'vision_cfg.timm_proj': 'linear'\}"):
+        _check_quietly(save("timm", timm), save("timm_mlp", {**timm, "timm_proj": "mlp"}))
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.timm_proj_bias': True\}, the base as "
+                                         r"\{'vision_cfg.timm_proj_bias': False\}"):
+        _check_quietly(save("timm_bias", timm), save("timm_bias_true", {**timm, "timm_proj_bias": True}))
+    _check_quietly(save("timm_qk", timm), save("timm_qk_true", {**timm, "qk_norm": True, "no_ln_pre": True}))
+    cls = {"embed_cls": True}
+    with pytest.raises(ValueError, match=r"\{'text_cfg.pad_id': 1\}, the base as \{'text_cfg.pad_id': 0\}"):
+        _check_quietly(save("cls", text=cls, custom_text=True),
+                       save("cls_pad", text={**cls, "pad_id": 1}, custom_text=True))
+    # (a CLIP keeps no class token)
+    _check_quietly(save("clip_cls", text=cls), save("clip_cls_pad", text={**cls, "pad_id": 1}))
+    _check_quietly(save("none", text={"proj_type": "none"}),
+                   save("none_bias", text={"proj_type": "none", "proj_bias": True}))

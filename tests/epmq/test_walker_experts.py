@@ -2030,6 +2030,26 @@ def test_an_open_clip_image_tower_of_an_empty_string_attentional_pool_pools_by_i
                                  configs=[_open_clip_config({"model_cfg": model_cfg})])
 
 
+def test_an_open_clip_model_built_with_other_block_options_takes_its_own_checkpoint_config():
+    """open_clip's block options (LayerScale, q and k norms, ...), pre-norm and text projection are
+    compared with open_clip's defaults filled in; a model in memory is not read for them: filled in as
+    the defaults there, a model built with others refused its own checkpoint's config."""
+    from open_clip.model import CLIP
+
+    from epmq.merge_checkpoint import _check_architectures, _open_clip_config
+    from epmq.walker import _config_of
+
+    blocks = {"ls_init_value": 0.1, "qk_norm": True, "scale_fc": True}
+    model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 1, "width": 32, "head_width": 8, "patch_size": 8,
+                                                 "image_size": 16, "no_ln_pre": True, **blocks},
+                 "text_cfg": {"width": 32, "heads": 4, "layers": 1, "vocab_size": 64, "context_length": 8,
+                              "proj_type": "none", **blocks}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_architectures(None, [None], ["own"], reference=_config_of(CLIP(**model_cfg)),
+                             configs=[_open_clip_config({"model_cfg": model_cfg})])
+
+
 @pytest.mark.parametrize("late", [KeyboardInterrupt, RuntimeError])
 def test_an_error_after_a_refusal_the_model_caught_is_raised_as_itself(late):
     """The guard of placeholders raises the refusal of a use in place of the TorchScript interpreter's
