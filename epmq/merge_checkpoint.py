@@ -1120,12 +1120,20 @@ def _open_clip_config(content) -> dict:
 
 def _hf_model_repository(name: str) -> dict:
     """``{"hf_model_name": repository}``: the HF model an open_clip text tower's ``hf_model_name`` names,
-    as far as the name says it: its hub repository's name, without its owner (the hub reads the legacy
-    "xlm-roberta-base" as "FacebookAI/xlm-roberta-base"). {} for a local directory (a copy of any model,
-    its name no repository's)."""
+    as far as the name says it: its hub repository (``_same_hf_model`` compares them). {} for a local
+    directory (a copy of any model, its name no repository's)."""
     if name.startswith((".", "/", "~", "\\")) or os.path.isdir(name):
         return {}
-    return {"hf_model_name": name.rstrip("/").rpartition("/")[2]}
+    return {"hf_model_name": name.rstrip("/")}
+
+
+def _same_hf_model(mine: str, theirs: str) -> bool:
+    """Whether two ``_hf_model_repository`` names name one hub model: the same, or one without an owner
+    naming the other's repository (the hub reads its legacy names as their owner's: "xlm-roberta-base" as
+    "FacebookAI/xlm-roberta-base"). Two owners' repositories of one name are two models."""
+    if "/" in mine and "/" in theirs:
+        return mine == theirs
+    return mine.rpartition("/")[2] == theirs.rpartition("/")[2]
 
 
 def _open_clip_pool(cfg: dict, tower: str, own: bool, custom_text: bool) -> None:
@@ -1249,10 +1257,11 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "attentional_pool", "proj_type", "proj_bias", "pad_id", "timm_proj", "timm_proj_bias")
 
 # fields of READ_AS whose values read the weights alike, though they differ: open_clip's ls_init_value
-# initializes LayerScale, which any value builds (None: none), and its text tower's proj_type any other
-# than "none" is one linear projection
+# initializes LayerScale, which any value builds (None: none), its text tower's proj_type any other
+# than "none" is one linear projection, and a HF text tower's hf_model_name may leave its hub owner out
 READ_ALIKE = {"ls_init_value": lambda mine, theirs: (mine is None) == (theirs is None),
-              "proj_type": lambda mine, theirs: (mine == "none") == (theirs == "none")}
+              "proj_type": lambda mine, theirs: (mine == "none") == (theirs == "none"),
+              "hf_model_name": _same_hf_model}
 
 # fields whose None turns what they do off (no softcapping, no sliding window, no clipping), where others'
 # None stands for their model's default (num_key_value_heads: as many as the heads): written None, compared

@@ -3409,13 +3409,36 @@ def test_open_clip_checkpoints_on_hf_text_towers_built_otherwise_are_refused(tmp
     with pytest.raises(ValueError, match=r"\{'text_cfg.hf_proj_type': 'linear'\}, the base as "
                                          r"\{'text_cfg.hf_proj_type': 'mlp'\}"):
         _check_quietly(base, save("linear", hf_proj_type="linear"))
-    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 'roberta-base'\}, the base as "
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 'FacebookAI/roberta-base'\}, the base as "
                                          r"\{'text_cfg.hf_model_name': 'xlm-roberta-base'\}"):
         _check_quietly(base, save("roberta", hf_model_name="FacebookAI/roberta-base"))
     (tmp_path / "copy").mkdir()
     _check_quietly(base, save("owned", hf_model_name="FacebookAI/xlm-roberta-base", hf_pooler_type="mean_pooler",
                      hf_proj_type="mlp", heads=12, no_causal_mask=True))
     _check_quietly(base, save("local", hf_model_name=str(tmp_path / "copy")))
+
+
+def test_open_clip_hf_text_towers_of_two_owners_repositories_are_refused(tmp_path):
+    """open_clip's hf_model_name was compared by its hub repository's name alone, its owner dropped (for the
+    hub's legacy names, which leave it out): two owners' models of one name (a fine-tune published as
+    someone/xlm-roberta-base) were one text tower. Named with owners they are compared whole; a legacy
+    name without one is its repository's of any owner."""
+    def save(name, hf_model_name):
+        (tmp_path / name).mkdir()
+        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8},
+                     "text_cfg": {"hf_model_name": hf_model_name}, "custom_text": True}
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        return tmp_path / name
+
+    base = save("base", "FacebookAI/xlm-roberta-base")
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 'someone/xlm-roberta-base'\}, the base as "
+                                         r"\{'text_cfg.hf_model_name': 'FacebookAI/xlm-roberta-base'\}"):
+        _check_quietly(base, save("someone", "someone/xlm-roberta-base"))
+    _check_quietly(base, save("legacy", "xlm-roberta-base"))
+    _check_quietly(base, save("slash", "FacebookAI/xlm-roberta-base/"))
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 'roberta-base'\}, the base as "
+                                         r"\{'text_cfg.hf_model_name': 'FacebookAI/xlm-roberta-base'\}"):
+        _check_quietly(base, save("other", "roberta-base"))
 
 
 def test_open_clip_timm_model_names_of_a_local_directory_here_are_compared_by_its_architecture(tmp_path):

@@ -1993,7 +1993,7 @@ def test_open_clip_hf_text_tower_whole_or_alone_refuses_experts_built_otherwise(
         with pytest.raises(ValueError, match=rf"\{{'{scope}hf_proj_type': 'mlp'\}}, the model as "
                                              rf"\{{'{scope}hf_proj_type': 'linear'\}}"):
             walk(model, calibration, expert(f"mlp_{bool(scope)}", hf_proj_type="mlp"))
-        with pytest.raises(ValueError, match=rf"\{{'{scope}hf_model_name': 'roberta-base'\}}, the model as "
+        with pytest.raises(ValueError, match=rf"\{{'{scope}hf_model_name': 'FacebookAI/roberta-base'\}}, the model as "
                                              rf"\{{'{scope}hf_model_name': 'xlm-roberta-base'\}}"):
             walk(model, calibration, expert(f"roberta_{bool(scope)}", hf_model_name="FacebookAI/roberta-base"))
         own = expert(f"own_{bool(scope)}", hf_model_name="FacebookAI/xlm-roberta-base")
