@@ -1120,18 +1120,22 @@ def _open_clip_config(content) -> dict:
 
 def _hf_model_repository(name: str) -> dict:
     """``{"hf_model_name": repository}``: the HF model an open_clip text tower's ``hf_model_name`` names,
-    as far as the name says it: its hub repository (``_same_hf_model`` compares them). {} for a local
-    directory (a copy of any model, its name no repository's)."""
-    if name.startswith((".", "/", "~", "\\")) or os.path.isdir(name):
-        return {}
-    return {"hf_model_name": name.rstrip("/")}
+    as far as the name says it: its hub repository, or a local directory's path, as written
+    (``_same_hf_model`` compares them)."""
+    return {"hf_model_name": name.rstrip("/\\") or name}
+
+
+def _local_hf_model(name: str) -> bool:
+    """Whether an ``hf_model_name`` is a local directory's path, which transformers reads before the hub."""
+    return name.startswith((".", "/", "~", "\\")) or os.path.isabs(name) or os.path.isdir(name)
 
 
 def _same_hf_model(mine: str, theirs: str) -> bool:
     """Whether two ``_hf_model_repository`` names name one hub model: the same, or one without an owner
     naming the other's repository (the hub reads its legacy names as their owner's: "xlm-roberta-base" as
-    "FacebookAI/xlm-roberta-base"). Two owners' repositories of one name are two models."""
-    if "/" in mine and "/" in theirs:
+    "FacebookAI/xlm-roberta-base"). Two owners' repositories of one name are two models, and a local
+    directory (a copy of any model) is known to be the same one as itself alone."""
+    if "/" in mine and "/" in theirs or _local_hf_model(mine) or _local_hf_model(theirs):
         return mine == theirs
     return mine.rpartition("/")[2] == theirs.rpartition("/")[2]
 

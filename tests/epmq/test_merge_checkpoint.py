@@ -3393,7 +3393,7 @@ def test_open_clip_checkpoints_on_hf_text_towers_built_otherwise_are_refused(tmp
     their own: another HF model, pooler (hf_pooler_type: mean or CLS) or projection (hf_proj_type) was
     merged in silence, and CLIPTextCfg's heads and causal mask, which such a tower does not read, were filled
     in. Its own fields are compared, open_clip's defaults filled in; a hub name without its owner (the hub's
-    legacy names), a local directory's as no repository's."""
+    legacy names) as its repository's."""
 
     def save(name, **text):
         (tmp_path / name).mkdir()
@@ -3415,7 +3415,36 @@ def test_open_clip_checkpoints_on_hf_text_towers_built_otherwise_are_refused(tmp
     (tmp_path / "copy").mkdir()
     _check_quietly(base, save("owned", hf_model_name="FacebookAI/xlm-roberta-base", hf_pooler_type="mean_pooler",
                      hf_proj_type="mlp", heads=12, no_causal_mask=True))
-    _check_quietly(base, save("local", hf_model_name=str(tmp_path / "copy")))
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': '\S*copy'\}, the base as "
+                                         r"\{'text_cfg.hf_model_name': 'xlm-roberta-base'\}"):
+        _check_quietly(base, save("local", hf_model_name=str(tmp_path / "copy")))
+
+
+def test_open_clip_hf_text_towers_of_local_directories_are_compared_by_their_paths(tmp_path):
+    """open_clip's hf_model_name may be a local directory, which was compared with nothing: a text tower
+    built from a copy of another model (or a hub model's) was merged in silence. It is compared by its
+    path, as written (a copy of any model: only the same directory is known to be the same model), and a
+    directory named as a hub repository is no legacy name of it."""
+    def save(name, hf_model_name):
+        (tmp_path / name).mkdir()
+        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8},
+                     "text_cfg": {"hf_model_name": hf_model_name}, "custom_text": True}
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        return tmp_path / name
+
+    for copy in ("roberta", "xlm-roberta-base"):
+        (tmp_path / "models" / copy).mkdir(parents=True)
+    base = save("base", str(tmp_path / "models" / "xlm-roberta-base"))
+    _check_quietly(base, save("same", str(tmp_path / "models" / "xlm-roberta-base") + "/"))
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': '\S*roberta'\}, the base as "
+                                         r"\{'text_cfg.hf_model_name': '\S*xlm-roberta-base'\}"):
+        _check_quietly(base, save("other", str(tmp_path / "models" / "roberta")))
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 'xlm-roberta-base'\}, the base as "
+                                         r"\{'text_cfg.hf_model_name': '\S*xlm-roberta-base'\}"):
+        _check_quietly(base, save("hub", "xlm-roberta-base"))
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': './models/roberta'\}, the base as "
+                                         r"\{'text_cfg.hf_model_name': 'roberta'\}"):
+        _check_quietly(save("relative_base", "roberta"), save("relative", "./models/roberta"))
 
 
 def test_open_clip_hf_text_towers_of_two_owners_repositories_are_refused(tmp_path):
