@@ -3618,3 +3618,50 @@ def test_open_clip_towers_are_compared_by_block_options_they_read(tmp_path):
     _check_quietly(save("clip_cls", text=cls), save("clip_cls_pad", text={**cls, "pad_id": 1}))
     _check_quietly(save("none", text={"proj_type": "none"}),
                    save("none_bias", text={"proj_type": "none", "proj_bias": True}))
+
+
+def test_open_clip_checkpoints_of_other_sizes_are_refused_by_their_shapes_and_training_options_merge(tmp_path):
+    """The open_clip fields that compare no config field: those that size the weights (mlp_ratio, patch_size,
+    image_size, context_length, vocab_size, embed_cls's class token, attn_pooler_queries) are refused by the
+    tensors' shapes, naming the tensor; those of training or initialization alone (pos_embed_type, whose fixed
+    table the checkpoint holds, an explicit block_type of the blocks built either way, patch_dropout, a text
+    tower's final_ln_after_pool, which it does not read) read the same weights alike, and merge."""
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 1, "width": 16, "head_width": 8, "image_size": 16,
+                                                  "patch_size": 8, "attentional_pool": True, "attn_pooler_queries": 2,
+                                                  "attn_pooler_heads": 2},
+                 "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 16, "heads": 2, "layers": 1}}
+
+    def save(name, tower=None, **changes):
+        cfg = json.loads(json.dumps(model_cfg))
+        if tower:
+            cfg[tower].update(changes)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+        save_file({k: v.contiguous() for k, v in CLIP(**cfg).state_dict().items()},
+                  str(tmp_path / name / "open_clip_model.safetensors"))
+        return tmp_path / name
+
+    def merge(model):
+        merge_checkpoints("task_arithmetic", [model], tmp_path / "out", base=base, params={"scale": 1.0},
+                          progress=False)
+
+    base = save("base")
+    for tower, field, value, tensor in [
+            ("vision_cfg", "mlp_ratio", 2.0, "visual.transformer.resblocks.0.mlp.c_fc.bias"),
+            ("vision_cfg", "patch_size", 4, "visual.conv1.weight"),
+            ("vision_cfg", "image_size", 32, "visual.positional_embedding"),
+            ("vision_cfg", "attn_pooler_queries", 3, "visual.attn_pool.query"),
+            ("text_cfg", "context_length", 6, "positional_embedding"),
+            ("text_cfg", "vocab_size", 40, "token_embedding.weight"),
+            ("text_cfg", "embed_cls", True, "positional_embedding")]:
+        with pytest.raises(ValueError, match=re.escape(f"tensor '{tensor}': model 0 ") + r"\S*" + field):
+            merge(save(f"{tower}_{field}", tower, **{field: value}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for tower, field, value in [("vision_cfg", "pos_embed_type", "sin_cos_2d"),
+                                    ("vision_cfg", "block_type", "custom"), ("vision_cfg", "patch_dropout", 0.5),
+                                    ("text_cfg", "block_type", "custom"), ("text_cfg", "final_ln_after_pool", True)]:
+            merge(save(f"{tower}_{field}_alike", tower, **{field: value}))
