@@ -756,11 +756,21 @@ def _optimum_fields(model, layers, qconfig) -> dict:
     the block name, then those ending in a listed name. Unsaid, the block name is guessed from a few
     decoder layouts, which missed T5's ``encoder.block`` and ``decoder.block`` (the load refused) and
     LLaVA's vision tower (its packed layers built as float linears, left randomly initialised)."""
+    try:
+        stacks = {prefix for _, tower in find_towers(model) for prefix, _ in tower}
+    except (ValueError, TypeError):  # (no registered adapter walks it: its block indices alone are known)
+        stacks = set()
+
+    def block_at(parts):
+        """Where in a name's ``parts`` its block's name in its stack lies (None: in no block): an index,
+        or the child name an OrderedDict gave it, which holds no index (torchvision's encoder_layer_1)."""
+        return next((i for i, part in enumerate(parts) if part.isdigit() or ".".join(parts[:i]) in stacks), None)
+
     names = [name.split(".") for name in layers]
     common = os.path.commonprefix(names)
-    # cut before the first block index: every block of a stack shares the name ("" for T5's two stacks)
-    depth = next((i for i, part in enumerate(common) if part.isdigit()), len(common))
-    fields = {"block_name_to_quantize": ".".join(common[:depth])}
+    # cut before the block's name: every block of a stack shares the name ("" for T5's two stacks)
+    depth = block_at(common)
+    fields = {"block_name_to_quantize": ".".join(common[:len(common) if depth is None else depth])}
 
     linears = [name for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantLinear)
                or type(m) in (nn.Linear, nn.Conv2d) or type(m).__name__ == "Conv1D"]
@@ -768,7 +778,7 @@ def _optimum_fields(model, layers, qconfig) -> dict:
     if "modules_in_block_to_quantize" not in qconfig and under != set(layers):
         # other linears under the prefix (T5's lm_head, LLaVA's projector): the packed layers' names
         # past their block index (lm_head's whole), as the rules of a model quantized in part name them
-        rels = [".".join(part[next((i + 1 for i, p in enumerate(part) if p.isdigit()), 0):]) for part in names]
+        rels = [".".join(part if block_at(part) is None else part[block_at(part) + 1:]) for part in names]
         # whole where a float linear's name holds one of them (a packed head beside LLaVA's language model:
         # its float vision tower's self_attn.q_proj), as optimum (ending in it) and vLLM (holding it) match
         if any(rel in name for name in under.difference(layers) for rel in rels):

@@ -1057,3 +1057,33 @@ def test_a_checkpoint_of_blocks_named_by_an_ordered_dict_names_them_in_its_rules
     assert rules == numbered_rules
     assert listed == [re.sub(r"layers\.(\d+)\.", r"layers.encoder_layer_\1.", name)
                       for group in configs["numbered"]["modules_in_block_to_quantize"] for name in group]
+
+
+@pytest.mark.parametrize("layers,stack", [(r"layers\.(encoder_layer_)?1\.", "encoder.layers"),
+                                          (r"layers\.(encoder_layer_)?1\.mlp", "encoder.layers"), ("and head", "")])
+def test_a_checkpoint_of_blocks_named_by_an_ordered_dict_names_their_stack_for_transformers(layers, stack, tmp_path):
+    """``block_name_to_quantize`` is the stack transformers' GPTQ loader (optimum) builds the GPTQ layers
+    under. One block of torchvision's ViT quantized, it was cut at the first number of the packed layers'
+    names, which an OrderedDict's block names hold none of: the block itself (encoder.layers.encoder_layer_1,
+    whose prefix encoder_layer_10 would share) or a module in it (...encoder_layer_1.mlp). It is the stack,
+    as of the same blocks numbered; and with a packed head beside them (no stack: the list of packed
+    layers' names past their block, which the numbered ones' list was), their names past the block's."""
+    from epmq.walker import _quant_linear
+
+    model = _torchvision_vit()
+    numbered = copy.deepcopy(model)
+    numbered.encoder.layers = torch.nn.Sequential(*numbered.encoder.layers)
+    for net, where in ((model, "named"), (numbered, "numbered")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the checkpoint's serving warnings)
+            epmq.quantize_model(net, SPEC_4, method="rtn", layers=None if layers == "and head" else layers,
+                                progress=False)
+            if layers == "and head":
+                net.heads.head = _quant_linear(epmq.quant.rtn(net.heads.head.weight.detach(), SPEC_4), net.heads.head)
+            epmq.save_quantized(net, tmp_path / where)
+    q, numbered_q = (json.loads((tmp_path / where / "quantize_config.json").read_text())
+                     for where in ("named", "numbered"))
+    assert q["block_name_to_quantize"] == numbered_q["block_name_to_quantize"] == stack
+    assert q["modules_in_block_to_quantize"] == [[re.sub(r"layers\.(\d+)\.", r"layers.encoder_layer_\1.", name)
+                                                  for name in group]
+                                                 for group in numbered_q["modules_in_block_to_quantize"]]
