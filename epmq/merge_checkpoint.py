@@ -835,12 +835,15 @@ def _gram_sizes(model, fused) -> dict:
     them. (A pass given names of none of them, embeddings or a tied head alone, is refused.)"""
     from torch import nn
 
+    from .adapters import named_blocks
     from .checkpoint_io import parameter_aliases
     from .stats import stacks_of
 
     tied = {name for names in parameter_aliases(model) if len(names) > 1 for name in names}
-    in_blocks = {f"{prefix}.{i}.{rel}" if rel else f"{prefix}.{i}" for _, tower in stacks_of(model)
-                 for prefix, blocks in tower for i, block in enumerate(blocks) for rel, _ in block.named_modules()}
+    # (by the blocks' names: an OrderedDict's are not their index)
+    in_blocks = {f"{block_name}.{rel}" if rel else block_name for _, tower in stacks_of(model)
+                 for prefix, blocks in tower for block_name, block in named_blocks(prefix, blocks)
+                 for rel, _ in block.named_modules()}
     sizes, left = {}, {*fused, *tied}
     for module_name, module in model.named_modules():
         conv1d = type(module).__name__ == "Conv1D"
@@ -931,7 +934,7 @@ def _warn_averaged_matrices(model, grams) -> None:
     which nothing else would say."""
     from torch import nn
 
-    from .adapters import find_towers
+    from .adapters import find_towers, named_blocks
 
     try:
         stacks = [(prefix, blocks) for _, tower in find_towers(model) for prefix, blocks in tower]
@@ -940,10 +943,10 @@ def _warn_averaged_matrices(model, grams) -> None:
     layers = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
     left = []
     for prefix, blocks in stacks:
-        for i, block in enumerate(blocks):
+        for block_name, block in named_blocks(prefix, blocks):  # (an OrderedDict's names: not their index)
             for rel, module in block.named_modules():
                 for name, p in module.named_parameters(recurse=False):
-                    full = f"{prefix}.{i}.{rel + '.' if rel else ''}{name}"
+                    full = f"{block_name}.{rel + '.' if rel else ''}{name}"
                     if p.dim() >= 2 and p.is_floating_point() and not isinstance(module, layers) and full not in grams:
                         left.append(f"{full} {tuple(p.shape)}")
     if left:

@@ -805,6 +805,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     left as they are: where all would not fit, a few at a time, ``merge_checkpoint``'s passes)."""
     from torch import nn
 
+    from .adapters import named_blocks
     from .adapters.moe import rebuild_experts
     from .adapters.attention import call_projections, hands_weights_to_torch
     from .checkpoint_io import parameter_aliases
@@ -961,9 +962,9 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     applied, routers = {}, set()  # id(weight) -> its HessianStats; their names
     for _, tower in towers:
         for prefix, blocks in tower:
-            for i, block in enumerate(blocks):
+            for block_name, block in named_blocks(prefix, blocks):  # (an OrderedDict's names: not their index)
                 for rel, module in block.named_modules():
-                    w, weight = module._parameters.get("weight"), f"{prefix}.{i}.{rel + '.' if rel else ''}weight"
+                    w, weight = module._parameters.get("weight"), f"{block_name}.{rel + '.' if rel else ''}weight"
                     if (isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point()
                             and not isinstance(module, (nn.Linear, nn.Embedding)) and type(module).__name__ != "Conv1D"
                             and weight not in stats and weight not in tied and (names is None or weight in names)):

@@ -1496,6 +1496,61 @@ def test_gram_matrices_of_names_the_model_does_not_have_are_refused(gen):
     assert set(gram_matrices(model, batches, names=["10.weight"])) == {"10.weight"}
 
 
+class _Routed(nn.Module):
+    """A block whose router applies its weight [E, H] by F.linear (transformers 5's), no nn.Linear."""
+
+    def __init__(self, width=8, experts=3):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.router = nn.Module()
+        self.router.weight = nn.Parameter(torch.randn(experts, width) / width ** 0.5)
+        self.router.forward = lambda x: nn.functional.linear(x, self.router.weight)
+
+    def forward(self, x):
+        return x + self.fc(x) * self.router(x).softmax(-1)[..., :1]
+
+
+def routed_stack(named: bool) -> nn.Module:
+    """Two ``_Routed`` blocks (a stack the walker finds) and a head; ``named``: the blocks named by an
+    OrderedDict (``blocks.first``, ``blocks.second``: torchvision's ViT's encoder_layer_0 ...)."""
+    import collections
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            blocks = [_Routed(), _Routed()]
+            self.blocks = (nn.Sequential(collections.OrderedDict(first=blocks[0], second=blocks[1])) if named
+                           else nn.Sequential(*blocks))
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.blocks(x))
+
+    return Stack()
+
+
+def test_gram_matrices_of_routers_in_blocks_an_ordered_dict_named_are_under_their_names(gen):
+    """A router's Gram matrix (of the inputs of its F.linear) was named by its block's position,
+    blocks.0.router.weight, where an OrderedDict named its block (blocks.first): a tensor the model has
+    not, which regmean refused ('tensors the experts do not have'), merge_checkpoints averaged in silence,
+    and names= could not select. Each is under its weight's name, the matrix of the same blocks numbered."""
+    from epmq.stats import gram_matrices
+
+    named = routed_stack(named=True)
+    numbered = routed_stack(named=False)
+    numbered.load_state_dict({k.replace(".first.", ".0.").replace(".second.", ".1."): v
+                              for k, v in named.state_dict().items()})
+    batches = [torch.randn(2, 5, 8, generator=gen)]
+    grams = gram_matrices(named, batches)
+    weights = {n for n, p in named.named_parameters() if p.dim() == 2}
+    assert set(grams) == weights
+    for name, G in gram_matrices(numbered, batches).items():
+        torch.testing.assert_close(grams[name.replace(".0.", ".first.").replace(".1.", ".second.")], G,
+                                   rtol=0, atol=0)
+    assert set(gram_matrices(named, batches, names={"blocks.second.router.weight"})) == {
+        "blocks.second.router.weight"}
+
+
 def test_gram_matrices_of_linears_on_one_input_are_taken_once(gen, monkeypatch):
     """q, k and v read one tensor: one Gram matrix for the three (the same values as each alone,
     the same object), accumulated once per batch, the first too; o reads another."""

@@ -3665,3 +3665,25 @@ def test_open_clip_checkpoints_of_other_sizes_are_refused_by_their_shapes_and_tr
                                     ("vision_cfg", "block_type", "custom"), ("vision_cfg", "patch_dropout", 0.5),
                                     ("text_cfg", "block_type", "custom"), ("text_cfg", "final_ln_after_pool", True)]:
             merge(save(f"{tower}_{field}_alike", tower, **{field: value}))
+def test_regmeans_budget_and_warning_name_the_routers_of_blocks_an_ordered_dict_named(gen):
+    """merge_checkpoints' Gram budget (``_gram_sizes``) and its warning of the weight matrices no Gram
+    matrix is collected for (``_warn_averaged_matrices``) named a router of the blocks by its block's
+    position (blocks.0.router.weight) where an OrderedDict named the blocks (blocks.first): the budget
+    left the routers out (their matrices in no pass, averaged), and the warning checked the wrong name. Each
+    names the router's weight, as of the same blocks numbered."""
+    from epmq.merge_checkpoint import _gram_sizes, _warn_averaged_matrices
+    from epmq.stats import gram_matrices
+    from test_merge import routed_stack
+
+    routers = ["blocks.first.router.weight", "blocks.second.router.weight"]
+    model = routed_stack(named=True)
+    assert list(_gram_sizes(model, ())) == [n for n, p in model.named_parameters() if p.dim() == 2]
+    assert list(_gram_sizes(routed_stack(named=False), ())) == [
+        "blocks.0.fc.weight", "blocks.0.router.weight", "blocks.1.fc.weight", "blocks.1.router.weight", "head.weight"]
+    grams = gram_matrices(model, [torch.randn(2, 5, 8, generator=gen)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_averaged_matrices(model, grams)
+    with pytest.warns(UserWarning, match=r"regmean: 2 weight matrices .* \(e\.g\. blocks\.first\.router\.weight "
+                                         r"\(3, 8\), blocks\.second\.router\.weight \(3, 8\);"):
+        _warn_averaged_matrices(model, {n: G for n, G in grams.items() if n not in routers})
