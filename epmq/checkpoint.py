@@ -68,7 +68,8 @@ from .checkpoint_io import (key_renaming, local_checkpoint, renamed, saved_key_r
                             tie_order)
 from .checks import all_finite, check_path, device_argument, is_int
 from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols, unpack_rows
-from .qlinear import CALL_FIELDS, QuantLinear, common_quant_config, g_idx_problem, in_order_g_idx
+from .qlinear import (CALL_FIELDS, QuantLinear, _warn_subnormal, common_quant_config, g_idx_problem,
+                      in_order_g_idx)
 from .resume import hold_output
 
 FORMATS = ("gptq", "gptq_v2")
@@ -354,11 +355,23 @@ def _tensors(model, layers, checkpoint_format, transposed):
     """The state dict to write (v1 zero points converted, ``transposed`` linears in their
     family's layout, tied tensors once) and the aliases."""
     state = model.state_dict()
+    # RWKV's layers as its checkpoints hold them, multiplied back: transformers' loader (a serving
+    # engine's) divides them on the first forward in eval mode, and divided again they were 2 ** k off
+    divisors = rescaled_divisors(model)
     for name, layer in layers.items():
-        state[f"{name}.scales"] = scales = layer.scales.to(torch.float16)  # the format's dtype
-        if layer.scales.dtype != torch.float16 and not all_finite(scales):  # (a peer's fp32 scales, loaded)
-            raise ValueError(f"layer {name} has scales up to {float(layer.scales.abs().max()):.3g}, beyond "
+        # a packed layer's multiplier (its weight's in-place writes: RWKV's division) in its scales, as the
+        # format holds the weight; one rounding of the scales times both, none where they cancel
+        factor = layer.weight_multiplier * divisors.pop(f"{name}.weight", 1)
+        state.pop(f"{name}.weight_multiplier", None)
+        exact = layer.scales if factor == 1 else layer.scales.double() * factor
+        state[f"{name}.scales"] = scales = exact.to(torch.float16)  # the format's dtype
+        if not all_finite(scales):  # (a peer's fp32 scales, loaded, or a multiplier past the format's range)
+            times = f" times {factor:g} (its weight_multiplier, RWKV's division undone)" if factor != 1 else ""
+            raise ValueError(f"layer {name} has scales up to {float(layer.scales.abs().max()):.3g}{times}, beyond "
                              f"float16's range, the gptq format's scale dtype")
+        if factor != 1:
+            _warn_subnormal(scales, exact, layer.bits, f"layer {name}'s, saved times {factor:g} (its weight's "
+                            f"multiplier), as the format holds the weight")
         if checkpoint_format == "gptq":
             z = layer.zeros()
             if bool((z == 0).any()):
@@ -367,15 +380,11 @@ def _tensors(model, layers, checkpoint_format, transposed):
                     f"store (it holds z - 1): save with checkpoint_format='gptq_v2'"
                 )
             state[f"{name}.qzeros"] = pack_cols(z - 1, layer.bits)
-    # RWKV's layers as its checkpoints hold them, multiplied back: transformers' loader (a serving
-    # engine's) divides them on the first forward in eval mode, and divided again they were 2 ** k off
-    for name, divisor in rescaled_divisors(model).items():
-        layer = name.removesuffix(".weight")
-        key = f"{layer}.scales" if layer in layers else name
-        state[key] = state[key] * divisor
-        if not all_finite(state[key]):
-            raise ValueError(f"{key} times {divisor} (RWKV's division for inference undone, as its checkpoints "
-                             f"hold the weights) overflows {str(state[key].dtype)[6:]}")
+    for name, divisor in divisors.items():  # (the dense ones)
+        state[name] = state[name] * divisor
+        if not all_finite(state[name]):
+            raise ValueError(f"{name} times {divisor} (RWKV's division for inference undone, as its checkpoints "
+                             f"hold the weights) overflows {str(state[name].dtype)[6:]}")
     for name, key in transposed.items():
         state[key] = state.pop(name).t()
     tensors, tied, first = {}, {}, {}

@@ -8,7 +8,9 @@ Buffers (the ``gptq`` checkpoint layout, ``K`` = in_features, ``N`` = out_featur
     g_idx    int32 [K]                    group of each input feature
     bias     [N] in the layer's dtype, or absent
 
-so that ``W[k, n] = (q[k, n] - z[g_idx[k], n]) * scales[g_idx[k], n]`` and ``y = x @ W + bias``.
+so that ``W[k, n] = (q[k, n] - z[g_idx[k], n]) * scales[g_idx[k], n] * weight_multiplier`` and
+``y = x @ W + bias``: ``weight_multiplier`` (a number, 1 but where the weight was multiplied or divided
+in place, see ``PackedWeight``) multiplies the product's outputs, never the scales.
 
 In memory ``qzeros`` holds the zero points ``z`` themselves (GPTQ "v2"); the original "v1"
 convention (``z - 1``) exists only in files and is converted by ``epmq.checkpoint``.
@@ -42,7 +44,6 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.autograd import forward_ad
-from torch.autograd.graph import increment_version
 from torch.utils import _pytree as pytree
 
 from epmq_kernels._runtime import version
@@ -121,8 +122,8 @@ class PackedWeight(torch.Tensor):
     the weight dequantized for that op: a block that calls a layer and multiplies by its weight
     too (a tied projection) gets the packed weight both times, where the data-less stand-in this
     replaces was multiplied into garbage without a word or ended in a bare meta-device error.
-    An in-place multiplication or division by a number scales the scales (``W = (q - z) * s``: the
-    codes stay); other writes change nothing, with a warning naming the layer."""
+    An in-place multiplication or division by a number multiplies the layer's ``weight_multiplier``
+    (the codes and scales stay); other writes change nothing, with a warning naming the layer."""
 
     @staticmethod
     def __new__(cls, layer: "QuantLinear"):
@@ -239,6 +240,11 @@ class QuantLinear(nn.Module):
     ``CALL_FIELDS``), or what its checkpoint says; None for a layer built otherwise."""
 
     quantized_with: Optional[dict] = None  # (a layer pickled before it existed has none of its own)
+    # what in-place writes (``weight.mul_(c)``, ``weight.div_(c)``) multiplied the weight by, applied to the
+    # product's outputs: RWKV divides its layers by 2 ** k for inference, and scales so divided fell into
+    # float16's subnormals (or to 0) and no longer multiplied back exactly. In the state dict (as
+    # ``weight_multiplier``) only where it is not 1: the layer's state otherwise as the gptq layout's.
+    weight_multiplier: float = 1.0
 
     def __init__(
         self,
@@ -345,7 +351,11 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight ``[out, in]`` (``nn.Linear`` orientation) in ``dtype``."""
-        return self._weight_kn(dtype).t()
+        return self._multiplied(self._weight_kn(dtype)).t()
+
+    def _multiplied(self, w: torch.Tensor) -> torch.Tensor:
+        """``w``, the codes dequantized, times ``weight_multiplier``."""
+        return w if self.weight_multiplier == 1 else w * self.weight_multiplier
 
     def _weight_kn(self, dtype) -> torch.Tensor:
         q = self.codes()
@@ -425,7 +435,8 @@ class QuantLinear(nn.Module):
         if any(t.is_meta or _is_fake(t) for t in (self.qweight, self.qzeros, self.scales, self.g_idx)):
             return
         dtype = self._dtype_probe.dtype
-        largest = weight_overflow(self.scales, self.zeros, self.codes, self.g_idx, (1 << self.bits) - 1, dtype)
+        largest = weight_overflow(self.scales.double() * self.weight_multiplier, self.zeros, self.codes, self.g_idx,
+                                  (1 << self.bits) - 1, dtype)
         if largest is not None:
             warnings.warn(f"QuantLinear({self.extra_repr()}) cast to {str(dtype)[6:]}: weights up to {largest:.4g} "
                           f"(scales times codes less zero points) overflow it (largest {torch.finfo(dtype).max:.6g}): "
@@ -437,7 +448,18 @@ class QuantLinear(nn.Module):
         # scale past float16's range became inf and a float g_idx some group, and the loaded buffers
         # could no longer tell a corrupt or mismatched checkpoint; a layer refused is left as it was
         given = {name: state_dict[prefix + name] for name in self._buffers if prefix + name in state_dict}
-        problems = self._state_problems(given, assign=local_metadata.get("assign_to_params_buffers", False))
+        # scales without a multiplier (a checkpoint's, which holds it multiplied in) are the whole weight
+        multiplier = 1.0 if "scales" in given else self.weight_multiplier
+        said = state_dict.get(prefix + "weight_multiplier")
+        problems = []
+        if said is not None:
+            if not (isinstance(said, torch.Tensor) and said.numel() == 1 and said.is_floating_point()
+                    and not said.is_meta and all_finite(said)):
+                problems.append(f"weight_multiplier must be one finite float, got {said!r}")
+            else:
+                multiplier = float(said)
+        problems = problems or self._state_problems(
+            given, assign=local_metadata.get("assign_to_params_buffers", False), multiplier=multiplier)
         if problems:
             error_msgs.extend(prefix + problem for problem in problems)
             return
@@ -449,6 +471,9 @@ class QuantLinear(nn.Module):
                                           unexpected_keys, error_msgs)
         finally:
             del vars(self)["_loading"]
+        if prefix + "weight_multiplier" in unexpected_keys:  # (not a buffer: the layer's number)
+            unexpected_keys.remove(prefix + "weight_multiplier")
+        self.weight_multiplier = multiplier
         self._derived = {}
         # assigned, a g_idx keeps the file's integers (int64 in some writers' files): the layout's
         # int32, as a copy into the buffer and load_quantized give it, and as save_quantized writes it
@@ -462,10 +487,16 @@ class QuantLinear(nn.Module):
             if buf is not None and buf.is_inference():
                 self._buffers[name] = buf.detach()
 
-    def _state_problems(self, given: dict, assign: bool) -> list:
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight_multiplier != 1:  # (float64: the number itself, whatever it is)
+            destination[prefix + "weight_multiplier"] = torch.tensor(self.weight_multiplier, dtype=torch.float64)
+
+    def _state_problems(self, given: dict, assign: bool, multiplier: Optional[float] = None) -> list:
         """Why the tensors ``given`` (buffer name -> tensor, those a state dict holds) cannot be this
         layer's, each naming its tensor; empty where they can. ``assign``: they replace the buffers
-        (``load_state_dict(assign=True)``) and keep their dtypes, rather than being cast into them."""
+        (``load_state_dict(assign=True)``) and keep their dtypes, rather than being cast into them.
+        ``multiplier``: the ``weight_multiplier`` the layer will hold with them (default: its own)."""
         # (not tensors, or a bias the layer has not: torch's own errors)
         given = {name: t for name, t in given.items()
                  if isinstance(t, torch.Tensor) and self._buffers[name] is not None}
@@ -513,8 +544,9 @@ class QuantLinear(nn.Module):
         held = {name: given.get(name, self._buffers[name]) for name in PACKED_BUFFERS}
         if held.keys() & given.keys() and not any(t.is_meta or _is_fake(t) for t in held.values()):
             dtype = self._dtype_probe.dtype
+            multiplier = self.weight_multiplier if multiplier is None else multiplier
             largest = weight_overflow(
-                held["scales"] if assign else held["scales"].to(self.scales.dtype),
+                (held["scales"] if assign else held["scales"].to(self.scales.dtype)).double() * multiplier,
                 lambda: unpack_cols(held["qzeros"], self.bits, self.out_features),
                 lambda: unpack_rows(held["qweight"], self.bits, self.in_features), held["g_idx"],
                 (1 << self.bits) - 1, dtype)
@@ -599,29 +631,25 @@ class QuantLinear(nn.Module):
         """The weight ``[out, in]`` in ``dtype`` for a read of ``weight``."""
         if (torch.compiler.is_compiling() or torch.jit.is_tracing() or self.qweight.is_meta
                 or _is_fake(self.qweight)):
-            return self._traced_weight_kn(dtype).t()
+            return self._multiplied(self._traced_weight_kn(dtype)).t()
         return self.dequantize(dtype)
 
     def _scale_weight(self, factor: float) -> "PackedWeight":
-        """``weight *= factor`` as ``scales *= factor``: exact for a power of two in float16's range."""
-        scaled = self.scales * factor  # (checked before it is written: the layer unchanged if refused)
-        if not all_finite(scaled):
+        """``weight *= factor`` as ``weight_multiplier *= factor``: the codes and scales are left as
+        they are, so a weight divided by 2 ** k and multiplied back (RWKV in eval, then train mode) is
+        the one it was, and a tiny one divided is not rounded into float16's subnormals."""
+        multiplier = self.weight_multiplier * factor
+        # (refused where the scales times it leave their dtype's range: what a checkpoint holds)
+        if not all_finite(self.scales * multiplier):
             raise ValueError(f"multiplying the weight of QuantLinear({self.extra_repr()}) by {factor:g} "
                              f"gives scales past {str(self.scales.dtype)[6:]}'s range (or NaN)")
         # (finite scales may still give weights past the layer's dtype, its outputs inf: refused as a
         # load of those scales is, before the write rather than at the next refresh())
-        problems = self._state_problems({"scales": scaled}, assign=True)
+        problems = self._state_problems({"scales": self.scales}, assign=True, multiplier=multiplier)
         if problems:
             raise ValueError(f"multiplying the weight of QuantLinear({self.extra_repr()}) by {factor:g}: "
                              + "; ".join(problems))
-        _warn_subnormal(scaled, self.scales.double() * factor, self.bits,
-                        f"here by multiplying the weight of QuantLinear({self.extra_repr()}) by {factor:g} "
-                        f"(RWKV's rescaling in eval mode: rescale_every=0 keeps them whole)")
-        self.scales.copy_(scaled)
-        if self.scales.is_inference():  # (no version counter: the caches keyed on it would not see it)
-            self.refresh()
-        else:  # (a write under __torch_dispatch__ runs below autograd, which bumps the counter)
-            increment_version(self.scales)
+        self.weight_multiplier = multiplier
         return self.weight
 
     def __setattr__(self, name, value):
@@ -658,6 +686,8 @@ class QuantLinear(nn.Module):
             y = self._traced_product(x, kernels)
         else:
             y = self._product(x, kernels)
+        if self.weight_multiplier != 1:  # (on the outputs: the scales in the kernels as they are held)
+            y = y * self.weight_multiplier
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

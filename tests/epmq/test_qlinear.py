@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -266,19 +267,53 @@ def test_scaling_the_weight_in_place_scales_the_scales(gen):
     assert torch.equal(layer.dequantize(), before)
 
 
-def test_scaling_the_weight_into_float16s_subnormals_is_warned_of(gen):
-    """Dividing the scales by 2 ** k (RWKV's eval-mode rescale of a loaded checkpoint, whose weights
-    are held whole) takes small ones below float16's normal range, where they keep fewer bits and
-    no longer multiply back exactly: warned of as a quantization giving such scales is."""
-    layer = epmq.QuantLinear.from_result(solve(SPECS[0], gen))
+def test_a_tiny_weight_divided_in_place_computes_what_the_dense_layer_divided_alike_does(gen):
+    """RWKV divides its layers' weights by 2 ** (i // rescale_every) in place for inference. The packed
+    layer divided its float16 scales: small ones fell into float16's subnormals (below 6.1e-5), keeping
+    fewer bits, or to 0, the outputs no longer the divided weight's (~10% off, only warned of). The
+    division is held as the layer's weight_multiplier, applied to the outputs, the scales never rounded."""
+    layer = epmq.QuantLinear.from_result(solve(SPECS[0], gen))  # (no bias, as RWKV's rescaled layers)
     with torch.no_grad():
-        layer.weight.div_(2)  # (exact: no warning)
-        layer.weight.mul_(2)
-    layer.scales.mul_(1e-4 / float(layer.scales.abs().max()))  # (small, still normal)
-    layer.refresh()
-    with pytest.warns(UserWarning, match=r"scales are below float16's normal range .* by multiplying the weight "
-                                         r"of QuantLinear\(.*\) by 0.015625"):
-        layer.weight.div_(64)
+        layer.scales.mul_(1e-3 / float(layer.scales.abs().max()))  # (still normal: divided by 2 ** 12, not)
+    dense = torch.nn.Linear(64, 24, bias=False).requires_grad_(False)
+    dense.load_state_dict({"weight": layer.dequantize()})
+    scales, x = layer.scales.clone(), torch.randn(5, 64, generator=gen)
+    y = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (nothing lost, nothing to warn of)
+        with torch.no_grad():
+            for module in (layer, dense):
+                module.weight.div_(2 ** 12)
+    assert torch.equal(layer.dequantize(), dense.weight) and torch.equal(layer.weight.double(), dense.weight.double())
+    assert torch.equal(layer(x), y / 2 ** 12)
+    assert float((layer(x) - dense(x)).abs().max()) <= 1e-6 * float(dense(x).abs().max())
+    assert torch.equal(layer.scales, scales) and layer.weight_multiplier == 2 ** -12
+    layer.weight.mul_(2 ** 12)
+    assert torch.equal(layer.dequantize(), dense.weight * 2 ** 12) and layer.weight_multiplier == 1
+
+
+def test_a_weight_multiplier_goes_with_the_state_dict(gen):
+    """A layer's weight_multiplier is in its state dict where it is not 1 (the layout's tensors alone
+    otherwise), and loaded with it; scales loaded without one (a checkpoint's, which holds the weight
+    whole) are the whole weight. A multiplier that is not one finite number is refused by name."""
+    layer = epmq.QuantLinear.from_result(solve(SPECS[0], gen))
+    x = torch.randn(5, 64, generator=gen)
+    layer.weight.div_(2 ** 12)
+    state = layer.state_dict()
+    assert set(state) == {"qweight", "qzeros", "scales", "g_idx", "weight_multiplier"}
+    assert state["weight_multiplier"] == 2 ** -12
+    fresh = epmq.QuantLinear(64, 24, bits=4, group_size=16, bias=False)
+    fresh.load_state_dict(state)  # (strict)
+    assert fresh.weight_multiplier == 2 ** -12 and torch.equal(fresh(x), layer(x))
+    whole = dict(state, scales=state["scales"] * 2)
+    del whole["weight_multiplier"]
+    layer.load_state_dict(whole)
+    assert layer.weight_multiplier == 1 and torch.equal(layer.dequantize(), fresh.dequantize() * 2 ** 13)
+    assert set(layer.state_dict()) == {"qweight", "qzeros", "scales", "g_idx"}
+    for bad in (torch.tensor(float("nan")), torch.ones(2), torch.tensor(1)):
+        with pytest.raises(RuntimeError, match=r"weight_multiplier must be one finite float"):
+            fresh.load_state_dict(dict(state, weight_multiplier=bad))
+        assert fresh.weight_multiplier == 2 ** -12
 
 
 def test_scaling_the_weight_past_the_layers_dtype_is_refused(gen):

@@ -883,6 +883,41 @@ def test_a_checkpoint_of_a_rescaled_rwkv_holds_its_weights_as_transformers_loads
     torch.testing.assert_close(output(epmq.load_quantized(tmp_path / "ckpt").eval(), item), want, rtol=0, atol=0)
 
 
+def test_a_loaded_rwkvs_tiny_rescaled_weights_are_divided_for_inference_and_saved_back_exactly(gen, tmp_path):
+    """A loaded RWKV divides its packed layers' weights on its first forward in eval mode: their float16
+    scales were divided, small ones into float16's subnormals, so the layers no longer held the
+    checkpoint's weights divided, and a save multiplied back other scales than the file's. The
+    division is the layers' weight_multiplier: each computes what the dense layer divided alike does,
+    and a save writes the scales it loaded, bit for bit."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    model, item = _rwkv(0), wider_input("ids", gen)  # (quantized whole, as a tool that does not rescale does)
+    rescaled = [f"rwkv.blocks.{i}.{rel}" for i in range(4) for rel in ("attention.output", "feed_forward.value")]
+    with torch.no_grad():
+        for name in rescaled:  # (scales ~1e-4: divided by 2 ** 3, subnormal)
+            model.get_submodule(name).weight.mul_(2 ** -8)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "first")
+    config = json.loads((tmp_path / "first" / "config.json").read_text())
+    (tmp_path / "first" / "config.json").write_text(json.dumps(dict(config, rescale_every=1)))
+    loaded = epmq.load_quantized(tmp_path / "first").eval()
+    state = loaded.state_dict()  # (the checkpoint as transformers would build it dense)
+    for name, layer in loaded.named_modules():
+        if isinstance(layer, epmq.QuantLinear):
+            state = {k: v for k, v in state.items() if not k.startswith(f"{name}.")}
+            state[f"{name}.weight"] = layer.dequantize()
+    dense = _rwkv(1).eval()
+    dense.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*below float16's normal range")  # (nothing lost to warn of)
+        torch.testing.assert_close(output(loaded, item), output(dense, item))
+        for name in rescaled:
+            assert torch.equal(loaded.get_submodule(name).dequantize(), dense.get_submodule(name).weight), name
+        epmq.save_quantized(loaded, tmp_path / "second")
+    first, second = (safetensors.load_file(tmp_path / d / "model.safetensors") for d in ("first", "second"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 @pytest.mark.parametrize("targets", ["merged_path", "expert_path"])
 def test_an_rwkv_expert_read_after_it_ran_in_eval_mode_is_not_divided_again(targets, gen):
     """An RWKV expert's state dict (or a checkpoint save_pretrained wrote) taken after the expert ran
