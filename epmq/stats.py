@@ -13,9 +13,10 @@ plus one scratch ``H_k`` for the task being streamed, because the default ``a_k 
 is known only once the task's last batch is in. When targets use the same inputs as the model
 being quantized (the merged path), ``T_k X_k^T = (W_k - W_m) H_k`` is formed once at the end of
 the task from the scratch, streaming the expert's weight once. Asymmetric targets (``x_expert``:
-the expert path, or the full-precision merged path) add a scratch ``G_k [out, in]``; an
-asymmetric anchor (``x_anchor``) adds ``G_m [out, in]``. The scalars ``c_e`` and ``c_m`` are the
-constants of the expert and anchor terms, kept so that their values can be reported.
+the expert path, or the full-precision merged path) add a scratch ``G_k [out, in]`` and, while
+the task is open, ``W_k - W_m [out, in]``; an asymmetric anchor (``x_anchor``) adds
+``G_m [out, in]``. The scalars ``c_e`` and ``c_m`` are the constants of the expert and anchor
+terms, kept so that their values can be reported.
 
 Layers that read the same inputs (q/k/v, gate/up) have the same Hessians:
 ``EPMQStats(W, inputs_of=other)`` reads ``other``'s ``H_k``, ``H_e`` and ``H_m`` instead of
@@ -174,6 +175,9 @@ class _Task:
         self.H = H
         self.lead = lead  # the task open at the layer whose inputs (H_k) these are, if any
         self.G = None  # scratch for asymmetric targets
+        # W_k - W_m in the statistics' dtype, for asymmetric targets: formed at the task's first
+        # batch, not at each (at 4096 x 4096 in float64 it cost as much as the batch's products)
+        self.D = None
         self.c = 0.0
         self.n_tokens = 0
         # the batch's inputs, checked and converted: [(tensor, its version, converted)], for the
@@ -663,7 +667,9 @@ class EPMQStats:
                 T = T_m if x_anchor is x_expert else (X_t - X) @ W_m.T
                 if task.W is not self.W_merged:  # (the merge as its own target, GPTQ's fp-path control:
                     # W_k - W_m is zero, and so is its product)
-                    T = X_t @ (task.W.to(self.dtype) - W_m).T + T
+                    if task.D is None:
+                        task.D = task.W.to(self.dtype) - W_m
+                    T = X_t @ task.D.T + T
                 if task.G is None:
                     task.G = torch.zeros_like(self._G_e)
                 task.G.addmm_(T.T, X)
@@ -707,6 +713,7 @@ class EPMQStats:
             raise RuntimeError("end_task() without begin_task()")
         self._task = None
         task.shared = None  # (the last batch's copies, had a sharing layer not taken them)
+        task.D = None  # (a layer sharing these inputs holds this task, as its lead, until it ends its own)
         if task.n_tokens == 0:
             raise ValueError(f"{task.name} has no calibration data (no batch was added)")
         if task.lead is not None and task.lead.n_tokens != task.n_tokens:

@@ -3938,11 +3938,15 @@ class _Walk:
     def _stats_bytes(self, linear, leads: bool) -> int:
         """About the bytes of ``linear``'s statistics (``_new_stats``): the Hessians its group's
         first reader of the input holds (GPTQ's H; E-PMQ's H_e, H_m and a task's H_k), E-PMQ's
-        G_e and the task's expert weight of each linear."""
+        G_e and the task's expert weight of each linear, and with E-PMQ's asymmetric targets
+        (expert or fp path) the open task's ``W_k - W_m`` (``EPMQStats.add_batch``)."""
         d_out, d_in = linear.weight.shape
         gptq = self.method == "gptq" and self.t is None
         hessians = (1 if gptq else 3) * d_in * d_in if leads else 0
-        return (hessians + (0 if gptq else 2 * d_out * d_in)) * self.stats_dtype.itemsize
+        weights = 0 if gptq else 2
+        if self.t is not None and self.method == "epmq":  # (GPTQ's fp-path control: W_k is W_m)
+            weights += 1
+        return (hessians + weights * d_out * d_in) * self.stats_dtype.itemsize
 
     def _capture(self, block, hidden, kwargs, rels, full, leader, mask=None, taken=None):
         """Run ``block``; the inputs of the linears ``rels`` (tokens x features), and its output

@@ -345,6 +345,42 @@ def test_asymmetric_targets_in_float32_keep_a_small_residual(gen):
     assert stats.c_e == pytest.approx(float(T.pow(2).sum()), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_asymmetric_targets_read_the_expert_weight_once_per_task(gen, dtype):
+    """Each batch of an asymmetric task formed ``W_k - W_m`` in the statistics' dtype again (at
+    4096 x 4096 in float64 as long as the batch's products): formed at the task's first batch, the
+    statistics are those of the per-batch formula, bit for bit."""
+    W_m = torch.randn(D_OUT, D_IN, generator=gen)
+    W_k = W_m + 0.1 * torch.randn(D_OUT, D_IN, generator=gen)
+    xs = batches(gen)
+    xts = [x + 0.2 * torch.randn(x.shape, generator=gen) for x in xs]
+    reads = []  # per batch, the calls that read W_k
+
+    class Reads(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if any(a is W_k for a in args):
+                reads[-1].append(func)
+            return func(*args, **(kwargs or {}))
+
+    stats = EPMQStats(W_m, dtype=dtype)
+    stats.begin_task(W_k, weight=1.0)
+    with Reads():
+        for x, xt in zip(xs, xts):
+            reads.append([])
+            stats.add_batch(x, x_expert=xt)
+    stats.end_task()
+    assert reads[0] and not any(reads[1:]), reads
+    W = W_m.to(dtype)
+    G, c = torch.zeros_like(W), 0.0
+    for x, xt in zip(xs, xts):
+        X, X_t = x.reshape(-1, D_IN).to(dtype), xt.reshape(-1, D_IN).to(dtype)
+        T = X_t @ (W_k.to(dtype) - W).T + (X_t - X) @ W.T
+        G.addmm_(T.T, X)
+        c = c + T.pow(2).sum().double()
+    assert torch.equal(stats.G_e, G)
+    assert stats.c_e == float(c)
+
+
 def test_statistics_products_are_ieee_fp32_whatever_the_tf32_switch(gen, tf32_products):
     """With TF32 switched on by the caller (set_float32_matmul_precision("high"), common in
     training scripts), the torch backend's X^T X and (W_k - W_m) H_k (which its docstring says

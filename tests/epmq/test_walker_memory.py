@@ -351,3 +351,44 @@ def test_a_target_streams_inputs_are_let_go_as_its_outputs_are_made(targets, gen
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets=targets,
                         calibration=fam.calibration, experts=fam.experts, backend="torch", progress=False)
     assert held == [0] * len(blocks)
+
+
+def test_the_statistics_budget_counts_each_open_tasks_weight_difference(gen, monkeypatch):
+    """E-PMQ's statistics on the expert path hold each linear's open task's ``W_k - W_m``
+    (``EPMQStats.add_batch`` forms it once per task, not once per batch): the estimate that cuts
+    a stage past ``EXPERT_STATISTICS_BYTES`` into chunks counts it over the merged path's."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    calibration = {t: [torch.randint(0, 64, (2, 8), generator=gen)] for t in ("a", "b")}
+    experts = {t: {n: p + 0.01 * torch.randn(p.shape, generator=gen) for n, p in model.state_dict().items()}
+               for t in calibration}
+    held, estimates = {}, {}
+
+    class Spied(epmq.stats.EPMQStats):
+        def add_batch(self, *args, **kwargs):
+            super().add_batch(*args, **kwargs)
+            difference = self._task.D
+            held[tuple(self.W_merged.shape)] = 0 if difference is None else _nbytes([difference])
+
+    stats_bytes = epmq.walker._Walk._stats_bytes
+
+    def spied_bytes(walk, linear, leads):
+        size = stats_bytes(walk, linear, leads)
+        estimates.setdefault(walk.targets, {})[tuple(linear.weight.shape), leads] = size
+        return size
+
+    monkeypatch.setattr(epmq.walker, "EPMQStats", Spied)
+    monkeypatch.setattr(epmq.walker._Walk, "_stats_bytes", spied_bytes)
+    for targets in ("merged_path", "expert_path"):
+        copy_ = transformers.LlamaForCausalLM(config).eval()
+        copy_.load_state_dict(model.state_dict())
+        if targets == "expert_path":
+            held.clear()  # (the merged path's: none)
+        epmq.quantize_model(copy_, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets=targets,
+                            calibration=calibration, experts=experts, backend="torch", progress=False)
+    assert estimates["expert_path"].keys() == estimates["merged_path"].keys()
+    assert {shape for shape, _ in estimates["expert_path"]} == {(32, 32), (16, 32), (48, 32), (32, 48)}
+    for (shape, leads), size in estimates["expert_path"].items():
+        assert held[shape] == shape[0] * shape[1] * 8  # (float64 statistics on the CPU)
+        assert size - estimates["merged_path"][shape, leads] == held[shape]
