@@ -2084,20 +2084,26 @@ def _bind(block, args, kwargs):
         else:
             named[p.name] = value
     hidden = named.pop(next(iter(signature.parameters)))
-    for key in _caches_in(named):
+    for key in _caches_in(named, signature):
         named[key] = None
     if "use_cache" in named:
         named["use_cache"] = False
     return hidden, named
 
 
-def _caches_in(named) -> list:
+def _caches_in(named, signature) -> list:
     """The names of a block call's arguments that carry a generation cache (``_CACHE_KWARGS``), which
-    the walk calls the block without. ``state`` only where it is a list or tuple of tensors, the
-    recurrent state RWKV's and xLSTM's models hand their blocks; any other (an object or a tensor the
-    block reads) is the block's own input, which went to every call of the walk as None (a bare
-    AttributeError, or a block taking None for no state walked on other inputs than the model's)."""
-    return [key for key in _CACHE_KWARGS if key in named and (key != "state" or _recurrent_state(named[key]))]
+    the walk calls the block without: a transformers Cache or another object, a list or tuple (a legacy
+    cache of per-layer keys and values); ``state`` only where it is a list or tuple of tensors, the
+    recurrent state RWKV's and xLSTM's models hand their blocks. Not a lone tensor, nor the value of a
+    parameter of ``signature`` (the block's forward) without a default, whatever its name: a cache is
+    optional, None by default (every transformers block's is; calibration's rule for a model's inputs),
+    and such an argument is the block's own input, which went to every call of the walk as None (a bare
+    error, or a block taking None for none walked on other inputs than the model's, without a word)."""
+    required = {p.name for p in signature.parameters.values()
+                if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return [key for key in _CACHE_KWARGS if key in named and key not in required
+            and not isinstance(named[key], torch.Tensor) and (key != "state" or _recurrent_state(named[key]))]
 
 
 def _recurrent_state(value) -> bool:
@@ -2117,7 +2123,7 @@ def _refuse_filled_cache(stack, block, args, kwargs) -> None:
     for p in signature.parameters.values():
         if p.kind == p.VAR_KEYWORD:
             bound.update(bound.pop(p.name, {}))
-    for key in _caches_in(bound):
+    for key in _caches_in(bound, signature):
         cache = bound[key]
         if _holds_tokens(cache):
             held = (f" of {cache.get_seq_length()} tokens" if callable(getattr(cache, "get_seq_length", None))

@@ -1960,6 +1960,78 @@ def test_a_block_argument_named_state_that_is_no_cache_is_walked_as_given(block_
     assert_untouched(model, before)
 
 
+class Modulated(nn.Module):
+    """``x + fc(x * scale + shift)``, handed ``(scale, shift)`` or a lone scale (None: neither) under the
+    name of a generation cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def modulated(self, x, by):
+        if by is None:
+            return x + self.fc(x)
+        scale, shift = by if isinstance(by, tuple) else (by, 0.0)
+        return x + self.fc(x * scale + shift)
+
+
+class RequiredState(Modulated):
+    def forward(self, x, state):
+        return self.modulated(x, state)
+
+
+class RequiredCache(Modulated):
+    def forward(self, x, cache):
+        return self.modulated(x, cache)
+
+
+class OptionalKvCache(Modulated):
+    def forward(self, x, kv_cache=None):
+        return self.modulated(x, kv_cache)
+
+
+class OptionalLayerPast(Modulated):
+    def forward(self, x, layer_past=None):
+        return self.modulated(x, layer_past)
+
+
+class ModulatedNet(Net):
+    """Its blocks handed one scale of 3 (and a shift of 1, as a tuple) under the name ``by``."""
+
+    def __init__(self, block_type, by, as_tuple):
+        super().__init__(block_type)
+        self.by, self.as_tuple = by, as_tuple
+
+    def forward(self, x):
+        scale = torch.full((16,), 3.0)
+        modulation = (scale, torch.ones(16)) if self.as_tuple else scale
+        for layer in self.layers:
+            x = layer(x, **{self.by: modulation})
+        return x
+
+
+@pytest.mark.parametrize("adapter", ["registered", "auto"])
+@pytest.mark.parametrize("block_type, by, as_tuple", [(RequiredState, "state", True), (RequiredCache, "cache", True),
+                                                      (OptionalKvCache, "kv_cache", False),
+                                                      (OptionalLayerPast, "layer_past", False)])
+def test_a_block_input_under_a_cache_s_name_is_walked_as_given(block_type, by, as_tuple, adapter, gen, monkeypatch):
+    """A block argument under a cache's name (cache, kv_cache, layer_past; state as a tuple of tensors, as
+    RWKV's) was dropped whatever it held: a tensor the block reads, or a tuple its forward requires, went
+    to every call of the walk as None, and a block taking None for none was solved on x where the model
+    runs it on x * 3 (+ 1), without a word. A lone tensor, and the value of a parameter without a default
+    (a cache is optional, as every transformers block's is), are the block's input: walked as given."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    model = ModulatedNet(block_type, by, as_tuple)
+    hand = hooked_inputs(model, "layers.0.fc", [{"x": x} for x in items])
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                        adapter=epmq.adapters.AUTO if adapter == "auto" else
+                        epmq.Adapter("modulated", block_types=(block_type,)), layers=lambda name: name == "layers.0.fc")
+    assert_same_statistics(seen, hand)
+
+
 def _refused_then_walked_fresh(net_type, nest, gen, monkeypatch, said: str) -> None:
     """GPTQ of ``net_type(nest)``'s layers.0.fc (its blocks GainedBlock) is refused saying ``said``,
     the model as it was; ``net_type(nest, fresh=True)``, a new argument per call, is walked on what
