@@ -1098,8 +1098,11 @@ def _open_clip_config(content) -> dict:
             config[tower].pop(field, None)
         if config[tower].get("attentional_pool") == "":  # (no pool, as open_clip tests it)
             config[tower]["attentional_pool"] = False
-        if tower == "text_cfg" and config[tower].get("proj_type") == "none":  # (no projection: no bias of it)
+        # (no projection: no bias of it; timm's "" projects by its trunk's head, whose bias is its own)
+        if tower == "text_cfg" and config[tower].get("proj_type") == "none":
             config[tower].pop("proj_bias", None)
+        if timm and config[tower].get("timm_proj") not in ("linear", "mlp"):
+            config[tower].pop("timm_proj_bias", None)
         # (a class token appended masks the padding, which the pad_id says; a CLIP keeps no class token)
         pad_id = config[tower].pop("pad_id", None)
         if (tower == "text_cfg" and own and config[tower].get("embed_cls")

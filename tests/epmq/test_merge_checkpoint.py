@@ -3610,6 +3610,9 @@ def test_open_clip_towers_are_compared_by_block_options_they_read(tmp_path):
                                          r"\{'vision_cfg.timm_proj_bias': False\}"):
         _check_quietly(save("timm_bias", timm), save("timm_bias_true", {**timm, "timm_proj_bias": True}))
     _check_quietly(save("timm_qk", timm), save("timm_qk_true", {**timm, "qk_norm": True, "no_ln_pre": True}))
+    for proj in ("none", ""):  # (no projection, or the trunk's head: no timm_proj_bias read)
+        _check_quietly(save(f"timm_{proj}", {**timm, "timm_proj": proj}),
+                       save(f"timm_{proj}_bias", {**timm, "timm_proj": proj, "timm_proj_bias": True}))
     cls = {"embed_cls": True}
     with pytest.raises(ValueError, match=r"\{'text_cfg.pad_id': 1\}, the base as \{'text_cfg.pad_id': 0\}"):
         _check_quietly(save("cls", text=cls, custom_text=True),
