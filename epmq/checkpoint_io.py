@@ -1306,12 +1306,18 @@ def open_state(path, model: nn.Module, *, what: str, dtype: Optional[torch.dtype
     binding = Binding(reader.keys(), order, prefixes=prefixes, rename=rename)
     state = bind(reader, order, what=what, shapes=shapes, dtype=dtype, prefixes=prefixes, rename=rename,
                  model=model, binding=binding)
+    from .walker import _following_name
+
     ignored = ignored_on_load(model)  # (no block of it)
     for name, stack in model.named_modules():
         if isinstance(stack, (nn.ModuleList, nn.Sequential)) and len(stack):
-            first = next(iter(stack.state_dict()), None)  # ("0.<tensor>", the first block's first)
-            past = None if first is None else f"{name}.{len(stack)}.{first.partition('.')[2]}".lstrip(".")
-            key = None if past is None or not first.startswith("0.") else binding.key_for(past)
+            # the first block's first tensor, in the block after the last: named after the last's
+            # name, an index or a name an OrderedDict gave it (torchvision's ViT's encoder_layer_1)
+            rel = next(iter(stack[0].state_dict()), None)
+            following = _following_name(list(stack._modules)[-1])
+            past = None if rel is None or following is None else f"{name}.{following}.{rel}".lstrip(".")
+            # (one the model holds: an OrderedDict's names out of order, conv1, conv3, conv2, are no deeper stack)
+            key = None if past is None or past in shapes else binding.key_for(past)
             if key is not None and not any(p.search(key) or p.search(past) for p in ignored):
                 raise reader.error(f"{what} ({reader.path}) has more blocks at {name!r} than the model's "
                                    f"{len(stack)} ({key!r}): is it a checkpoint of this architecture?")

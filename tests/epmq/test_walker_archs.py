@@ -1055,6 +1055,32 @@ def test_an_expert_of_more_blocks_named_by_an_ordered_dict_than_the_model_is_ref
     assert not any(type(m) is epmq.QuantLinear for m in model.modules())
 
 
+def test_a_checkpoint_of_more_blocks_named_by_an_ordered_dict_than_the_model_is_refused(tmp_path):
+    """open_state (the benches' experts and base) refuses a checkpoint of more blocks than the model,
+    found by the tensor of the block after the last; that block was named by the stack's length
+    (encoder.layers.2), so where an OrderedDict named the blocks (torchvision's ViT's encoder_layer_0,
+    ...) the deeper checkpoint was read in silence. Its name follows the last block's (encoder_layer_2)."""
+    import collections
+
+    from safetensors.torch import save_file
+
+    from epmq.checkpoint_io import CheckpointError, open_state
+
+    model = _torchvision_vit()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state.update({k.replace("encoder_layer_1.", "encoder_layer_2."): v.clone() for k, v in state.items()
+                  if ".encoder_layer_1." in k})
+    save_file(state, str(tmp_path / "deeper.safetensors"))
+    with pytest.raises(CheckpointError, match=r"more blocks at 'encoder\.layers' than the model's 2 "
+                                              r"\('encoder\.layers\.encoder_layer_2\.ln_1\.weight'\)"):
+        open_state(tmp_path / "deeper.safetensors", model, what="expert")
+    # (names out of order: the one after the last, fc3, is the model's own)
+    for model in (model, torch.nn.Sequential(collections.OrderedDict(
+            (name, torch.nn.Linear(4, 4)) for name in ("fc1", "fc3", "fc2")))):
+        save_file(model.state_dict(), str(tmp_path / "same.safetensors"))
+        assert set(open_state(tmp_path / "same.safetensors", model, what="expert")) == set(model.state_dict())
+
+
 def test_a_checkpoint_of_blocks_named_by_an_ordered_dict_names_them_in_its_rules(gen, tmp_path):
     """A model quantized in part holds rules in its quantize config (``dynamic``: the linears left in
     full precision, those of other bits; ``modules_in_block_to_quantize``) that name the blocks by their
