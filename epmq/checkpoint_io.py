@@ -138,12 +138,44 @@ def hub_snapshot(repo_id: str, *, kind: str = "weights", revision: Optional[str]
         if kind != "tokenizer" and (weights is None or weights.name.endswith(".bin.index.json")):
             local = Path(snapshot_download(allow_patterns=["*.json", "*.bin"], **kwargs))
     except Exception as e:  # offline, unknown repository, gated, ...
-        raise CheckpointError(
-            f"{repo_id!r}{f' at revision {revision!r}' if revision else ''} could not be fetched from the HF hub"
-            f"{' (offline: cache only)' if offline else ''}: "
-            f"{type(e).__name__}: {e}"
-        ) from e
+        reason = hub_failure(e, offline, cache_dir)
+        failure = CheckpointError(
+            f"{repo_id!r}{f' at revision {revision!r}' if revision else ''} could not be fetched from the HF hub: "
+            f"{reason}")
+        failure.reason = reason  # (not_fetched words a mistyped folder with it)
+        raise failure from e
     return local
+
+
+def hub_failure(error: Exception, offline: bool = False, cache_dir: Optional[str] = None) -> str:
+    """Why ``snapshot_download`` failed, in one line with the one piece of advice that fits. The
+    hub library's messages run to lines of advice for its Python callers ('pass
+    local_files_only=False', 'please check your internet connection and try again') that, printed
+    after epmq's, said the failure twice and named settings a command's user has not got."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    def first_line(e: BaseException) -> str:
+        line = next(iter(str(e).strip().splitlines()), "")
+        return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+    # (the subclasses first: a gated repository is a RepositoryNotFoundError too)
+    if isinstance(error, GatedRepoError):
+        return "the repository is gated: accept its terms on its hub page, then log in (hf auth login)"
+    if isinstance(error, RepositoryNotFoundError):
+        return "no such repository on the hub (if it is private, log in: hf auth login)"
+    if isinstance(error, RevisionNotFoundError):
+        return "the repository has no such revision"
+    if not isinstance(error, LocalEntryNotFoundError):
+        return first_line(error)
+    # (a snapshot in the cache in part is said as none: it is fetched whole)
+    cached = f"the hub cache {cache_dir or constants.HF_HUB_CACHE} holds no complete snapshot of it"
+    if offline:
+        return f"offline (cache only), and {cached}"
+    if constants.HF_HUB_OFFLINE:
+        return f"HF_HUB_OFFLINE is set, and {cached}: unset it to download"
+    return f"the hub could not be reached ({first_line(error.__cause__ or error)}), and {cached}"
 
 
 # dtypes by the names configs and config.json give them
@@ -154,18 +186,16 @@ def not_fetched(path: Path, repo_id: str, error: CheckpointError) -> str:
     """What to say of ``path``, no local path, that the hub could not give as ``repo_id`` either
     (``error``, hub_snapshot's). An org/name whose org is a folder here is a local folder mistyped,
     far likelier than a hub repository, and was said as the hub's failure, its lines of advice on
-    the connection: it is said to be no folder there, naming those it holds, the hub's error cut
-    to its first line."""
+    the connection: it is said to be no folder there, naming those it holds, and why the hub could
+    not give it (hub_failure's line)."""
     if not path.parent.is_dir():
         return f"no local path {path.absolute()}, and {error}"
-    hub = error.__cause__ or error
-    first = next(iter(str(hub).strip().splitlines()), "")
-    why = f"{type(hub).__name__}: {first}" if first else type(hub).__name__
+    why = getattr(error, "reason", None) or str(error)
     held = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
     listed = ", ".join(held[:10]) + (", ..." if len(held) > 10 else "")
     return (f"no folder {path.absolute()}: {path.parent} holds no {path.name!r}"
             f"{f' (its folders: {listed})' if held else ''}, and {repo_id!r} is no HF hub repository that "
-            f"could be fetched ({why})")
+            f"could be fetched either: {why}")
 
 
 def local_checkpoint(source, *, directory: bool = False, revision: Optional[str] = None) -> Path:

@@ -425,6 +425,26 @@ def test_load_by_hub_id_from_the_hub_cache(tmp_path, monkeypatch):
         epmq.load_quantized(tmp_path / "typo")
 
 
+def test_the_hubs_refusals_are_said_in_one_line_with_what_to_do():
+    """A repository the hub refuses (none of that name, gated, no such revision) was said in the
+    hub's message, several lines for its Python callers; each is one line now."""
+    from huggingface_hub import errors
+
+    from epmq.checkpoint_io import hub_failure
+
+    httpx = pytest.importorskip("httpx2")  # (what huggingface_hub's errors carry)
+    response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/api/models/org/x"))
+    message = "404 Client Error.\n\nRepository Not Found for url: ...\nPlease make sure you are authenticated."
+    said = {kind: hub_failure(kind(message, response=response))
+            for kind in (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.RevisionNotFoundError)}
+    assert said == {errors.RepositoryNotFoundError: "no such repository on the hub (if it is private, log in: "
+                                                    "hf auth login)",
+                    errors.GatedRepoError: "the repository is gated: accept its terms on its hub page, then log "
+                                           "in (hf auth login)",
+                    errors.RevisionNotFoundError: "the repository has no such revision"}
+    assert hub_failure(RuntimeError("first\nsecond")) == "RuntimeError: first"
+
+
 def test_coca_loads_from_its_open_clip_config(tmp_path):
     """A quantized CoCa saved beside open_clip's config of it (``open_clip_config.json``, as in
     its hub directory) is built from that config by ``load_quantized(directory)``: its towers and

@@ -863,3 +863,32 @@ def test_a_mistyped_local_folder_is_said_as_one_not_as_the_hubs_error(tiny_confi
     bad = write(tiny_config.parent, config, "mistyped-expert.yaml")
     assert main(["run", str(bad), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "experts holds no 'c' (its folders: alpha, beta)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hub_off", [True, False])
+def test_a_hub_id_not_fetched_is_one_line_without_the_hubs_advice(tmp_path, capsys, monkeypatch, hub_off):
+    """`model: org/missing` with HF_HUB_OFFLINE set, or with the hub out of reach, printed epmq's
+    line and then the hub library's own advice for its Python callers ('set HF_HUB_OFFLINE=0 as
+    environment variable', a second line 'Please check your internet connection'): one line now,
+    saying why and what holds no copy, a mistyped folder (org/ a folder here) alike."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", hub_off)
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # (refused at once: no hub is reached)
+    monkeypatch.chdir(tmp_path)
+    why = ("HF_HUB_OFFLINE is set, and the hub cache {} holds no complete snapshot of it: unset it to download"
+           if hub_off else "the hub could not be reached (ConnectError: {{}}), and the hub cache {} holds no "
+           "complete snapshot of it").format(tmp_path / "hub")
+    for given, said in [("org/missing", f"no local path {tmp_path / 'org' / 'missing'}, and 'org/missing' could "
+                                        f"not be fetched from the HF hub: {why}"),
+                        ("org/mising", f"no folder {tmp_path / 'org' / 'mising'}: org holds no 'mising' (its "
+                                       f"folders: missing), and 'org/mising' is no HF hub repository that could "
+                                       f"be fetched either: {why}")]:
+        path = write(tmp_path, {"model": given, "method": "rtn"})
+        assert main(["quantize", str(path), "out", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "HF_HUB_OFFLINE=0" not in err and "internet connection" not in err
+        head, _, tail = said.partition("{}")
+        assert head in err and tail in err, err
+        (tmp_path / "org" / "missing").mkdir(parents=True, exist_ok=True)
