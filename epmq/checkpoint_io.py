@@ -223,11 +223,15 @@ def local_checkpoint(source, *, directory: bool = False, revision: Optional[str]
 def json_files(source, *, revision: Optional[str] = None) -> Path:
     """The directory of ``source``: itself, or for an HF hub reference the snapshot of its JSON
     files (config and tokenizer) at its revision (``org/name@revision``'s, else ``revision``),
-    fetched (CheckpointError where it cannot be); a path that is neither is returned as it is."""
+    fetched (CheckpointError where it cannot be, a mistyped local folder said as one: not_fetched);
+    a path that is neither is returned as it is."""
     path = Path(source)
     reference = None if path.exists() else hub_reference(str(source))
     if reference is not None:
-        path = hub_snapshot(reference[0], kind="tokenizer", revision=reference[1] or revision)
+        try:
+            return hub_snapshot(reference[0], kind="tokenizer", revision=reference[1] or revision)
+        except CheckpointError as e:
+            raise CheckpointError(not_fetched(path, reference[0], e)) from e
     return path
 
 

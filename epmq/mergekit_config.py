@@ -377,6 +377,11 @@ def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokeni
     if source is None:
         return {}
     if source not in ("base", "union") and source != base:
+        if source not in models:  # (a name mistyped, likelier than a model not merged: said as neither)
+            named = ", ".join(map(repr, dict.fromkeys([base, *models])))
+            raise ValueError(f"tokenizer source {source!r} is not base, union or a model of the merge ({named}): "
+                             f"a mistyped name? (another model's tokenizer, which mergekit realigns the embeddings "
+                             f"to, is not translated by epmq merge)")
         raise ValueError(f"tokenizer source {source!r} gives the output another model's tokenizer and realigns "
                          f"the embeddings to it: not translated by epmq merge (give that model as base_model)")
     source = "union" if source == "union" else "base"

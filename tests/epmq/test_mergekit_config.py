@@ -461,6 +461,34 @@ def test_tokenizer_source_translated(tmp_path):
         base, models, every_tokenizer=True)
 
 
+def test_a_mistyped_name_in_a_config_with_a_tokenizer_is_said_as_one(tmp_path, capsys, monkeypatch):
+    """With tokenizer: {source: ..., tokens: ...} every model's tokenizer is read first: a base_model
+    mistyped (ckpt/bse beside ckpt/base) was said as the HF hub's failure alone, never as a local
+    folder mistyped, as the merge says one; a tokenizer source mistyped (ckpt/bas) was said to be
+    another model's tokenizer, 'give that model as base_model'. Each names what is there."""
+    import huggingface_hub.constants as hub
+
+    tokens = [f"t{i}" for i in range(8)]
+    for name in ("base", "e0"):
+        transformers.LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2).save_pretrained(tmp_path / "ckpt" / name)
+        word_level_tokenizer(tmp_path / "ckpt" / name, tokens)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    merged = dict(merge_method="task_arithmetic", models=[dict(model="ckpt/e0", parameters=dict(weight=1.0))])
+    for base, source, said in [
+            ("ckpt/bse", "union", "no folder {}: ckpt holds no 'bse' (its folders: base, e0), and 'ckpt/bse' is no "
+                                  "HF hub repository that could be fetched either"),
+            ("ckpt/base", "ckpt/bas", "tokenizer source 'ckpt/bas' is not base, union or a model of the merge "
+                                      "('ckpt/base', 'ckpt/e0'): a mistyped name?")]:
+        config = dict(merged, base_model=base, tokenizer={"source": source, "tokens": {"t1": {"source": "ckpt/e0"}}})
+        (tmp_path / "mk.yaml").write_text(yaml.safe_dump(config))
+        assert main(["merge", "mk.yaml", "out", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert said.format(tmp_path / "ckpt" / "bse") in err and err.count("\n") == 1, err
+
+
 def test_tokenizer_rows_of_a_text_encoder_and_decoder_model(tmp_path):
     """MusicGen's config holds a text encoder's config (T5's tokens in) and a decoder's (audio codes
     out): transformers' get_text_config() refuses to choose, and the tokenizer check ended in its
