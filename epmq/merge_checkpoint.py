@@ -54,8 +54,8 @@ from .checks import all_finite, check_calibration_paths, check_outside_calibrati
 from .lora import (adapter_directory, checkpoint_ties, is_lora_adapter, model_skeleton, named_base, named_revision,
                    open_expert)
 from .resume import hold_output
-from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, holds_no_vocabulary,
-                         load_tokenizer, vocabulary_columns, vocabulary_names)
+from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, checkpoint_tokenizer,
+                         holds_no_vocabulary, load_tokenizer, vocabulary_columns, vocabulary_names)
 
 RECIPE_FILE = MERGE_RECIPE_FILE
 CARD_MARK = "<!-- model card written by epmq merge; a README without this line is the user's -->"
@@ -1491,10 +1491,8 @@ def chat_template_of(paths: Sequence[Path], chat_template: str) -> Optional[str]
 
 def _set_chat_template(source: Path, target: Path, template: str) -> None:
     """The tokenizer of ``source`` written to ``target`` with the chat template ``template``."""
-    import transformers
-
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    try:  # (as saved: see checkpoint_tokenizer)
+        tokenizer = checkpoint_tokenizer(source)
     except Exception as e:
         raise ValueError(f"chat_template: {source} has no tokenizer to carry it ({type(e).__name__}: {e})") from e
     # (transformers 5's stand-in where no files are: not written as the model's)

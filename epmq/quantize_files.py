@@ -55,7 +55,7 @@ from .lora import adapter_directory, open_expert
 from .merge_checkpoint import _check_architectures
 from .resume import hold, hold_output, records, remove
 from .spec import QuantSpec
-from .vocabulary import holds_no_vocabulary
+from .vocabulary import checkpoint_tokenizer, holds_no_vocabulary
 from .walker import METHODS, TARGETS, _selector, quantize_model
 from epmq_kernels.expert_residual import check_residual_precision
 from epmq_kernels.grid import is_flag
@@ -200,9 +200,7 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     options = dict(samples=samples, batch_size=batch_size)
     seeds = task_seeds(seed, calibration)  # (each task its own draw: see task_seeds)
     if modality in ("texts", "pairs"):
-        from transformers import AutoTokenizer
-
-        preprocessor = tokenizer = _preprocessor(AutoTokenizer, directory, "tokenizer", bool(calibration))
+        preprocessor = tokenizer = _preprocessor(checkpoint_tokenizer, directory, "tokenizer", bool(calibration))
         if tower == "language":  # (the checkpoint takes the whole processor: it serves images too)
             preprocessor = _processor(directory) or tokenizer
         if modality == "texts":  # (conversations are rendered by the tokenizer's chat template)
@@ -227,7 +225,8 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     else:
         from transformers import AutoImageProcessor
 
-        preprocessor = _preprocessor(AutoImageProcessor, directory, "image processor", bool(calibration))
+        preprocessor = _preprocessor(AutoImageProcessor.from_pretrained, directory, "image processor",
+                                     bool(calibration))
         batches = {task: image_batches(image_files(source), preprocessor, seed=seeds[task],
                                        what=f"calibration[{task!r}]", **options)
                    for task, source in calibration.items()}
@@ -262,13 +261,14 @@ def _broken_json(directory: Path) -> Optional[str]:
     return None
 
 
-def _preprocessor(auto, directory: Path, what: str, needed: bool):
-    """The checkpoint's tokenizer or image processor; where it has none that loads, a ValueError
-    naming the directory if calibration data must be read with it, else (RTN) None, with a
-    warning: the checkpoint is written without it."""
+def _preprocessor(load, directory: Path, what: str, needed: bool):
+    """The checkpoint's tokenizer or image processor (``load(directory)``: for a tokenizer,
+    ``checkpoint_tokenizer``); where it has none that loads, a ValueError naming the directory
+    if calibration data must be read with it, else (RTN) None, with a warning: the checkpoint is
+    written without it."""
     error = None
     try:
-        loaded = auto.from_pretrained(directory)
+        loaded = load(directory)
     except Exception as e:  # (transformers raises OSError, ValueError, TypeError, ... by the files)
         error = e
         cause = ((isinstance(e, json.JSONDecodeError) and _broken_json(directory))
@@ -300,7 +300,7 @@ def _audio_processor(directory: Path, needed: bool):
             return AutoProcessor.from_pretrained(directory)
         except Exception:  # noqa: BLE001 (one that does not load: the feature extractor alone, or its error)
             pass
-    return _preprocessor(AutoFeatureExtractor, directory, "feature extractor", needed)
+    return _preprocessor(AutoFeatureExtractor.from_pretrained, directory, "feature extractor", needed)
 
 
 def _processor(directory: Path):

@@ -36,7 +36,7 @@ import torch
 
 from epmq_kernels.grid import is_integer
 
-from ._util import check_json_file
+from ._util import check_json_file, read_json_file
 
 SOURCES = ("base", "union")
 
@@ -104,13 +104,43 @@ def holds_no_vocabulary(tokenizer, directory) -> bool:
     return sum(token not in special for token in vocab) <= 1
 
 
-def load_tokenizer(path: Path):
-    """The tokenizer saved with a checkpoint (a fast one), or None where it has none."""
+# the class a tokenizer saved from its tokenizer.json alone names (transformers 5's; 4's name for it)
+SAVED_AS_FILE = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def checkpoint_tokenizer(directory):
+    """``AutoTokenizer.from_pretrained(directory)``, unless it loads a tokenizer saved as its
+    tokenizer.json alone (``SAVED_AS_FILE``) as its config's model type's own class, and that
+    class holds another vocabulary or model: transformers 5 does so for Qwen2's, Phi-3's, ...
+    (configs whose hub tokenizers it takes to name the wrong class), and its Qwen2Tokenizer adds
+    '<|endoftext|>' and reads a word-level tokenizer.json as byte-level BPE: its rows were checked
+    and laid out by a token the tokenizer saved has not got, and calibration texts read as none.
+    Then the tokenizer saved, with a warning (what AutoTokenizer loads elsewhere differs)."""
     import transformers
 
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    config = Path(directory) / "tokenizer_config.json"
+    declared = read_json_file(config) if config.is_file() else None
+    declared = declared.get("tokenizer_class") if isinstance(declared, dict) else None
+    if declared not in SAVED_AS_FILE or type(tokenizer).__name__ in SAVED_AS_FILE:
+        return tokenizer
+    saved = transformers.PreTrainedTokenizerFast.from_pretrained(directory)
+    model = lambda t: type(getattr(getattr(t, "backend_tokenizer", None), "model", None)).__name__  # noqa: E731
+    if saved.get_vocab() == tokenizer.get_vocab() and model(saved) == model(tokenizer):
+        return tokenizer
+    added = sorted(set(tokenizer.get_vocab()) - set(saved.get_vocab()))
+    warnings.warn(f"transformers' AutoTokenizer loads the tokenizer of {directory}, saved as {declared}, as "
+                  f"{type(tokenizer).__name__}: {len(tokenizer)} tokens for its {len(saved)}"
+                  f"{f' (adding {added[:3]})' if added else ''}, a {model(tokenizer)} model for its {model(saved)}; "
+                  f"it is read as saved (load it so yourself: PreTrainedTokenizerFast.from_pretrained)")
+    return saved
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved with a checkpoint (a fast one), or None where it has none."""
     directory = path if path.is_dir() else path.parent
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+        tokenizer = checkpoint_tokenizer(directory)
     except json.JSONDecodeError as e:
         # (a tokenizer file empty or cut, an interrupted copy or download, is no model without a
         # tokenizer: taken as one, its rows were laid out by another model's tokens)

@@ -16,11 +16,11 @@ from epmq.vocabulary import Vocabulary, build_vocabulary, check_tokenizer_source
 WORDS = [f"w{i}" for i in range(24)]
 
 
-def expert(root, name, added=(), noise=0.05, seed=0):
-    """A tiny Llama (untied head) fine-tuned by noise, with ``added`` tokens: its embeddings and
-    head resized to them, their rows random, as training leaves them."""
+def expert(root, name, added=(), noise=0.05, seed=0, config=transformers.LlamaConfig):
+    """A tiny Llama (or another ``config``'s model; untied head) fine-tuned by noise, with ``added``
+    tokens: its embeddings and head resized to them, their rows random, as training leaves them."""
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    model = transformers.AutoModelForCausalLM.from_config(config(
         vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False))
     tok = word_level_tokenizer(root / name, WORDS, added)
@@ -402,7 +402,7 @@ def test_a_tokenizer_that_cannot_list_its_vocabulary_is_named(models, tmp_path, 
     assert not (tmp_path / "out").exists()
     for needed in (True, False):  # (RTN, too: the checkpoint's own tokenizer is not dropped silently)
         with pytest.raises(ValueError, match=named):
-            _preprocessor(transformers.AutoTokenizer, models["plain"], "tokenizer", needed)
+            _preprocessor(transformers.AutoTokenizer.from_pretrained, models["plain"], "tokenizer", needed)
     assert load_tokenizer(models["chat"]) is not None
 
 
@@ -852,3 +852,36 @@ def test_a_model_without_tokenizer_files_has_the_bases_tokens(tmp_path):
     assert vocab["bare"] == vocab["a"]
     weights = {a: transformers.Qwen2ForCausalLM.from_pretrained(m).state_dict() for a, m in merged.items()}
     assert all(torch.equal(weights["bare"][k], weights["a"][k]) for k in weights["a"])
+
+
+def test_a_tokenizer_saved_from_its_file_is_read_as_saved_not_as_transformers_reloads_it(tmp_path):
+    """transformers 5 loads a Qwen2 checkpoint's tokenizer saved as TokenizersBackend (a
+    tokenizers-library tokenizer, no EOS) as Qwen2Tokenizer, which adds '<|endoftext|>' and reads
+    the word-level tokenizer.json as byte-level BPE: a union merge was refused for that token 'past
+    the base's embedding rows', which the saved tokenizer has not got, and calibration texts read
+    as almost no tokens, then that token 'has no row'. Both read the tokenizer as saved, warned of."""
+    from epmq import QuantSpec, quantize_checkpoint
+
+    qwen = dict(config=transformers.Qwen2Config)
+    base, chat, tool = (expert(tmp_path, "base", noise=0.0, **qwen),
+                        expert(tmp_path, "chat", [("<|im_start|>", True), ("<|im_end|>", True)], seed=1, **qwen),
+                        expert(tmp_path, "tool", [("<tool>", False), ("<|im_end|>", True)], seed=2, **qwen))
+    assert "<|endoftext|>" in transformers.AutoTokenizer.from_pretrained(base).get_vocab()  # (what it reloads)
+    with pytest.warns(UserWarning, match=r"loads the tokenizer of .*base, saved as TokenizersBackend, as "
+                                         r"Qwen2Tokenizer: 25 tokens for its 24 \(adding \['<\|endoftext\|>'\]\)"):
+        merged = merge_checkpoints("task_arithmetic", [chat, tool], tmp_path / "m", base=base,
+                                   tokenizer_source="union", progress=False)
+    vocab = transformers.PreTrainedTokenizerFast.from_pretrained(merged).get_vocab()
+    assert sorted(vocab, key=vocab.get)[len(WORDS):] == ["<|im_start|>", "<|im_end|>", "<tool>"]
+    assert json.loads((merged / "config.json").read_text())["vocab_size"] == len(WORDS) + 3
+    (tmp_path / "t.txt").write_text("\n".join(" ".join(WORDS) for _ in range(4)))
+    with pytest.warns(UserWarning, match="as Qwen2Tokenizer"):
+        out = quantize_checkpoint(base, tmp_path / "q", spec=QuantSpec(bits=4, group_size=8), method="gptq",
+                                  calibration={"t": str(tmp_path / "t.txt")}, samples=2, seq_len=8, progress=False)
+    assert transformers.PreTrainedTokenizerFast.from_pretrained(out).get_vocab() == {w: i for i, w in enumerate(WORDS)}
+    # a chat template set on the output's tokenizer: the tokenizer written is the one saved
+    with pytest.warns(UserWarning, match="as Qwen2Tokenizer"):
+        templated = merge_checkpoints("task_arithmetic", [expert(tmp_path, "plain", seed=3, **qwen)], tmp_path / "t",
+                                      base=base, chat_template="{{ messages[0]['content'] }}", progress=False)
+    assert transformers.PreTrainedTokenizerFast.from_pretrained(templated).get_vocab() == {
+        w: i for i, w in enumerate(WORDS)}
