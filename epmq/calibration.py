@@ -331,7 +331,7 @@ def _lfs_pointer(path: Path, what: str = "") -> Optional[ValueError]:
     except OSError:
         return None
     return ValueError(f"{what}{': ' * bool(what)}{path}: a Git LFS pointer, not the file it stands for (cloned "
-                      f"without git-lfs?): fetch the files (git lfs pull, or huggingface-cli download for a hub repo)")
+                      f"without git-lfs?): fetch the files (git lfs pull, or hf download for a hub repo)")
 
 
 def _text_lines(path: Path, whole: bool = False, chars: int = 0):

@@ -438,13 +438,15 @@ class CheckpointReader:
         if path.is_dir():
             found = weights_in(path)
             if found is None:
-                # (a hub cache's snapshot holds only what was fetched: a tokenizer-only download)
-                cached = "snapshots" in path.parts and any(p.startswith("models--") for p in path.parts)
+                # (a hub cache's snapshot holds only what was fetched: a tokenizer-only download;
+                # huggingface_hub 1.0 replaced its huggingface-cli with hf)
+                cached = [p for p in path.parts if p.startswith("models--")] if "snapshots" in path.parts else []
                 raise error(
                     f"{what}: no weights in {path}: expected one of {', '.join(WEIGHT_FILES)} "
                     f"or a single *.safetensors"
-                    + (" (the HF hub cache holds part of the repository, without its weights: fetch it "
-                       "online, HF_HUB_OFFLINE unset, or huggingface-cli download <id>)" if cached else "")
+                    + (f" (the HF hub cache holds part of the repository, without its weights: fetch it "
+                       f"online, HF_HUB_OFFLINE unset, or hf download {cached[0][len('models--'):].replace('--', '/')})"
+                       if cached else "")
                 )
             path = found
         if not path.is_file():

@@ -1188,7 +1188,7 @@ def test_git_lfs_pointers_are_refused_as_such_not_read_as_the_files(tmp_path):
         (tmp_path / name).write_text(pointer, encoding="utf-8")
     (tmp_path / "real.txt").write_text("4 5 6 7", encoding="utf-8")
     for name in ("notes.txt", "rows.jsonl", "table.parquet"):
-        with pytest.raises(ValueError, match=rf"{name}: a Git LFS pointer, not the file.*git lfs pull"):
+        with pytest.raises(ValueError, match=rf"{name}: a Git LFS pointer, not the file.*git lfs pull, or hf download"):
             text_windows(read_texts([tmp_path / "real.txt", tmp_path / name], stream=True), WordTokenizer(),
                          samples=1, seq_len=2)
     with pytest.raises(ValueError, match=r"^calibration: .*photo\.png: a Git LFS pointer, not the file.*git lfs pull"):
