@@ -99,14 +99,27 @@ def wrapped_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def rescaling_modules(model: nn.Module) -> dict:
+    """``{module name: rescale_every}`` of the modules that divide some of their weights for inference
+    (transformers' ``RwkvModel`` with ``rescale_every`` > 0 and more blocks than it; see
+    ``rescaled_divisors``), whether they hold them divided now (``layers_are_rescaled``) or not."""
+    found = {}
+    for name, module in model.named_modules():
+        every = getattr(getattr(module, "config", None), "rescale_every", 0)
+        if (hasattr(module, "layers_are_rescaled") and isinstance(every, int) and every > 0
+                and len(getattr(module, "blocks", ())) > every):
+            found[name] = every
+    return found
+
+
 def rescaled_divisors(model: nn.Module) -> dict:
     """``{weight name: divisor}`` of the weights RWKV (transformers' ``RwkvModel``, ``rescale_every``
     > 0) holds divided for inference (``layers_are_rescaled``): block i's ``attention.output`` and
     ``feed_forward.value`` by ``2 ** (i // rescale_every)``, as its ``_rescale_layers`` divides them."""
     divisors = {}
-    for prefix, module in model.named_modules():
-        every = getattr(getattr(module, "config", None), "rescale_every", 0)
-        if getattr(module, "layers_are_rescaled", False) is not True or not (isinstance(every, int) and every > 0):
+    for prefix, every in rescaling_modules(model).items():
+        module = model.get_submodule(prefix)
+        if module.layers_are_rescaled is not True:
             continue
         for i in range(every, len(module.blocks)):  # (the first rescale_every blocks: divided by 1)
             for rel in ("attention.output.weight", "feed_forward.value.weight"):

@@ -59,7 +59,7 @@ from torch import nn
 from epmq_kernels.grid import is_integer
 
 from ._util import (own_temporary, read_json, read_json_file, release_freed_memory, remove_stale_temporaries,
-                    rescaled_divisors, save_safetensors, storage_key, umask, wrapped_model)
+                    rescaled_divisors, rescaling_modules, save_safetensors, storage_key, umask, wrapped_model)
 from .adapters import (Transposed, auto_beside, checkpoint_names, find_towers, named_blocks, prepare_towers,
                        remember)
 from .adapters.attention import PROJECTIONS, call_projections, hands_weights_to_torch
@@ -161,6 +161,9 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     qconfig.update(_optimum_fields(model, layers, qconfig))
     if transposed:  # (so that load_quantized transposes these back, and only these)
         ours["transposed"] = [to_disk[key] for key in transposed.values()]
+    undivided = list(rescaling_modules(model))
+    if undivided:  # (RWKV's weights multiplied back, _tensors: said so, as epmq's first ones held them divided)
+        ours["undivided"] = undivided
     qconfig["epmq"] = ours
     # the experts transformers holds fused (stacked tensors), rebuilt as linears for the walk
     fused = [f"{name}.{rel}" for name, m in model.named_modules() if isinstance(m, LinearExperts)
@@ -1633,6 +1636,30 @@ def _read_qconfig(directory: Path) -> dict:
     return dict(qconfig, quant_method=method, checkpoint_format=fmt, group_size=group_size)
 
 
+def _refuse_unsaid_rescaling(directory: Path, model: nn.Module, ours) -> None:
+    """epmq's GPTQ and E-PMQ checkpoints of an RWKV (``rescale_every`` > 0) held its weights divided for
+    inference (its calibration had run the model in eval mode) and said nothing of it until it
+    recorded "rescaled" (2026-12-07 07:35 UTC); since 09:13 they hold them multiplied back, as RWKV's
+    own do, and say so as "undivided" (only since a later change: between, nothing). Loaded as if
+    undivided, a divided one was divided again by the first forward in eval mode, 2 ** k off; one
+    that says neither is refused, saying how to tell it. (RTN ran no model: its weights undivided.)"""
+    if not isinstance(ours, dict):  # (another tool's checkpoint: none of epmq's walks)
+        return
+    said = {*ours.get("rescaled", []), *ours.get("undivided", [])}
+    unsaid = {name: every for name, every in rescaling_modules(model).items() if name not in said}
+    methods = {info.get("method", ours.get("method")) for info in ours["modules"].values()} & {"gptq", "epmq"}
+    if unsaid and methods:
+        name, every = next(iter(unsaid.items()))
+        raise ValueError(
+            f"{directory}: {type(model).__name__}'s {name or 'model'!r} divides its weights for inference "
+            f"(RWKV's rescale_every={every}), and this {'/'.join(sorted(methods))} checkpoint does not say "
+            f"whether it holds them divided: epmq wrote them divided, saying nothing, before 2026-12-07 07:35 "
+            f"UTC (loaded as they are, its first forward in eval mode would divide them again), and later "
+            f"multiplied back, as RWKV's own checkpoints hold them. In the epmq section of its "
+            f"{CONFIG_FILE} add \"rescaled\": [\"{name}\"] for one written before, \"undivided\": "
+            f"[\"{name}\"] for one written after")
+
+
 _MODULE_FIELDS = ("in_features", "out_features", "bits", "group_size", "bias")  # (what load_quantized reads)
 
 
@@ -1650,9 +1677,11 @@ def _check_epmq_section(directory: Path, ours) -> None:
         lacking = [f for f in _MODULE_FIELDS if f not in info] if isinstance(info, dict) else list(_MODULE_FIELDS)
         if lacking:
             raise ValueError(f"{where}: module {name!r} lacks {', '.join(lacking)}")
-    tied, transposed, rescaled = ours.get("tied", {}), ours.get("transposed", []), ours.get("rescaled", [])
-    if not (isinstance(rescaled, list) and all(isinstance(v, str) for v in rescaled)):
-        raise ValueError(f"{where}: rescaled must be a list of module names, got {rescaled!r}")
+    tied, transposed = ours.get("tied", {}), ours.get("transposed", [])
+    for field in ("rescaled", "undivided"):
+        names = ours.get(field, [])
+        if not (isinstance(names, list) and all(isinstance(v, str) for v in names)):
+            raise ValueError(f"{where}: {field} must be a list of module names, got {names!r}")
     if not (isinstance(tied, dict) and all(isinstance(v, str) for v in tied.values())):
         raise ValueError(f"{where}: tied must map names to names, got {tied!r}")
     if not (isinstance(transposed, list) and all(isinstance(v, str) for v in transposed)):
@@ -1978,6 +2007,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         raise ValueError("device= is for a model built from the checkpoint (model=None); move a "
                          "model of your own with .to()")
     given, model = model, wrapped_model(model)  # (into a torch.compile'd or DataParallel model's own)
+    _refuse_unsaid_rescaling(directory, model, qconfig.get("epmq"))
     empty = any(p.is_meta for p in model.parameters())
     device = torch.device("cpu" if device is None else device)
     tensors = _load_tensors(directory, qconfig, device if empty else "cpu")

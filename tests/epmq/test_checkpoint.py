@@ -2939,8 +2939,9 @@ def test_a_corrupt_layer_is_refused_on_load(edit, match, peer, gen, tmp_path):
     (lambda ours: ours.update(transposed=5), r"transposed must be a list of names, got 5"),
     (lambda ours: ours.update(rescaled=5), r"rescaled must be a list of module names, got 5"),
     (lambda ours: ours.update(rescaled=["model"]), r"saved as module 'model' rescales them .* has no such module"),
+    (lambda ours: ours.update(undivided="rwkv"), r"undivided must be a list of module names, got 'rwkv'"),
 ], ids=["a module without bias", "a module entry no object", "modules a list", "transposed a number",
-        "rescaled a number", "rescaled by a module the model lacks"])
+        "rescaled a number", "rescaled by a module the model lacks", "undivided a name"])
 def test_a_damaged_epmq_section_is_refused_by_name(edit, match, gen, tmp_path):
     """The layers of an epmq checkpoint are read from its quantize_config.json's epmq section; one
     not as save_quantized writes it (hand-edited, damaged) ended load_quantized in a bare

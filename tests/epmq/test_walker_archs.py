@@ -883,6 +883,44 @@ def test_a_checkpoint_of_a_rescaled_rwkv_holds_its_weights_as_transformers_loads
     torch.testing.assert_close(output(epmq.load_quantized(tmp_path / "ckpt").eval(), item), want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_an_rwkv_checkpoint_that_does_not_say_whether_its_weights_are_divided_is_refused(method, gen, tmp_path):
+    """epmq's GPTQ and E-PMQ checkpoints of a rescaled RWKV held its weights divided for inference
+    (the calibration had run the model in eval mode) and said nothing of it until "rescaled" was
+    recorded; later ones hold them multiplied back, and said nothing either: a divided one was
+    divided again at its first forward in eval mode, 2 ** k off. Checkpoints now say "undivided",
+    and one of a walk that ran the model that says neither is refused, saying how to tell it; RTN
+    ran none (its weights undivided)."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    model, item = _rwkv(2).eval(), wider_input("ids", gen)
+    kwargs = {} if method == "rtn" else dict(calibration={"a": [wider_input("ids", gen)]}, backend="torch")
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method=method, progress=False, **kwargs)
+    want = output(model, item)
+    epmq.save_quantized(model, tmp_path / "ckpt")
+    path, config = tmp_path / "ckpt" / "model.safetensors", tmp_path / "ckpt" / "quantize_config.json"
+    said = json.loads(config.read_text())
+    assert said["epmq"]["undivided"] == ["rwkv"]
+    torch.testing.assert_close(output(epmq.load_quantized(tmp_path / "ckpt").eval(), item), want, rtol=0, atol=0)
+    # (as epmq wrote them first: divided, nothing said)
+    tensors = safetensors.load_file(path)
+    for name, divisor in epmq._util.rescaled_divisors(model).items():
+        tensors[name.replace(".weight", ".scales")] /= divisor
+    safetensors.save_file(tensors, path, metadata={"format": "pt"})
+    del said["epmq"]["undivided"]
+    config.write_text(json.dumps(said))
+    if method == "rtn":
+        epmq.load_quantized(tmp_path / "ckpt")
+        return
+    with pytest.raises(ValueError, match=r"'rwkv' divides its weights for inference \(RWKV's rescale_every=2\), "
+                                         r"and this gptq checkpoint does not say whether .* add "
+                                         r"\"rescaled\": \[\"rwkv\"\]"):
+        epmq.load_quantized(tmp_path / "ckpt")
+    said["epmq"]["rescaled"] = ["rwkv"]  # (as the message says, for one written before)
+    config.write_text(json.dumps(said))
+    torch.testing.assert_close(output(epmq.load_quantized(tmp_path / "ckpt").eval(), item), want, rtol=0, atol=0)
+
+
 def test_a_loaded_rwkvs_tiny_rescaled_weights_are_divided_for_inference_and_saved_back_exactly(gen, tmp_path):
     """A loaded RWKV divides its packed layers' weights on its first forward in eval mode: their float16
     scales were divided, small ones into float16's subnormals, so the layers no longer held the
