@@ -81,6 +81,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import dataclasses
 import enum
 import functools
 import hashlib
@@ -389,7 +390,7 @@ def quantize_model(
                 skipped=read,
             )
             if method == "rtn":
-                _rtn(stacks, spec, edits, report, progress, device)
+                _rtn(stacks, spec, edits, report, progress, device, divisors)
             else:
                 if method == "epmq":
                     if targets == "expert_path":  # (experts numbering the tokens otherwise: their row maps)
@@ -404,7 +405,7 @@ def quantize_model(
                     edits, report, anchor=anchor, weight_anchor=weight_anchor,
                     true_sequential=true_sequential, percdamp=percdamp, blocksize=blocksize,
                     backend=backend, residual_precision=residual_precision, device=device,
-                    resume_dir=resume_dir,
+                    resume_dir=resume_dir, divisors=divisors,
                 )
                 walk.run(progress)
             _share_tied(model, tied, edits, report)
@@ -888,8 +889,10 @@ def _rescale_for_inference(model) -> dict:
     not overflow. A packed layer's weight took no writes: RTN packed the undivided weights and the
     division was dropped (logits 40% off), and a GPTQ walk packed the divided ones only because its
     calibration ran the model first. The division is done here, before anything is packed, so the
-    codes are always of the weights the model runs in eval mode, and ``layers_are_rescaled`` says so
-    (``save_quantized`` writes them multiplied back, as RWKV's checkpoints hold them). Returns
+    codes are always of the weights the model runs in eval mode (the layers hold the undivided
+    weights' scales, the division as their ``weight_multiplier``: ``_quant_linear``), and
+    ``layers_are_rescaled`` says so (``save_quantized`` writes them multiplied back, as RWKV's
+    checkpoints hold them). Returns
     ``{tensor name: divisor}`` of every weight so divided: an expert's tensors are read undivided."""
     for module in model.modules():
         every = getattr(getattr(module, "config", None), "rescale_every", 0)
@@ -1849,13 +1852,21 @@ def _low_rank_print(expert, prints: Optional[dict] = None) -> tuple:
     return base[0], base[1], f"{base[2]} + U {U[0]} {U[1]} {U[2]} V {V[0]} {V[1]} {V[2]}"
 
 
-def _quant_linear(result, linear: nn.Linear, name: Optional[str] = None) -> QuantLinear:
+def _quant_linear(result, linear: nn.Linear, name: Optional[str] = None, divisor: int = 1) -> QuantLinear:
+    """``result`` packed. ``divisor``: what the model divided the linear's weight by for inference
+    (RWKV's, ``_rescale_for_inference``): the layer holds the undivided weight's scales and the
+    division as its ``weight_multiplier``, as a checkpoint loaded and run holds them (the same codes:
+    a power of two), so small scales are not rounded into float16's subnormals."""
     try:
+        if divisor != 1:
+            result = dataclasses.replace(result, scales=result.scales * divisor)
         packed = QuantLinear.from_result(result, linear.bias, dtype=linear.weight.dtype)
     except ValueError as error:  # (a layer the packed format or the model's dtype cannot hold: which one)
         if name is None:
             raise
         raise ValueError(f"{name}: {error}") from None
+    if divisor != 1:
+        packed.weight_multiplier = 1 / divisor
     return packed.to(linear.weight.device)
 
 
@@ -1870,7 +1881,7 @@ def _layer_report(name, block, method, targets, result, n_tokens=None) -> dict:
 # --------------------------------------------------------------------------- RTN
 
 
-def _rtn(stacks, spec, edits, report, progress, device=None):
+def _rtn(stacks, spec, edits, report, progress, device=None, divisors=None):
     from tqdm.auto import tqdm
 
     total = sum(len(s.blocks) for s in stacks)
@@ -1882,7 +1893,7 @@ def _rtn(stacks, spec, edits, report, progress, device=None):
                     W = linear.weight.detach()
                     result = quant.rtn(W if device is None else W.to(device), spec)
                     name = f"{stack.names[i]}.{rel}"
-                    edits.swap(name, _quant_linear(result, linear, name))
+                    edits.swap(name, _quant_linear(result, linear, name, (divisors or {}).get(f"{name}.weight", 1)))
                     report.layers.append(_layer_report(name, stack.names[i], "rtn", None, result))
                 bar.update()
 
@@ -2624,8 +2635,9 @@ class _Stream:
 class _Walk:
     def __init__(self, model, stacks, renames, spec, method, targets, calibration,
                  experts, edits, report, *, anchor, weight_anchor, true_sequential, percdamp,
-                 blocksize, backend, residual_precision, device=None, resume_dir=None):
+                 blocksize, backend, residual_precision, device=None, resume_dir=None, divisors=None):
         self.model, self.stacks, self.renames = model, stacks, renames
+        self.divisors = divisors or {}  # (RWKV's weights divided for inference: _quant_linear)
         self.spec, self.method, self.targets = spec, method, targets
         self.calibration, self.experts = calibration, experts
         self.edits, self.report = edits, report
@@ -4144,7 +4156,7 @@ class _Walk:
                 if result.dead_columns == linears[rel].weight.shape[1]:
                     self.report.unreached.append(name)
             stats[rel] = None  # free the Hessians before the next solve
-            packed = _quant_linear(result, linears[rel], name)
+            packed = _quant_linear(result, linears[rel], name, self.divisors.get(f"{name}.weight", 1))
             # (run in every later pass over the block: dequantized once, not at each call; not
             # where blocks are offloaded to the device, whose memory is what the walk saves there:
             # the replaced linears go back to the model's device, the held copies would not)

@@ -883,6 +883,30 @@ def test_a_checkpoint_of_a_rescaled_rwkv_holds_its_weights_as_transformers_loads
     torch.testing.assert_close(output(epmq.load_quantized(tmp_path / "ckpt").eval(), item), want, rtol=0, atol=0)
 
 
+def test_an_rwkvs_rescaled_layers_are_packed_undivided_their_division_their_multiplier():
+    """The walk divides RWKV's rescaled weights for inference before packing them, and the packed
+    layers held the divided weights' scales: small ones in float16's subnormals (warned of, their
+    precision lost). They hold the undivided weights' scales (those the model without rescaling,
+    quantized alike, holds) and the division as their weight_multiplier."""
+    torch.manual_seed(0)
+    base = _rwkv(1)
+    rescaled = {f"rwkv.blocks.{i}.{rel}": 2 ** i for i in range(4)
+                for rel in ("attention.output", "feed_forward.value")}
+    with torch.no_grad():
+        for name in rescaled:  # (8-bit scales ~2e-4: divided by 2 ** 3, subnormal)
+            base.get_submodule(name).weight.mul_(2 ** -4)
+    plain = _rwkv(0)
+    plain.load_state_dict(base.state_dict())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*below float16's normal range")
+        for model in (base.eval(), plain.eval()):
+            epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="rtn", progress=False)
+    for name, divisor in rescaled.items():
+        packed, whole = base.get_submodule(name), plain.get_submodule(name)
+        assert torch.equal(packed.qweight, whole.qweight) and torch.equal(packed.scales, whole.scales), name
+        assert packed.weight_multiplier == 1 / divisor and whole.weight_multiplier == 1
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_an_rwkv_checkpoint_that_does_not_say_whether_its_weights_are_divided_is_refused(method, gen, tmp_path):
     """epmq's GPTQ and E-PMQ checkpoints of a rescaled RWKV held its weights divided for inference
