@@ -2210,6 +2210,10 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             raise ValueError(f"{directory} holds no values for {left[:5]} of {type(model).__name__}")
         model.to(device)  # the buffers built on the CPU
     ours = ours or {}
+    # (the weights as the file holds them, undivided but where "rescaled" says otherwise: a model given that
+    # ran in eval mode said they were divided, and its first forward left the file's undivided)
+    for name in rescaling_modules(model):
+        model.get_submodule(name).layers_are_rescaled = False
     for name in ours.get("rescaled", []):
         # (a checkpoint epmq wrote before it saved RWKV's weights multiplied back holds them as its
         # eval-mode forward divides them: a fresh model would divide them again on its first forward)

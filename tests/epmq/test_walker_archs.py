@@ -907,6 +907,22 @@ def test_an_rwkvs_rescaled_layers_are_packed_undivided_their_division_their_mult
         assert packed.weight_multiplier == 1 / divisor and whole.weight_multiplier == 1
 
 
+def test_an_rwkv_checkpoint_loaded_into_a_model_that_ran_in_eval_mode_is_divided_for_inference(gen, tmp_path):
+    """load_quantized(directory, model) into an RWKV that had run in eval mode (layers_are_rescaled set,
+    its own weights divided) loaded the checkpoint's undivided weights under that flag: its forward
+    divided none of them (logits ~30% off). The flag is the file's: unset, but where "rescaled" says."""
+    torch.manual_seed(0)
+    model, item = _rwkv(2).eval(), wider_input("ids", gen)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="rtn", progress=False)
+    want = output(model, item)
+    epmq.save_quantized(model, tmp_path / "ckpt")
+    ran = _rwkv(2).eval()
+    output(ran, item)
+    loaded = epmq.load_quantized(tmp_path / "ckpt", ran)
+    assert not loaded.rwkv.layers_are_rescaled
+    torch.testing.assert_close(output(loaded, item), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_an_rwkv_checkpoint_that_does_not_say_whether_its_weights_are_divided_is_refused(method, gen, tmp_path):
     """epmq's GPTQ and E-PMQ checkpoints of a rescaled RWKV held its weights divided for inference
