@@ -1141,6 +1141,8 @@ def _same_hf_model(mine: str, theirs: str) -> bool:
     naming the other's repository (the hub reads its legacy names as their owner's: "xlm-roberta-base" as
     "FacebookAI/xlm-roberta-base"). Two owners' repositories of one name are two models, and a local
     directory (a copy of any model) is known to be the same one as itself alone."""
+    if not (isinstance(mine, str) and isinstance(theirs, str)):  # (no name: a config written wrong, as it is)
+        return mine == theirs
     if "/" in mine and "/" in theirs or _local_hf_model(mine) or _local_hf_model(theirs):
         return mine == theirs
     return mine.rpartition("/")[2] == theirs.rpartition("/")[2]

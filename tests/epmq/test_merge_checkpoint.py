@@ -3470,6 +3470,10 @@ def test_open_clip_hf_text_towers_of_two_owners_repositories_are_refused(tmp_pat
     with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 'roberta-base'\}, the base as "
                                          r"\{'text_cfg.hf_model_name': 'FacebookAI/xlm-roberta-base'\}"):
         _check_quietly(base, save("other", "roberta-base"))
+    # (a name that is no string, which open_clip cannot build by: refused naming it, not a TypeError)
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 123\}, the base as "
+                                         r"\{'text_cfg.hf_model_name': 'FacebookAI/xlm-roberta-base'\}"):
+        _check_quietly(base, save("number", 123))
 
 
 def test_open_clip_timm_model_names_of_a_local_directory_here_are_compared_by_its_architecture(tmp_path):
