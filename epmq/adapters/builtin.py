@@ -154,9 +154,18 @@ class DecoderAdapter(Adapter):
     hidden states."""
 
     TUPLE_BLOCKS = ("FalconDecoderLayer", "BloomBlock", "MptBlock", "BambaDecoderLayer", "FalconH1DecoderLayer")
+    # Gemma 3n's AltUp maps (the stream-mixing coefficients: correction_coefs 4 -> 4, prediction_coefs 4 -> 16,
+    # modality_router hidden -> 4; packed, their codes fill no whole 32-bit word, which no serving engine loads)
+    # and its LAuReL low-rank residual stay in full precision, as GPTQModel's Gemma 3n definition leaves them
+    # (a loader building only the layers it lists would find packed tensors where it expects weights)
+    FULL_PRECISION = {"Gemma3nTextDecoderLayer": ("altup.", "laurel.")}
 
     def passthrough_of(self, block, hidden):
         return (hidden, None) if type(block).__name__ in self.TUPLE_BLOCKS else hidden
+
+    def linears(self, block):
+        kept = self.FULL_PRECISION.get(type(block).__name__, ())
+        return {name: m for name, m in super().linears(block).items() if not name.startswith(kept)}
 
 
 HF_DECODERS = DecoderAdapter("hf-decoder", block_types=(
@@ -193,6 +202,11 @@ HF_DECODERS = DecoderAdapter("hf-decoder", block_types=(
     # Emu3's language model, over text and image tokens (AUTO, which a default walk was, took its VQ-VAE's
     # attention lists too, and its decoder's, run only to draw generated images, no forward reaches)
     "Emu3DecoderLayer",
+    # Gemma 3n's language model: hidden states of 4 AltUp streams ([4, batch, tokens, width]), a per-layer input
+    # (positional), the last layers attending to the keys and values of earlier ones (shared_kv_states, which
+    # those layers' own runs in the walk fill); beside its audio tower, which AUTO, a default walk, took too and
+    # then refused, text calibration never reaching it
+    "Gemma3nTextDecoderLayer",
 ))
 # timm's vision transformers (ViT, DeiT, SigLIP, EVA-02, ...): alone, or the image tower (``trunk``)
 # of an open_clip model built on timm (ViT-*-SigLIP*, EVA02-*, PE-Core-*). EVA's blocks take the

@@ -468,6 +468,12 @@ WIDER = {
     "jamba": (_decoder("JambaForCausalLM", "JambaConfig", num_experts=4, attn_layer_period=2, attn_layer_offset=1,
                        expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_expand=2,
                        mamba_dt_rank=4, use_mamba_kernels=False, **_MOE), "ids"),
+    # Gemma 3n: hidden states of 4 AltUp streams, a per-layer input each layer, the last 2 layers attending to
+    # the keys and values of the first 2
+    "gemma3n": (_decoder("Gemma3nForCausalLM", "Gemma3nTextConfig", num_hidden_layers=4, head_dim=8, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+                         hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, laurel_rank=4,
+                         activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0]), "ids"),
     # DeBERTa-v2 xlarge's layout: a convolution of the embeddings mixed into the first layer's
     # output, between the layers
     "deberta_v2_conv": (_hf("DebertaV2Model", "DebertaV2Config", vocab_size=VOCAB, hidden_size=32,

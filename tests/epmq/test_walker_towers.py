@@ -1,6 +1,7 @@
 """Models with more than one tower (vision-language models, encoder-decoders of two families):
 the walk, what it leaves behind, and their checkpoints."""
 
+import json
 import warnings
 
 import pytest
@@ -1910,3 +1911,54 @@ def test_granite_speech5_ctc_conformer_is_walked(gen, tmp_path, monkeypatch):
                                    rtol=1e-5, atol=1e-5)
     for target in ("encoder.layers.1.feed_forward1.linear1", "encoder.layers.3.self_attn.q_proj"):
         assert_walk_sees_a_plain_forward(tiny_granite_speech5_ctc(), target, [item() for _ in range(3)], monkeypatch)
+
+
+def tiny_gemma3n(seed=0):
+    """Gemma 3n as the hub holds it (Gemma3nForConditionalGeneration): a MobileNetV5 image tower (of no linear),
+    a Conformer audio tower and a language model of 4 layers, the last 2 attending to the keys and values of the
+    first 2 (shared_kv_states), its hidden states 4 AltUp streams, a per-layer input each. AltUp's output scale,
+    zeros at initialisation (the per-layer input gate then sees only zeros), is drawn as a trained model's."""
+    torch.manual_seed(seed)
+    text = dict(_TEXT, num_hidden_layers=4, head_dim=8, sliding_window=4, vocab_size_per_layer_input=300,
+                layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+                hidden_size_per_layer_input=8, laurel_rank=4, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0])
+    audio = dict(hidden_size=32, conf_num_attention_heads=4, conf_num_hidden_layers=2, sscp_conv_channel_size=[8, 8],
+                 input_feat_size=16)
+    vision = dict(architecture="mobilenetv5_base", hidden_size=2048, model_args={"channel_multiplier": 0.0625})
+    model = transformers.Gemma3nForConditionalGeneration(transformers.Gemma3nConfig(
+        text_config=text, audio_config=audio, vision_config=vision)).eval()
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.altup.correct_output_scale.normal_()
+    return model
+
+
+def test_gemma3n_language_model_is_walked_from_text_beside_its_audio_tower(gen, tmp_path, monkeypatch):
+    """Gemma 3n's layers were no adapter's: a default walk on text was AUTO's, which took the audio tower too and
+    refused the walk ('never reaches the blocks at model.audio_tower.conformer'), and AUTO packed AltUp's 4-wide
+    coefficient maps, which no engine loads. The language model is walked from text, the audio tower named in a
+    warning, AltUp and LAuReL left in full precision (and said to be), the logits near the float model's, and the
+    checkpoint loads back; a layer reusing an earlier one's keys and values gets a plain forward's inputs."""
+    item = lambda: {"input_ids": torch.randint(3, 290, (1, 8), generator=gen)}  # noqa: E731
+    model, test = tiny_gemma3n(), item()
+    with torch.no_grad():
+        reference = model(**test).logits
+    with pytest.warns(UserWarning, match=r"no adapter knows the blocks at model\.audio_tower\.conformer"):
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq",
+                            calibration={"a": [item() for _ in range(2)]}, progress=False)
+    with torch.no_grad():  # (this tiny model's logits move 0.3% under noise of 1e-3 of each weight's spread)
+        assert (model(**test).logits - reference).norm() / reference.norm() < 0.05
+    stack = "model.language_model.layers"
+    packed = {name.split(".", 4)[-1] for name in linears(model, stack, epmq.QuantLinear)}
+    assert packed == {f"self_attn.{p}_proj" for p in "qkvo"} | {f"mlp.{p}_proj" for p in ("gate", "up", "down")} | {
+        "per_layer_input_gate", "per_layer_projection"}
+    assert {name.split(".")[4] for name in linears(model, stack, torch.nn.Linear)} == {"altup", "laurel"}
+    assert not model.epmq_report.unreached
+    epmq.save_quantized(model, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert not [m for m in config["modules_in_block_to_quantize"][0] if m.startswith(("altup", "laurel"))]
+    with torch.no_grad():
+        torch.testing.assert_close(epmq.load_quantized(tmp_path / "q")(**test).logits, model(**test).logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert_walk_sees_a_plain_forward(tiny_gemma3n(), f"{stack}.3.self_attn.o_proj", [item() for _ in range(3)],
+                                     monkeypatch)
