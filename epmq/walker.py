@@ -2390,8 +2390,10 @@ def _run_block(stack, j, block, hidden, named, ran_on=None):
     except (RuntimeError, IndexError, TypeError, NotImplementedError, AttributeError) as e:
         first_line = str(e).splitlines()[0][:300] if str(e) else ""
         # (called alike on an item before, or handed just what the model gave it, no cache taken nor a
-        # TypeError of the walk's calling it by name: not a block the walk cannot call, but its own error)
-        as_given = not isinstance(e, TypeError) and not any(key in named for key in (*_CACHE_KWARGS, "use_cache"))
+        # TypeError of the walk's calling it by name: not a block the walk cannot call, but its own error;
+        # an input under a cache's name that the walk keeps, _caches_in's, is what the model gave it)
+        taken = [key for key in _CACHE_KWARGS if key in named and named[key] is None]
+        as_given = not isinstance(e, TypeError) and not taken and "use_cache" not in named
         if ran_on is not None or as_given:
             how = f"having run on {ran_on}" if ran_on is not None else "called with the model's own arguments"
             raise ValueError(f"block {j} at {stack.prefix!r} raised on this calibration item ({type(e).__name__}: "

@@ -799,6 +799,37 @@ def test_a_block_that_raises_on_one_item_under_auto_is_named_as_raising_on_it(er
                                       "the model's own forward calling it)"]
 
 
+class FailingOnCache(Failing):
+    """Failing handed a scale under the name of a cache, which it multiplies its input by."""
+
+    def forward(self, x, cache=None):
+        return super().forward(x * cache)
+
+
+class CacheScalingNet(Net):
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x, cache=torch.full((16,), 3.0))
+        return x
+
+
+def test_a_block_that_raises_on_an_input_under_a_cache_s_name_under_auto_is_named_as_raising_on_it(gen,
+                                                                                                   monkeypatch):
+    """Under AUTO, a block's RuntimeError on item 0 was taken for one of a block the walk calls otherwise than
+    the model where an argument had a cache's name, though the walk keeps a tensor there as given (the
+    block's input): refused as blocks the walker cannot quantize one by one, to be registered an adapter
+    for. Named as the block's own error on that item, called with the model's own arguments."""
+    model = CacheScalingNet(FailingOnCache)
+    model.layers[0].failing = True
+    monkeypatch.setattr(Failing, "error", RuntimeError)
+    monkeypatch.setattr(Failing, "fails", staticmethod(lambda x, b: True))
+    with pytest.raises(ValueError, match=r"block 0 at 'layers' raised on this calibration item \(RuntimeError: "
+                                         r"the block's own bug\), called with the model's own arguments") as raised:
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [torch.randn(4, 16, generator=gen)]},
+                            progress=False, adapter=epmq.adapters.AUTO)
+    assert "register an adapter" not in str(raised.value) and type(raised.value.__cause__) is RuntimeError
+
+
 class LookingUpNet(Net):
     """Looks a key up in its own table, before block ``at``, that a batch of 3 lacks (the model's own bug)."""
 
