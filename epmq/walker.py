@@ -2241,7 +2241,8 @@ def _kept_depth(stack) -> int:
     """How deep into objects ``_check_kept`` looks: not at all where the adapter's stand-ins run the
     blocks (AUTO), since what they change in an object (Gemma 4's layers storing keys and values for
     later ones) is the blocks', not the model's: ``_check_replayable``'s; the model's are seen between
-    one block's call and the next's there (``_check_kept_of``, from the recorder)."""
+    one block's call and the next's, and after the last, there (``_check_left``: in the arguments of
+    every block called so far)."""
     return 0 if stack.adapter.runs_blocks else _OBJECTS_DEEP
 
 
