@@ -2358,7 +2358,10 @@ def _same_output(first, again) -> bool:
     if (first.shape, first.dtype) != (again.shape, again.dtype):
         return False
     first, again = first.float(), again.to(first.device).float()
-    atol = 1e-2 * float(first.abs().max()) if first.numel() else 0.0
+    # (its finite values' scale: a NaN where a row is all padding, attention's over no token, made it NaN,
+    # and the walk of a block storing its keys for later ones ended in torch's bare error on a NaN atol)
+    finite = first[first.isfinite()]
+    atol = 1e-2 * float(finite.abs().max()) if finite.numel() else 0.0
     return torch.allclose(again, first, rtol=1e-2, atol=atol, equal_nan=True)
 
 

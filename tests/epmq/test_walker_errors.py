@@ -1907,6 +1907,39 @@ def test_an_object_a_block_changes_alike_on_each_call_is_walked(adapter, gen, mo
     assert_same_statistics(seen, hand)
 
 
+class NaNRowStoring(Storing):
+    """Storing whose output's first row is NaN where it stores (attention over a row of padding alone, in
+    some kernels), storing the mean of the others."""
+
+    def forward(self, x, gains):
+        if not self.stores:
+            return super().forward(x, gains)
+        y = x + self.fc(x)
+        gains.gain = y[1:].mean()
+        return torch.cat([torch.full_like(y[:1], float("nan")), y[1:]])
+
+
+@pytest.mark.parametrize("adapter", ["registered", "auto"])
+def test_a_block_storing_for_later_ones_whose_output_holds_a_nan_is_walked(adapter, gen, monkeypatch):
+    """A block that stores what later ones read, alike on each call, is called again to see that it returns
+    the same hidden states: their scale taken over a row of NaN (padding's, in some attention kernels) was
+    NaN, and the walk ended in torch's bare "atol must be greater than or equal to zero". Walked, block 0 on
+    what it gets."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    model = StoringNet()
+    for layer in model.layers:
+        layer.__class__ = NaNRowStoring
+    hand = hooked_inputs(model, "layers.0.fc", [{"x": x} for x in items])
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                        adapter=epmq.adapters.AUTO if adapter == "auto" else
+                        epmq.Adapter("storing", block_types=(NaNRowStoring,)),
+                        layers=lambda name: name == "layers.0.fc")
+    assert_same_statistics(seen, hand)
+
+
 def test_an_object_every_block_reads_unchanged_is_walked_on_what_they_get(gen, monkeypatch):
     """One SimpleNamespace handed to both blocks, which read its gain and change nothing: walked (its
     attributes are compared, not refused as an object; the model it also holds is held whole, though the
