@@ -1940,6 +1940,38 @@ def test_a_block_storing_for_later_ones_whose_output_holds_a_nan_is_walked(adapt
     assert_same_statistics(seen, hand)
 
 
+class NaNStoring(Storing):
+    """Storing that stores its output with a first row of NaN (keys of a row of padding alone, in some
+    kernels) where it stores."""
+
+    def forward(self, x, gains):
+        if not self.stores:
+            return super().forward(x, gains)
+        y = x + self.fc(x)
+        gains.gain = torch.cat([torch.full_like(y[:1], float("nan")), y[1:]])
+        return y
+
+
+@pytest.mark.parametrize("adapter", ["registered", "auto"])
+def test_a_block_storing_a_nan_alike_on_each_call_is_walked(adapter, gen, monkeypatch):
+    """A block storing what later ones read, alike on each call, is called again to see that it stores the
+    same: a NaN stored (padding's) was never equal to the NaN stored again, and the block was refused as
+    one changing its argument otherwise on each call. Walked, block 0 on what it gets."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    model = StoringNet()
+    for layer in model.layers:
+        layer.__class__ = NaNStoring
+    hand = hooked_inputs(model, "layers.0.fc", [{"x": x} for x in items])
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                        adapter=epmq.adapters.AUTO if adapter == "auto" else
+                        epmq.Adapter("storing", block_types=(NaNStoring,)),
+                        layers=lambda name: name == "layers.0.fc")
+    assert_same_statistics(seen, hand)
+
+
 def test_an_object_every_block_reads_unchanged_is_walked_on_what_they_get(gen, monkeypatch):
     """One SimpleNamespace handed to both blocks, which read its gain and change nothing: walked (its
     attributes are compared, not refused as an object; the model it also holds is held whole, though the
