@@ -3777,6 +3777,8 @@ class _Walk:
             if stack.chosen[i]:  # (a block not probed is called once per item: what the model does)
                 with _running(prefix, self.probed[0], 0, "called again to see whether it changes its arguments"):
                     _check_replayable(stack, i, block, self.probed)
+                # (its output held on to the next probe: a vision tower's last, through the language model's)
+                self.probed = None
             groups = self._chunked(block, groups, leader, stack.loops)
             self._plan_reads(prefix, groups)
             for g, group in enumerate(groups):
