@@ -43,6 +43,7 @@ from torch import nn
 
 from .._util import device_of
 from ..checkpoint_io import open_state, weights_in
+from ..vocabulary import checkpoint_tokenizer
 from .common import BenchBase
 from .config import BenchConfig, BenchConfigError, check_has_vocabulary
 from .data import make_task_data, open_text_sources
@@ -159,7 +160,7 @@ class T5GlueBench(BenchBase):
 
     def __init__(self, config: BenchConfig, log):
         super().__init__(config, log)
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         self.base_dir = self._resolve(config.model.base, "model.base", "model", config.model.revision)
         if not (self.base_dir / "config.json").is_file():
@@ -169,8 +170,8 @@ class T5GlueBench(BenchBase):
             raise BenchConfigError(f"model.base: no weights in {self.base_dir}")
         tok_source = config.model.tokenizer
         tok_dir = self.base_dir if tok_source is None else self._resolve(tok_source, "model.tokenizer", "tokenizer")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        try:  # (as saved: see checkpoint_tokenizer)
+            self.tokenizer = checkpoint_tokenizer(tok_dir)
         except Exception as e:
             raise BenchConfigError(f"cannot load the tokenizer from {tok_dir}: {e}") from e
         check_has_vocabulary(self.tokenizer, tok_dir)

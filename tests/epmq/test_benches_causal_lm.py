@@ -169,6 +169,27 @@ def test_an_fp8_expert_with_its_scales_beside_is_refused_not_cast(tmp_path):
         build_bench(config, base_dir=tmp_path, progress=False)
 
 
+def test_a_tokenizer_saved_from_its_file_is_read_as_saved(tmp_path):
+    """model.tokenizer beside a Qwen2 config.json, saved as TokenizersBackend: transformers 5 loads
+    it as Qwen2Tokenizer (byte-level BPE over the word-level file, '<|endoftext|>' added), which
+    read the prompts as other tokens; the bench reads it as saved, as epmq merge and quantize do."""
+    import shutil
+
+    import transformers
+
+    config = write_tiny_causal_lm(tmp_path, ("sst2",))
+    own = build_bench(config, base_dir=tmp_path, progress=False)  # (the base's tokenizer, beside a Llama config)
+    (tmp_path / "tok").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / config["model"]["base"] / name, tmp_path / "tok")
+    transformers.Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1).save_pretrained(tmp_path / "tok")
+    with pytest.warns(UserWarning, match="saved as TokenizersBackend, as Qwen2Tokenizer"):
+        bench = build_bench(dict(config, model=dict(config["model"], tokenizer="tok")), base_dir=tmp_path,
+                            progress=False)
+    assert bench.tokenizer.get_vocab() == own.tokenizer.get_vocab()
+    assert bench._encode("sst2", "test") == own._encode("sst2", "test")
+
 def _tied_base_bench(root):
     """A tiny causal-LM bench whose base ties its head to its embeddings, with an untied expert
     (its own trained head, task sst2) and a tied one (task rte); its config and directories."""
