@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -352,6 +353,16 @@ def base_tokenizer_changes_nothing(base: str, models: list, vocabulary=_vocabula
     return None
 
 
+def _same_model(a, b) -> bool:
+    """Whether ``a`` and ``b`` name one model: the same text, or one local path spelled two ways
+    (``./ckpt/base/`` for ``ckpt/base``: mergekit reads the same tokenizer from either)."""
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists()):
+        return False
+    return os.path.samefile(a, b)
+
+
 def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokenizers, base_given: bool,
                       base_averaged: bool = False) -> dict:
     """mergekit's ``tokenizer_source`` (or ``tokenizer: {source: ..., pad_to_multiple_of: ...}``,
@@ -376,8 +387,8 @@ def _tokenizer_source(config: Mapping, base: Optional[str], models: list, tokeni
         source, pad, tokens = spec.get("source", "union"), spec.get("pad_to_multiple_of"), spec.get("tokens") or None
     if source is None:
         return {}
-    if source not in ("base", "union") and source != base:
-        if source not in models:  # (a name mistyped, likelier than a model not merged: said as neither)
+    if source not in ("base", "union") and not _same_model(source, base):
+        if not any(_same_model(source, m) for m in models):  # (a name mistyped, likelier than a model not merged)
             named = ", ".join(map(repr, dict.fromkeys([base, *models])))
             raise ValueError(f"tokenizer source {source!r} is not base, union or a model of the merge ({named}): "
                              f"a mistyped name? (another model's tokenizer, which mergekit realigns the embeddings "

@@ -465,7 +465,8 @@ def test_a_mistyped_name_in_a_config_with_a_tokenizer_is_said_as_one(tmp_path, c
     """With tokenizer: {source: ..., tokens: ...} every model's tokenizer is read first: a base_model
     mistyped (ckpt/bse beside ckpt/base) was said as the HF hub's failure alone, never as a local
     folder mistyped, as the merge says one; a tokenizer source mistyped (ckpt/bas) was said to be
-    another model's tokenizer, 'give that model as base_model'. Each names what is there."""
+    another model's tokenizer, 'give that model as base_model'. Each names what is there. The base's
+    path spelled otherwise (./ckpt/base/) was refused alike; it is the base, as mergekit reads it."""
     import huggingface_hub.constants as hub
 
     tokens = [f"t{i}" for i in range(8)]
@@ -487,6 +488,9 @@ def test_a_mistyped_name_in_a_config_with_a_tokenizer_is_said_as_one(tmp_path, c
         assert main(["merge", "mk.yaml", "out", "--quiet"]) == 2
         err = capsys.readouterr().err
         assert said.format(tmp_path / "ckpt" / "bse") in err and err.count("\n") == 1, err
+    # the base's path spelled otherwise is the base, as mergekit reads it (changing nothing here)
+    for spelled in ("./ckpt/base/", str(tmp_path / "ckpt" / "base")):
+        assert "tokenizer_source" not in from_mergekit(dict(merged, base_model="ckpt/base", tokenizer_source=spelled))
 
 
 def test_tokenizer_rows_of_a_text_encoder_and_decoder_model(tmp_path):
