@@ -125,14 +125,21 @@ def checkpoint_tokenizer(directory):
     if declared not in SAVED_AS_FILE or type(tokenizer).__name__ in SAVED_AS_FILE:
         return tokenizer
     saved = transformers.PreTrainedTokenizerFast.from_pretrained(directory)
-    model = lambda t: type(getattr(getattr(t, "backend_tokenizer", None), "model", None)).__name__  # noqa: E731
-    if saved.get_vocab() == tokenizer.get_vocab() and model(saved) == model(tokenizer):
+
+    def model_of(t) -> str:
+        return type(getattr(getattr(t, "backend_tokenizer", None), "model", None)).__name__
+
+    differences = []
+    if saved.get_vocab() != tokenizer.get_vocab():
+        added = sorted(set(tokenizer.get_vocab()) - set(saved.get_vocab()))
+        differences.append(f"{len(tokenizer)} tokens for its {len(saved)}{f' (adding {added[:3]})' if added else ''}")
+    if model_of(saved) != model_of(tokenizer):
+        differences.append(f"a {model_of(tokenizer)} model for its {model_of(saved)}")
+    if not differences:
         return tokenizer
-    added = sorted(set(tokenizer.get_vocab()) - set(saved.get_vocab()))
     warnings.warn(f"transformers' AutoTokenizer loads the tokenizer of {directory}, saved as {declared}, as "
-                  f"{type(tokenizer).__name__}: {len(tokenizer)} tokens for its {len(saved)}"
-                  f"{f' (adding {added[:3]})' if added else ''}, a {model(tokenizer)} model for its {model(saved)}; "
-                  f"it is read as saved (load it so yourself: PreTrainedTokenizerFast.from_pretrained)")
+                  f"{type(tokenizer).__name__}: {', '.join(differences)}; it is read as saved (load it so "
+                  f"yourself: PreTrainedTokenizerFast.from_pretrained)")
     return saved
 
 

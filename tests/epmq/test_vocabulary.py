@@ -885,3 +885,25 @@ def test_a_tokenizer_saved_from_its_file_is_read_as_saved_not_as_transformers_re
                                       base=base, chat_template="{{ messages[0]['content'] }}", progress=False)
     assert transformers.PreTrainedTokenizerFast.from_pretrained(templated).get_vocab() == {
         w: i for i, w in enumerate(WORDS)}
+
+
+def test_a_tokenizer_read_as_saved_is_warned_of_by_what_differs(tmp_path):
+    """A byte-level BPE tokenizer saved as TokenizersBackend beside a Qwen2 config: transformers 5's
+    Qwen2Tokenizer keeps its BPE model and adds '<|endoftext|>'; the warning names that token alone
+    (it said 'a BPE model for its BPE' too), and the tokenizer saved is the one read."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from epmq.vocabulary import checkpoint_tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator([" ".join(WORDS)] * 4, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(tmp_path)
+    transformers.Qwen2Config(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning) as said:
+        tokenizer = checkpoint_tokenizer(tmp_path)
+    message = str(said[0].message)
+    assert "as Qwen2Tokenizer: " in message and "(adding ['<|endoftext|>']); it is read as saved" in message
+    assert "model for its" not in message and tokenizer.get_vocab() == bpe.get_vocab()
