@@ -479,14 +479,15 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                 # (another RoPE is warned of by quantize_model's check of the model as loaded: once)
                 _check_architectures(directory, list(local.values()),
                                      [f"of task {t!r} ({p})" for t, p in local.items()], experts=True, warn=False)
-            cls, preprocessor, batches = calibrated(directory, calibration or {}, samples=samples,
-                                                    seq_len=seq_len, batch_size=batch_size, seed=seed, tower=tower,
-                                                    walked=method != "rtn", out=out)
-            # each expert opened as the walk opens it, before the model loads: one holding no weights, or a
-            # path to no checkpoint, was named once the model had loaded (minutes at 70B)
+            # each expert opened as the walk opens it, before the model loads and the calibration files are
+            # read: one holding no weights, or a path to no checkpoint (a folder mistyped), was named once the
+            # model had loaded (minutes at 70B), then once every task's files had been read and tokenized
             sources = {t: open_expert(p, lora_base) for t, p in experts.items()} if experts else None
             for task, source in (sources or {}).items():
                 ExpertWeights(source, task=task).close()
+            cls, preprocessor, batches = calibrated(directory, calibration or {}, samples=samples,
+                                                    seq_len=seq_len, batch_size=batch_size, seed=seed, tower=tower,
+                                                    walked=method != "rtn", out=out)
             with loading_bars(progress):
                 net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
             net.eval()

@@ -881,17 +881,29 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys, monkeypatch):
 
 
 def test_an_expert_that_cannot_be_read_is_named_before_the_model_loads(files, tmp_path, monkeypatch):
-    """An expert directory holding no weights (or a path that is no checkpoint) was found once the
-    merged model had loaded (minutes at 70B), when the walk opened it; it is named before."""
+    """An expert directory holding no weights (or a path that is no checkpoint, a folder mistyped)
+    was found once the merged model had loaded (minutes at 70B), when the walk opened it; it is
+    named before, and before the calibration files are read and tokenized (it was after)."""
+    import huggingface_hub.constants as hub
+
+    import epmq.quantize_files as quantize_files
+
     root = files
     (tmp_path / "empty").mkdir()
-    loaded = []
+    (tmp_path / "typo").mkdir()  # (typo/expert1: an org/name in form, a folder here: said as mistyped)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    loaded, calibrated = [], quantize_files.calibrated
     from_pretrained = transformers.PreTrainedModel.from_pretrained.__func__
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained",
                         classmethod(lambda cls, *a, **k: loaded.append(cls) or from_pretrained(cls, *a, **k)))
+    monkeypatch.setattr(quantize_files, "calibrated",
+                        lambda *a, **k: loaded.append("calibration") or calibrated(*a, **k))
     for bad, error in ((tmp_path / "empty", "the expert of task 'b'.*no weights in"),
-                       (root / "a.txt", "the expert of task 'b'.*unknown checkpoint file type")):
-        with pytest.raises(ValueError, match=error):
+                       (root / "a.txt", "the expert of task 'b'.*unknown checkpoint file type"),
+                       ("typo/expert1", "the expert of task 'b': no folder .*typo holds no 'expert1'")):
+        with pytest.raises((ValueError, OSError), match=error):
             epmq.quantize_checkpoint(root / "merged", tmp_path / "out", spec=epmq.QuantSpec(bits=4, group_size=16),
                                      method="epmq", calibration={"a": str(root / "a.txt"), "b": str(root / "a.txt")},
                                      experts={"a": str(root / "expert0"), "b": str(bad)}, samples=2, seq_len=16,
