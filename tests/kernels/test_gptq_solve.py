@@ -68,11 +68,11 @@ def make_hinv(H, percdamp=0.01, perm=None):
     return torch.linalg.cholesky(H_inv, upper=True).float()
 
 
-def make_problem(gen, d_out=D_OUT, d_in=D_IN, *, n_tokens=256, dead=(), with_R=False, perm=None):
+def make_problem(gen, d_out=D_OUT, d_in=D_IN, *, n_tokens=256, dead=(), with_R=False, perm=None, spread=3.0):
     """``(W, R, Hinv, H)`` on DEVICE, all in processing order (``perm``: act-order)."""
     W = torch.randn(d_out, d_in, generator=gen)
     R = 0.2 * torch.randn(d_out, d_in, generator=gen) if with_R else None
-    H = make_hessian(gen, d_in, n_tokens, dead=dead)
+    H = make_hessian(gen, d_in, n_tokens, dead=dead, spread=spread)
     if perm is not None:
         perm = perm.cpu()
         W = W[:, perm].contiguous()
@@ -218,6 +218,22 @@ def test_static_groups(gen, act_order):
     if act_order:
         assert not bool((grid["col_group"].diff() >= 0).all()), "act-order should scramble groups"
     run_both(W, Hinv, H, bits=4, sym=False, R=R, blocksize=32, **grid)
+
+
+@pytest.mark.parametrize("bits,sym", [(2, True), (3, False), (4, True), (8, False)])
+def test_every_grid_under_act_order_on_an_ill_conditioned_hessian(gen, bits, sym):
+    """Static and dynamic groups of every bit width, symmetric or not, of a size that does not
+    divide d_in (96 = 2 x 40 + a last group of 16), under act-order (static groups scrambled in
+    processing order), on a Hessian of few tokens whose features' scales span five orders of
+    magnitude (a condition number past 1e9 before damping), with dead columns."""
+    H0 = make_hessian(gen, D_IN, 256)
+    perm = torch.argsort(H0.diagonal(), descending=True)
+    W, R, Hinv, H = make_problem(gen, with_R=True, perm=perm, n_tokens=64, dead=(3, 50, 51), spread=1e4)
+    grid = static_grid(W + R, bits, sym, 40, perm=perm.to(DEVICE))
+    assert grid["scales"].shape == (D_OUT, 3)
+    run_both(W, Hinv, H, bits=bits, sym=sym, R=R, blocksize=32, **grid)
+    ref, _ = run_both(W, Hinv, H, bits=bits, sym=sym, R=R, group_size=40, blocksize=32)
+    assert ref.scales.shape == (D_OUT, 3)
 
 
 def test_act_order_per_channel_and_dynamic(gen):

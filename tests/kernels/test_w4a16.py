@@ -486,6 +486,20 @@ def test_paths_at_other_batch_sizes(gen, path):
         assert_close_to_reference(y, x, qweight, scales, zeros, 32, g_idx)
 
 
+@pytest.mark.parametrize("g_idx_kind", [None, "permuted"])
+@pytest.mark.parametrize("group_size,K", [(4, 64), (24, 96)])
+def test_groups_inside_a_word_or_of_no_power_of_two(gen, group_size, K, g_idx_kind):
+    """Groups of 4 inputs (two to a packed word: one word's codes take two groups' scales) and of
+    24 (no power of two: groups start inside the kernels' K tiles and words), on every path at
+    M = 1, 3, 5 and 17 and N = 37."""
+    qweight, scales, zeros, g_idx = make_problem(gen, K, 37, group_size, g_idx_kind)
+    for path, M in (("gemv", 1), ("splitk", 3), ("gemm", 17), ("dqmm", 5)):
+        x = torch.randn(M, K, generator=gen).to(torch.float16)
+        out = torch.full((M, 37), float("nan"), dtype=torch.float16)
+        w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, out=out, path=path, backend="triton")
+        assert_close_to_reference(out, x, qweight, scales, zeros, group_size, g_idx)
+
+
 @pytest.mark.parametrize("path,M,group_size", [("gemv", 1, 128), ("gemv", 1, -1),
                                                ("splitk", 3, 128), ("splitk", 1, -1),
                                                ("gemm", 20, 128), ("dqmm", 20, 64),
