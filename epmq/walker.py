@@ -3964,17 +3964,28 @@ class _Walk:
         return chunked
 
     def _stats_bytes(self, linear, leads: bool) -> int:
-        """About the bytes of ``linear``'s statistics (``_new_stats``): the Hessians its group's
-        first reader of the input holds (GPTQ's H; E-PMQ's H_e, H_m and a task's H_k), E-PMQ's
-        G_e and the task's expert weight of each linear, and with E-PMQ's asymmetric targets
-        (expert or fp path) the open task's ``W_k - W_m`` (``EPMQStats.add_batch``)."""
+        """The bytes ``linear``'s statistics (``_new_stats``) hold at their peak, a task's last
+        batch: the Hessians its group's first reader of the input holds (GPTQ's H; E-PMQ's H_e,
+        H_m and the task's H_k), E-PMQ's G_e and the task's expert weight (read in the model's
+        dtype on the expert path; a checkpoint in another dtype holds its own, a LoRA expert less),
+        and with asymmetric targets (expert or fp path) the task's G_k, its ``W_k - W_m``, the fp
+        path's G_m and ``W_m`` in the statistics' dtype (``EPMQStats.add_batch``)."""
         d_out, d_in = linear.weight.shape
-        gptq = self.method == "gptq" and self.t is None
-        hessians = (1 if gptq else 3) * d_in * d_in if leads else 0
-        weights = 0 if gptq else 2
-        if self.t is not None and self.method == "epmq":  # (GPTQ's fp-path control: W_k is W_m)
-            weights += 1
-        return (hessians + weights * d_out * d_in) * self.stats_dtype.itemsize
+        if self.method == "gptq" and self.t is None:
+            return (d_in * d_in if leads else 0) * self.stats_dtype.itemsize
+        hessians = 3 * d_in * d_in if leads else 0
+        matrices = 1  # G_e
+        # (W_k in the model's dtype; GPTQ's fp-path control takes W_m itself as its W_k)
+        W_k = linear.weight.element_size() if self.method == "epmq" else 0
+        if self.t is not None:
+            matrices += 1  # G_k
+            if self.method == "epmq":
+                matrices += 1  # W_k - W_m
+                if self.targets == "fp_path":
+                    matrices += 1  # G_m
+            if linear.weight.dtype != self.stats_dtype:  # (otherwise W_m is its own cast)
+                matrices += 1
+        return (hessians + matrices * d_out * d_in) * self.stats_dtype.itemsize + W_k * d_out * d_in
 
     def _capture(self, block, hidden, kwargs, rels, full, leader, mask=None, taken=None):
         """Run ``block``; the inputs of the linears ``rels`` (tokens x features), and its output

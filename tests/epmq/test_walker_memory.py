@@ -184,9 +184,10 @@ def _tiny_moe(experts=8, hidden=32, layers=2):
 def test_a_stage_of_experts_past_the_statistics_budget_is_solved_in_chunks_bit_for_bit(method, gen, monkeypatch):
     """A MoE block's experts are solved in two stages (gate and up, then down): every expert's
     statistics were taken at once, a Hessian per expert (Qwen3-235B: 128 of 4096 x 4096 per
-    stage, 38 GB with E-PMQ's). Past ``EXPERT_STATISTICS_BYTES`` a stage is cut into chunks of
-    experts, each solved before the next one's statistics are taken: at most a chunk's Hessians
-    are alive, and the codes, scales and report are those of the stage taken at once."""
+    stage, 35 GB with E-PMQ's of a bfloat16 model). Past ``EXPERT_STATISTICS_BYTES`` a stage is
+    cut into chunks of experts, each solved before the next one's statistics are taken: at most
+    a chunk's Hessians are alive, and the codes, scales and report are those of the stage taken
+    at once."""
     E = 8
     model = _tiny_moe(E)
     alive = {"now": 0, "peak": 0}
@@ -353,42 +354,56 @@ def test_a_target_streams_inputs_are_let_go_as_its_outputs_are_made(targets, gen
     assert held == [0] * len(blocks)
 
 
-def test_the_statistics_budget_counts_each_open_tasks_weight_difference(gen, monkeypatch):
-    """E-PMQ's statistics on the expert path hold each linear's open task's ``W_k - W_m``
-    (``EPMQStats.add_batch`` forms it once per task, not once per batch): the estimate that cuts
-    a stage past ``EXPERT_STATISTICS_BYTES`` into chunks counts it over the merged path's."""
+def _held_by(stats) -> dict:
+    """``{storage: bytes}`` of the matrices ``stats`` holds now (its task's included), those it
+    reads (the model's weight; a sharing layer's Hessians, its leader's) and scalars left out."""
+    tensors = list(vars(stats).values())
+    if stats._task is not None:
+        tensors += [v for k, v in vars(stats._task).items() if k not in ("lead", "shared")]
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in tensors if isinstance(t, torch.Tensor) and t.dim()}
+    theirs = {stats.W_merged.untyped_storage().data_ptr()}
+    if stats.inputs_of is not None:
+        theirs |= _held_by(stats.inputs_of).keys()
+    return {ptr: n for ptr, n in held.items() if ptr not in theirs}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method, targets", [("epmq", "merged_path"), ("epmq", "expert_path"),
+                                             ("epmq", "fp_path"), ("gptq", "fp_path")])
+def test_the_statistics_budget_counts_what_each_linears_statistics_hold(method, targets, dtype, gen, monkeypatch):
+    """The estimate that cuts a group past ``EXPERT_STATISTICS_BYTES`` into chunks is the bytes
+    each linear's statistics hold at their peak (a task's last batch): its Hessians, G_e, the
+    task's expert weight and, with asymmetric targets, the task's G_k and W_k - W_m, the fp
+    path's G_m and the merged weight in the statistics' dtype (a copy of a float32 model's on
+    the CPU, whose statistics are float64; none of a float64 model's)."""
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2)
-    model = transformers.LlamaForCausalLM(config).eval()
-    calibration = {t: [torch.randint(0, 64, (2, 8), generator=gen)] for t in ("a", "b")}
-    experts = {t: {n: p + 0.01 * torch.randn(p.shape, generator=gen) for n, p in model.state_dict().items()}
-               for t in calibration}
+    model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    calibration = {t: [torch.randint(0, 64, (2, 8), generator=gen) for _ in range(2)] for t in ("a", "b")}
+    experts = {t: {n: p + 0.01 * torch.randn(p.shape, generator=gen, dtype=dtype)
+                   for n, p in model.state_dict().items()} for t in calibration}
     held, estimates = {}, {}
 
     class Spied(epmq.stats.EPMQStats):
         def add_batch(self, *args, **kwargs):
             super().add_batch(*args, **kwargs)
-            difference = self._task.D
-            held[tuple(self.W_merged.shape)] = 0 if difference is None else _nbytes([difference])
+            key = tuple(self.W_merged.shape), self.inputs_of is None
+            held[key] = max(held.get(key, 0), sum(_held_by(self).values()))
 
     stats_bytes = epmq.walker._Walk._stats_bytes
 
     def spied_bytes(walk, linear, leads):
         size = stats_bytes(walk, linear, leads)
-        estimates.setdefault(walk.targets, {})[tuple(linear.weight.shape), leads] = size
+        estimates[tuple(linear.weight.shape), leads] = size
         return size
 
     monkeypatch.setattr(epmq.walker, "EPMQStats", Spied)
     monkeypatch.setattr(epmq.walker._Walk, "_stats_bytes", spied_bytes)
-    for targets in ("merged_path", "expert_path"):
-        copy_ = transformers.LlamaForCausalLM(config).eval()
-        copy_.load_state_dict(model.state_dict())
-        if targets == "expert_path":
-            held.clear()  # (the merged path's: none)
-        epmq.quantize_model(copy_, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets=targets,
-                            calibration=calibration, experts=experts, backend="torch", progress=False)
-    assert estimates["expert_path"].keys() == estimates["merged_path"].keys()
-    assert {shape for shape, _ in estimates["expert_path"]} == {(32, 32), (16, 32), (48, 32), (32, 48)}
-    for (shape, leads), size in estimates["expert_path"].items():
-        assert held[shape] == shape[0] * shape[1] * 8  # (float64 statistics on the CPU)
-        assert size - estimates["merged_path"][shape, leads] == held[shape]
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method=method, targets=targets,
+                        calibration=calibration, experts=experts if method == "epmq" else None,
+                        backend="torch", progress=False)
+    # (q leads k and v, gate leads up: each kind of linear's statistics)
+    assert set(estimates) == {((32, 32), True), ((16, 32), False), ((48, 32), True), ((48, 32), False),
+                              ((32, 48), True)}
+    assert held == estimates
