@@ -24,8 +24,8 @@ import triton.language as tl
 
 from . import _runtime  # (sets TRITON_INTERPRET before the kernels are decorated)
 from . import autotune_cache
-from ._runtime import (_bf16_mm, bf16_mm_emulated, bf16x3_mm, check_device, device_values, fp32_matmul,
-                       ieee_fp32_matmul, on_tensor_device, side_stream_launch, tf32_round, tf32x3_mm)
+from ._runtime import (_bf16_mm, bf16_mm_emulated, bf16x3_mm, check_device, check_same_device, device_values,
+                       fp32_matmul, ieee_fp32_matmul, on_tensor_device, side_stream_launch, tf32_round, tf32x3_mm)
 from .bf16x3 import SPLIT_TILE as _SPLIT_TILE, split_bf16
 
 
@@ -86,6 +86,9 @@ def _check_residual_args(G, W_k, W_m, H_k):
         )
     if H_k.shape != (d_in, d_in):
         raise ValueError(f"H_k must be [{d_in}, {d_in}], got {tuple(H_k.shape)}")
+    # (the reference ended in torch's 'Tensor on device cpu is not on the expected device meta!',
+    # naming no operand)
+    check_same_device(G, W_k, W_m, H_k, names=["G", "W_k", "W_m", "H_k"])
     # G is written while the product reads the others (tile by tile, in the kernel)
     for name, t in (("W_k", W_k), ("W_m", W_m), ("H_k", H_k)):
         if G.numel() and t.numel() and not G.is_meta and \
@@ -181,6 +184,9 @@ def _check_fold_args(H_e, H_m, hessians, weights, overwrite):
         _check_real(H_k, f"Hessian {k}")
         if H_k.shape != H_e.shape:
             raise ValueError(f"Hessian {k} is {tuple(H_k.shape)}, H_e {tuple(H_e.shape)}")
+    sums = [("H_e", H_e)] + ([] if H_m is None else [("H_m", H_m)])  # (devices: as in _check_residual_args)
+    given = sums + [(f"Hessian {k}", H_k) for k, H_k in enumerate(hessians)]
+    check_same_device(*(t for _, t in given), names=[name for name, _ in given])
     # H_e and H_m are written while the Hessians are read (FOLD_ARITY of them a pass, in the
     # kernel): as G in _check_residual_args, sharing memory with what is read is refused
     for out_name, out in (("H_e", H_e), ("H_m", H_m)):
@@ -226,6 +232,7 @@ def _check_xxt_args(H, X):
         raise ValueError(f"H must be a square matrix [d_in, d_in], got {tuple(H.shape)}")
     if X.dim() != 2 or X.shape[1] != H.shape[0]:
         raise ValueError(f"X must be [n, {H.shape[0]}] for H {tuple(H.shape)}, got {tuple(X.shape)}")
+    check_same_device(H, X, names=["H", "X"])  # (as in _check_residual_args)
     # H is written tile by tile while X is read: as G in _check_residual_args
     if H.numel() and X.numel() and not H.is_meta and \
             H.untyped_storage().data_ptr() == X.untyped_storage().data_ptr():

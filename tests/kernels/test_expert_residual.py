@@ -223,6 +223,7 @@ def test_a_task_weight_that_is_no_finite_number_is_refused(gen):
     assert bool(G.any()) and bool(H_e.any())
 
 
+
 # --------------------------------------------------------------------------- X^T X
 
 
@@ -973,6 +974,29 @@ def test_kernels_refuse_tensors_on_two_devices(gen):
         accumulate_residual_triton(G, W, W.clone(), torch.zeros(16, 16, device=meta), 1.0)
     with pytest.raises(ValueError, match="different devices.*Hinv=meta"):
         gptq_solve_triton(W, torch.zeros(16, 16, device=meta), bits=4, sym=False, group_size=8)
+
+
+def test_references_refuse_tensors_on_two_devices(gen):
+    """The torch references ended in torch's 'Tensor on device cpu is not on the expected device
+    meta!' (or a fold's H_m update in its bare error), naming no operand: refused as the kernels
+    refuse them, the sums left as they were."""
+    meta = torch.device("meta")
+    d_out, d_in = 5, 12
+    G, W = torch.zeros(d_out, d_in, device=DEVICE), rand(gen, d_out, d_in)
+    H = gram(gen, 20, d_in, torch.float32).to(DEVICE)
+    H_e, H_m = torch.zeros(d_in, d_in, device=DEVICE), torch.zeros(d_in, d_in, device=DEVICE)
+    for name in ("W_k", "W_m", "H_k"):
+        args = dict(W_k=W, W_m=W.clone(), H_k=H)
+        args[name] = args[name].to(meta)
+        with pytest.raises(ValueError, match=f"different devices.*{name}=meta"):
+            accumulate_residual_reference(G, **args, a=1.0)
+    with pytest.raises(ValueError, match="different devices.*X=meta"):
+        accumulate_xxt_reference(H_e, torch.zeros(4, d_in, device=meta))
+    with pytest.raises(ValueError, match="different devices.*Hessian 1=meta"):
+        fold_hessians_reference(H_e, H_m, [H, H.to(meta)], [1.0, 1.0])
+    with pytest.raises(ValueError, match="different devices.*H_m=meta"):
+        fold_hessians_reference(H_e, H_m.to(meta), [H], [1.0])
+    assert not G.any() and not H_e.any() and not H_m.any()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
