@@ -180,6 +180,11 @@ def _check_fold_args(H_e, H_m, hessians, weights, overwrite):
     if not isinstance(weights, torch.Tensor):
         for k, a in enumerate(weights):
             _check_scalar(a, f"weights[{k}]")
+    # (a tensor's values are taken unread, as a's: its dtype alone. A complex one ended in torch's bare
+    # 'value cannot be converted to type double without overflow', a bool one was taken as weights 0 and 1
+    # where a list's bools are refused, a meta one ended in 'Tensor.item() cannot be called on meta tensors')
+    elif weights.is_complex() or weights.dtype == torch.bool or weights.is_meta:
+        raise ValueError(f"weights must be real numbers, got a {weights.dtype} tensor on {weights.device}")
     for k, H_k in enumerate(hessians):
         _check_real(H_k, f"Hessian {k}")
         if H_k.shape != H_e.shape:

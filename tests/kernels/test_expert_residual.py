@@ -223,6 +223,21 @@ def test_a_task_weight_that_is_no_finite_number_is_refused(gen):
     assert bool(G.any()) and bool(H_e.any())
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fold_weights_given_as_a_tensor_of_no_real_numbers_are_refused(gen, backend):
+    """The weights as a tensor were taken without a look at their dtype: complex ended in torch's bare
+    'value cannot be converted to type double without overflow', bool was folded as weights 0 and 1
+    (a list's bools are refused), meta ended in 'Tensor.item() cannot be called on meta tensors'."""
+    H = gram(gen, 20, 16, torch.float32).to(DEVICE)
+    H_e = torch.zeros(16, 16, device=DEVICE)
+    for weights in (torch.tensor([0.5, 1j], device=DEVICE), torch.tensor([True, False], device=DEVICE),
+                    torch.empty(2, device="meta")):
+        with pytest.raises(ValueError, match=f"weights must be real numbers, got a {weights.dtype} tensor"):
+            fold_hessians(H_e, None, [H, H], weights, backend=backend)
+    assert not H_e.any()
+    fold_hessians(H_e, None, [H, H], torch.tensor([1, 2], device=DEVICE), backend=backend)  # (integers are)
+    torch.testing.assert_close(H_e, 3 * H)
+
 
 # --------------------------------------------------------------------------- X^T X
 
