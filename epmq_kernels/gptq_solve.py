@@ -105,6 +105,10 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
     for name, t in (("W", W), ("Hinv", Hinv), ("R", R), ("scales", scales), ("zeros", zeros)):
         if t is not None and t.is_complex():
             raise ValueError(f"{name} must be real, got {t.dtype}")
+        # (a mask: bool scales ran as a grid of step 1, bool W as weights 0 and 1, silently; bool zeros
+        # ended in torch's bare '"round_vml_cpu" not implemented for 'Bool'')
+        if t is not None and t.dtype == torch.bool:
+            raise ValueError(f"{name} must be numbers, got a {t.dtype} tensor (a mask?)")
     # (the reference ended in torch's 'Tensor on device meta is not on the expected device cpu!',
     # naming no argument, and a static grid's checks below in 'Tensor.item() cannot be called on
     # meta tensors' on both backends)

@@ -918,6 +918,20 @@ def test_a_col_group_of_no_integer_dtype_is_refused(gen, solve):
 
 
 @pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_bool_operands_are_refused_by_name(gen, solve):
+    """A bool tensor (a mask given for a grid or a weight) was taken as numbers 0 and 1: bool scales
+    solved on a grid of step 1, bool W or R as weights 0 and 1, silently; bool zeros ended in
+    torch's bare '"round_vml_cpu" not implemented for 'Bool''. Refused, naming the argument."""
+    W, R, Hinv, H = make_problem(gen, 8, 32, with_R=True)
+    grid = static_grid(W + R, 4, False, 16)
+    args = dict(W=W, Hinv=Hinv, R=R, **grid)
+    for name in ("W", "Hinv", "R", "scales", "zeros"):
+        given = dict(args, **{name: args[name] > 0})
+        with pytest.raises(ValueError, match=f"{name} must be numbers, got a torch.bool tensor"):
+            solve(given.pop("W"), given.pop("Hinv"), bits=4, sym=False, **given)
+
+
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
 def test_sym_and_bits_of_another_type_are_refused_by_name(gen, solve):
     """sym='no' (a truthy string, as from a YAML or CLI) ran symmetric, and bits=4.0 passed as 4,
     silently: sym must be a bool and bits an int (a bool is not taken as bits)."""
