@@ -27,6 +27,7 @@ from . import autotune_cache
 from ._runtime import (_bf16_mm, bf16_mm_emulated, bf16x3_mm, check_device, check_same_device, device_values,
                        fp32_matmul, ieee_fp32_matmul, on_tensor_device, side_stream_launch, tf32_round, tf32x3_mm)
 from .bf16x3 import SPLIT_TILE as _SPLIT_TILE, split_bf16
+from .grid import is_flag
 
 
 def _check_tensor(t, name):
@@ -157,6 +158,8 @@ def _length(values):
 
 
 def _check_fold_args(H_e, H_m, hessians, weights, overwrite):
+    if not is_flag(overwrite):  # (overwrite='no', truthy, dropped the sum H_e held, silently)
+        raise ValueError(f"overwrite must be a bool, got {overwrite!r}")
     _check_sum(H_e, "H_e")
     if H_e.dim() != 2 or H_e.shape[0] != H_e.shape[1]:
         raise ValueError(f"H_e must be a square matrix, got {tuple(H_e.shape)}")

@@ -224,6 +224,22 @@ def test_a_task_weight_that_is_no_finite_number_is_refused(gen):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fold_overwrite_of_another_type_is_refused(gen, backend):
+    """overwrite='no' (a truthy string, as from a YAML or CLI) dropped the sum H_e held, silently:
+    overwrite must be a bool (numpy's too), H_e left as it was."""
+    import numpy as np
+
+    H = gram(gen, 20, 16, torch.float32).to(DEVICE)
+    H_e = H.clone()
+    for overwrite in ("no", 1, None):
+        with pytest.raises(ValueError, match=f"overwrite must be a bool, got {overwrite!r}"):
+            fold_hessians(H_e, None, [H], [1.0], overwrite=overwrite, backend=backend)
+    assert torch.equal(H_e, H)
+    fold_hessians(H_e, None, [H], [2.0], overwrite=np.False_, backend=backend)
+    torch.testing.assert_close(H_e, 3 * H)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fold_weights_given_as_a_tensor_of_no_real_numbers_are_refused(gen, backend):
     """The weights as a tensor were taken without a look at their dtype: complex ended in torch's bare
     'value cannot be converted to type double without overflow', bool was folded as weights 0 and 1
