@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import INTERPRETED, check_device, on_tensor_device
+from .grid import is_flag
 
 CODES_PER_WORD = 8
 BITS = 4
@@ -136,6 +137,10 @@ def _use_triton(tensor, backend):
 
 
 def _check_codes(codes, axis, check_range):
+    # (check_range=None, read as "the default", skipped the check: codes past 15 packed as their low
+    # bits, silently)
+    if not is_flag(check_range):
+        raise ValueError(f"check_range must be a bool, got {check_range!r}")
     if not isinstance(codes, torch.Tensor):
         raise ValueError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
     if codes.dtype not in _INT_DTYPES:

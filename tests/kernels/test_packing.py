@@ -242,6 +242,10 @@ def test_bad_inputs_raise(backend):
         pack_int4(ok, backend="cuda")
     with pytest.raises(ValueError, match="torch.Tensor"):
         pack_int4([[0] * 8] * 8, backend=backend)
+    # (None, read as the default, skipped the range check: 16 packed as 0)
+    for check_range in (None, "no", 0):
+        with pytest.raises(ValueError, match=f"check_range must be a bool, got {check_range!r}"):
+            pack_int4(torch.full((8, 2), 16, dtype=torch.int32), backend=backend, check_range=check_range)
 
 
 # ----------------------------------------------------------------------------------------------
