@@ -65,7 +65,7 @@ def test_known_words(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
 @pytest.mark.parametrize("K,N", [(64, 40), (8, 72), (128, 3)])
 def test_pack_rows_matches_numpy(gen, backend, dtype, K, N):
     codes = random_codes(gen, (K, N), dtype)

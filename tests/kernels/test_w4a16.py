@@ -49,6 +49,8 @@ def make_problem(gen, K, N, group_size, g_idx_kind=None, scales_dtype=torch.floa
         g_idx = (torch.arange(K) // group_size).to(torch.int32)
     elif g_idx_kind == "permuted":
         g_idx = (torch.arange(K) // group_size)[torch.randperm(K, generator=gen)].to(torch.int32)
+    elif g_idx_kind == "monotone":  # (nondecreasing runs of unequal lengths, some groups empty)
+        g_idx = torch.sort(torch.randint(0, G, (K,), generator=gen)).values.to(torch.int32)
     return qweight, scales, zeros, g_idx
 
 
@@ -484,6 +486,19 @@ def test_paths_at_other_batch_sizes(gen, path):
         y = w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, out=out, path=path,
                          backend="triton")
         assert_close_to_reference(y, x, qweight, scales, zeros, 32, g_idx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_a_monotone_g_idx_of_runs_unlike_its_group_size(gen, dtype):
+    """A nondecreasing g_idx whose runs are not k // group_size (groups of unequal lengths, some
+    empty): not static, so every path gathers its groups, at M = 1, 3, 5 and 17."""
+    qweight, scales, zeros, g_idx = make_problem(gen, 128, 40, 32, "monotone")
+    assert not _g_idx_is_static(g_idx, 128, 4, 32)
+    for path, M in (("gemv", 1), ("splitk", 3), ("gemm", 17), ("dqmm", 5)):
+        x = torch.randn(M, 128, generator=gen).to(dtype)
+        out = torch.full((M, 40), float("nan"), dtype=dtype)
+        w4a16_matmul(x, qweight, scales, zeros, 32, g_idx, out=out, path=path, backend="triton")
+        assert_close_to_reference(out, x, qweight, scales, zeros, 32, g_idx)
 
 
 @pytest.mark.parametrize("g_idx_kind", [None, "permuted"])
