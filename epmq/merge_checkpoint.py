@@ -1021,6 +1021,9 @@ OPEN_CLIP_BLOCKS = {"ls_init_value": None, "qk_norm": False, "scaled_cosine_attn
 OPEN_CLIP_TRANSFORMER = ("layers", "heads", "head_width", *OPEN_CLIP_BLOCKS, "no_ln_pre", "attentional_pool",
                          "proj_type", "proj_bias")
 
+# open_clip's defaults of a ViT image tower's image and patch sizes (CLIPVisionCfg's), which its configs may leave out
+OPEN_CLIP_VIT_SIZES = {"image_size": 224, "patch_size": 16}
+
 # open_clip's default eos_id, the token a text tower pooling at its EOS (pool_type "eos") reads
 OPEN_CLIP_EOS_ID = 2
 
@@ -1059,7 +1062,10 @@ def _open_clip_config(content) -> dict:
     model_cfg = content.get("model_cfg") if isinstance(content, dict) else None
     if not isinstance(model_cfg, dict):
         return {}
-    config = {"model_type": "open_clip", "quick_gelu": OPEN_CLIP_DEFAULTS["quick_gelu"], **model_cfg}
+    # (init_logit_bias builds a logit_bias parameter, SigLIP's, which a model without it lacks; custom_text a text
+    # tower of its own, its tensors named text.*, where a CLIP holds them at its top: as open_clip builds them)
+    config = {"model_type": "open_clip", "quick_gelu": OPEN_CLIP_DEFAULTS["quick_gelu"], "init_logit_bias": None,
+              **model_cfg, "custom_text": _open_clip_custom_text(model_cfg)}
     for tower in ("vision_cfg", "text_cfg", "multimodal_cfg"):
         if not isinstance(model_cfg.get(tower), dict):
             continue
@@ -1073,8 +1079,7 @@ def _open_clip_config(content) -> dict:
         config[tower] = {"model_type": f"open_clip_{tower}",
                          **OPEN_CLIP_DEFAULTS["timm" if timm else "hf" if hf else tower], **blocks, **model_cfg[tower]}
         # (multimodal_cfg: a CoCa, which open_clip builds with custom_text alone, a CLIP taking no decoder)
-        _open_clip_pool(config[tower], tower, own=own,
-                        custom_text=bool(model_cfg.get("custom_text")) or "multimodal_cfg" in model_cfg)
+        _open_clip_pool(config[tower], tower, own=own, custom_text=config["custom_text"])
         if tower == "vision_cfg" and not timm and config[tower].get("attentional_pool"):
             config[tower] = {**OPEN_CLIP_DEFAULTS["attentional_pool"], **config[tower]}
         elif tower != "text_cfg":  # (no attention pool built of them: its heads say nothing)
@@ -1105,8 +1110,7 @@ def _open_clip_config(content) -> dict:
             config[tower].pop("timm_proj_bias", None)
         # (a class token appended masks the padding, which the pad_id says; a CLIP keeps no class token)
         pad_id = config[tower].pop("pad_id", None)
-        if (tower == "text_cfg" and own and config[tower].get("embed_cls")
-                and (model_cfg.get("custom_text") or "multimodal_cfg" in model_cfg)):
+        if tower == "text_cfg" and own and config[tower].get("embed_cls") and config["custom_text"]:
             config[tower]["pad_id"] = 0 if pad_id is None else pad_id
         # (a ResNet image tower, layers per stage, is built of ReLUs and BatchNorms without them, a HF text
         # tower of its HF model's modules)
@@ -1121,7 +1125,49 @@ def _open_clip_config(content) -> dict:
         if hf:
             config[tower].pop("hf_model_name")
             config[tower].update(_hf_model_repository(hf_name))
+        if tower == "vision_cfg" and own and not resnet:
+            _open_clip_grid(config[tower])
+    # (QuickGELU or GELU is the activation of open_clip's own transformers alone: a timm or ResNet image tower and
+    # a HF text tower are built without it;
+    # a CLIP's towers left out are its own transformers, by default; a CLIP has no decoder)
+    towers = [config.get("vision_cfg", {}), config.get("text_cfg", {}), *([config["multimodal_cfg"]]
+                                                                          if "multimodal_cfg" in config else [])]
+    if not any(isinstance(tower, dict) and _reads_quick_gelu(tower) for tower in towers):
+        config.pop("quick_gelu")
     return config
+
+
+def _open_clip_custom_text(model_cfg: dict) -> bool:
+    """Whether open_clip builds ``model_cfg`` with a text tower of its own (CustomTextCLIP, CoCa): ``custom_text``,
+    a HF text tower (``hf_model_name``), or CoCa's decoder (``multimodal_cfg``), as its factory chooses."""
+    text_cfg = model_cfg.get("text_cfg")
+    return (bool(model_cfg.get("custom_text")) or "multimodal_cfg" in model_cfg
+            or isinstance(text_cfg, dict) and "hf_model_name" in text_cfg)
+
+
+def _reads_quick_gelu(tower: dict) -> bool:
+    """Whether an ``_open_clip_config`` tower is built with the activation ``quick_gelu`` picks: open_clip's own
+    transformer (an absent tower: its default, a ViT or text transformer), not timm's, HF's or a ResNet."""
+    return not (tower.get("timm_model_name") or tower.get("hf_model_name")
+                or isinstance(tower.get("layers"), (list, tuple)))
+
+
+def _open_clip_grid(cfg: dict) -> None:
+    """An open_clip ViT's ``grid_size``, its patches per column and row (``image_size // patch_size`` per side,
+    a number either's side for both), set in its tower's ``cfg``: its learned position embeddings are one per
+    patch of that grid, so that a grid transposed (an image_size of [16, 32] against [32, 16]) holds tensors
+    of the same shapes for other positions. Left out where either is no size."""
+    def sides(field):
+        size = cfg.get(field, OPEN_CLIP_VIT_SIZES[field])
+        size = [size, size] if isinstance(size, int) else size
+        if (isinstance(size, (list, tuple)) and len(size) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size)):
+            return size
+        return None
+
+    image, patch = sides("image_size"), sides("patch_size")
+    if image is not None and patch is not None:
+        cfg["grid_size"] = [image[0] // patch[0], image[1] // patch[1]]
 
 
 def _hf_model_repository(name: str) -> dict:
@@ -1249,7 +1295,10 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 # projecting its features otherwise (hf_model_name, hf_pooler_type, hf_proj_type), an open_clip tower
 # of other blocks, pre-norm, attention pool or projection (OPEN_CLIP_BLOCKS, no_ln_pre, attentional_pool,
 # proj_type, proj_bias, timm_proj, timm_proj_bias: other weights, which the merge copies from the base or
-# drops with a warning) or masking its padding otherwise (pad_id) (refused, as another layer count); or
+# drops with a warning) or masking its padding otherwise (pad_id), an open_clip ViT's patches on another
+# grid (grid_size: its position embeddings, of one shape for [16, 32] and [32, 16] images), an open_clip
+# model with or without a logit bias (init_logit_bias, SigLIP's) or holding its text tower apart or at its
+# top (custom_text: its tensors named otherwise) (refused, as another layer count); or
 # positions turned by another RoPE (a long-context fine-tune's: warned of, the output or the walk reading one
 # config)
 READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "n_heads",
@@ -1266,18 +1315,22 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "clip_qkv", "alibi_bias_max", "softmax_scale", "ffn_act_fn", "moe_normalize_expert_weights",
            "timm_model_name", "timm_pool", "no_causal_mask", "attn_pooler_heads", "act_kwargs", "pool_type", "eos_id",
            "final_ln_after_pool", "hf_model_name", "hf_pooler_type", "hf_proj_type", *OPEN_CLIP_BLOCKS, "no_ln_pre",
-           "attentional_pool", "proj_type", "proj_bias", "pad_id", "timm_proj", "timm_proj_bias")
+           "attentional_pool", "proj_type", "proj_bias", "pad_id", "timm_proj", "timm_proj_bias", "grid_size",
+           "init_logit_bias", "custom_text")
 
 # fields of READ_AS whose values read the weights alike, though they differ: open_clip's ls_init_value
-# initializes LayerScale, which any value builds (None: none), its text tower's proj_type any other
-# than "none" is one linear projection, and a HF text tower's hf_model_name may leave its hub owner out
+# initializes LayerScale, and init_logit_bias the logit bias, which any value builds (None: none), its text
+# tower's proj_type any other than "none" is one linear projection, and a HF text tower's hf_model_name may
+# leave its hub owner out
 READ_ALIKE = {"ls_init_value": lambda mine, theirs: (mine is None) == (theirs is None),
+              "init_logit_bias": lambda mine, theirs: (mine is None) == (theirs is None),
               "proj_type": lambda mine, theirs: (mine == "none") == (theirs == "none"),
               "hf_model_name": _same_hf_model}
 
 # fields whose None turns what they do off (no softcapping, no sliding window, no clipping), where others'
 # None stands for their model's default (num_key_value_heads: as many as the heads): written None, compared
-OFF_WHEN_NONE = ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window", "clip_qkv", "ls_init_value")
+OFF_WHEN_NONE = ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window", "clip_qkv", "ls_init_value",
+                 "init_logit_bias")
 
 # other spellings of one field, as transformers' attribute_maps read them (GPT-2's and Bloom's n_head
 # and n_layer, T5's num_heads, num_layers and d_kv, MPT's n_heads and n_layers, XGLM's and Mllama's
@@ -1439,7 +1492,9 @@ def _tower_config(config: dict, model_type: str) -> dict:
     """``config``'s tower of ``model_type``; an open_clip one with its model_cfg's quick_gelu, with which
     open_clip builds each tower's activation."""
     tower = next(v for v in config.values() if isinstance(v, dict) and v.get("model_type") == model_type)
-    return {"quick_gelu": config["quick_gelu"], **tower} if "quick_gelu" in config else tower
+    if "quick_gelu" in config and _reads_quick_gelu(tower):
+        return {"quick_gelu": config["quick_gelu"], **tower}
+    return tower
 
 
 def _check_layer_counts(mine: dict, theirs: dict, what: str, ref_name: str, goal: str) -> None:

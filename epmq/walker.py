@@ -563,7 +563,7 @@ def _config_of(module) -> Optional[dict]:
         model_cfg = _open_clip_model_cfg(module)
         config = _open_clip_config({"model_cfg": model_cfg}) if model_cfg else None
         if config is not None and "quick_gelu" not in model_cfg:  # (not open_clip's default: unknown)
-            del config["quick_gelu"]
+            config.pop("quick_gelu", None)
         # (how its blocks and projections were built, which the modules are not read for: unknown, not the defaults
         # filled in. Each other one adds weights, which the experts' tensors are held to)
         for tower, tower_config in (config or {}).items():
@@ -590,8 +590,10 @@ def _open_clip_model_cfg(model) -> dict:
     transformer (the image tower's heads as their ``head_width``; its attention pool's, the text tower's causal
     mask or none; their GELU's approximation and norms' epsilon), an image tower's that is timm's
     (``_open_clip_timm_cfg``), a text tower's that is HF's (``_open_clip_hf_cfg``), CoCa's decoder's
-    (``multimodal_cfg``); of a tower alone (``OPEN_CLIP_TOWERS``), its CLIP's vision_cfg, text_cfg or
-    multimodal_cfg. {} where it is neither, or none of its towers is such (a ResNet)."""
+    (``multimodal_cfg``), an image tower's image and patch sizes, and whether the model holds a logit bias
+    (``init_logit_bias``) and its text tower apart (``custom_text``); of a tower alone (``OPEN_CLIP_TOWERS``),
+    its CLIP's vision_cfg, text_cfg or multimodal_cfg. {} where it is neither, or none of its towers is such
+    (a ResNet)."""
     if isinstance(getattr(model, "visual", None), nn.Module):
         # (CLIP keeps its text tower's modules on itself, CustomTextCLIP and CoCa as .text)
         decoder = getattr(model, "text_decoder", None)  # (CoCa's)
@@ -617,6 +619,9 @@ def _open_clip_model_cfg(model) -> dict:
             continue
         model_cfg[scope] = {"layers": len(blocks), **({"head_width": transformer.width // heads}
                                                       if scope == "vision_cfg" else {"heads": heads})}
+        if scope == "vision_cfg":  # (its patches' grid: _open_clip_grid)
+            model_cfg[scope].update({k: list(getattr(tower, k)) for k in ("image_size", "patch_size")
+                                     if isinstance(getattr(tower, k, None), tuple)})
         if scope != "multimodal_cfg":  # (open_clip builds its decoder without act_kwargs and norm_kwargs)
             gelu = next((m for m in blocks.modules() if isinstance(m, nn.GELU)), None)
             norm = next((m for m in blocks.modules() if isinstance(m, nn.LayerNorm)), None)
@@ -638,6 +643,10 @@ def _open_clip_model_cfg(model) -> dict:
         activations |= {type(m).__name__ for m in blocks.modules() if type(m).__name__ in ("QuickGELU", "GELU")}
     if len(activations) == 1:
         model_cfg["quick_gelu"] = activations == {"QuickGELU"}
+    if model_cfg and isinstance(getattr(model, "visual", None), nn.Module):  # (what _open_clip_config fills in)
+        bias = getattr(model, "logit_bias", None)
+        model_cfg.update(custom_text=isinstance(getattr(model, "text", None), nn.Module),
+                         init_logit_bias=float(bias.flatten()[0]) if isinstance(bias, torch.Tensor) else None)
     return model_cfg
 
 

@@ -3660,14 +3660,16 @@ def test_open_clip_checkpoints_of_other_sizes_are_refused_by_their_shapes_and_tr
     base = save("base")
     for tower, field, value, tensor in [
             ("vision_cfg", "mlp_ratio", 2.0, "visual.transformer.resblocks.0.mlp.c_fc.bias"),
-            ("vision_cfg", "patch_size", 4, "visual.conv1.weight"),
-            ("vision_cfg", "image_size", 32, "visual.positional_embedding"),
             ("vision_cfg", "attn_pooler_queries", 3, "visual.attn_pool.query"),
             ("text_cfg", "context_length", 6, "positional_embedding"),
             ("text_cfg", "vocab_size", 40, "token_embedding.weight"),
             ("text_cfg", "embed_cls", True, "positional_embedding")]:
         with pytest.raises(ValueError, match=re.escape(f"tensor '{tensor}': model 0 ") + r"\S*" + field):
             merge(save(f"{tower}_{field}", tower, **{field: value}))
+    for field, value in (("patch_size", 4), ("image_size", 32)):  # (another patch grid: its config says so first)
+        with pytest.raises(ValueError, match=r"\{'vision_cfg.grid_size': \[4, 4\]\}, the base as "
+                                             r"\{'vision_cfg.grid_size': \[2, 2\]\}"):
+            merge(save(f"vision_cfg_{field}", "vision_cfg", **{field: value}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for tower, field, value in [("vision_cfg", "pos_embed_type", "sin_cos_2d"),
@@ -3696,3 +3698,61 @@ def test_regmeans_budget_and_warning_name_the_routers_of_blocks_an_ordered_dict_
     with pytest.warns(UserWarning, match=r"regmean: 2 weight matrices .* \(e\.g\. blocks\.first\.router\.weight "
                                          r"\(3, 8\), blocks\.second\.router\.weight \(3, 8\);"):
         _warn_averaged_matrices(model, {n: G for n, G in grams.items() if n not in routers})
+
+
+def _open_clip_checkpoint(path, **model_cfg):
+    """An open_clip checkpoint's directory at ``path`` holding ``model_cfg`` alone (configs are compared first)."""
+    path.mkdir()
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 16, **model_cfg}}))
+    return path
+
+
+def test_open_clip_quick_gelu_is_not_compared_where_no_tower_is_built_with_it(tmp_path):
+    """open_clip's quick_gelu picks the activation of its own transformers alone: a model of a timm image
+    tower and a HF text tower (or a ResNet's) reads nothing of it, and two of them written with
+    quick_gelu true and false were refused as reading their weights otherwise."""
+    timm, hf = {"timm_model_name": "vit_tiny_patch16_224"}, {"hf_model_name": "roberta-base"}
+    _check_quietly(_open_clip_checkpoint(tmp_path / "base", vision_cfg=timm, text_cfg=hf),
+                   _open_clip_checkpoint(tmp_path / "quick", vision_cfg=timm, text_cfg=hf, quick_gelu=True))
+    resnet = {"layers": [1, 1, 1, 1], "width": 32}
+    text = {"width": 32, "heads": 4, "layers": 2}  # (open_clip's own: built with it)
+    with pytest.raises(ValueError, match=r"\{'quick_gelu': True\}, the base as \{'quick_gelu': False\}"):
+        _check_quietly(_open_clip_checkpoint(tmp_path / "resnet", vision_cfg=resnet, text_cfg=text),
+                       _open_clip_checkpoint(tmp_path / "resnet_quick", vision_cfg=resnet, text_cfg=text,
+                                             quick_gelu=True))
+
+
+def test_open_clip_vits_of_a_transposed_patch_grid_are_refused(tmp_path):
+    """An open_clip ViT's position embeddings are one per patch of its image_size // patch_size grid: a
+    rectangular image_size transposed ([16, 32] against [32, 16], the same patch) holds tensors of the same
+    shapes for other positions, and was merged in silence. Their grids are compared; one image_size of the
+    same grid (a square one written as a number or a pair, a remainder no patch reads) is the same model."""
+    def vit(name, **vision):
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8,
+                                                                  "patch_size": 8, **vision})
+
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.grid_size': \[4, 2\]\}, the base as "
+                                         r"\{'vision_cfg.grid_size': \[2, 4\]\}"):
+        _check_quietly(vit("wide", image_size=[16, 32]), vit("tall", image_size=[32, 16]))
+    _check_quietly(vit("square", image_size=16), vit("pair", image_size=[16, 16]))
+    _check_quietly(vit("square_again", image_size=16), vit("remainder", image_size=[17, 23]))
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.grid_size': \[14, 14\]\}"):  # (open_clip's 224 image)
+        _check_quietly(vit("small", image_size=16), vit("default", patch_size=16))
+
+
+def test_open_clip_models_of_another_logit_bias_or_text_tower_layout_are_refused(tmp_path):
+    """open_clip builds a logit_bias parameter (SigLIP's) where init_logit_bias is given, and holds its text
+    tower's tensors apart (text.*, CustomTextCLIP) where custom_text is, at the CLIP's top otherwise: such
+    models merged beside others had the tensor or the whole text tower copied from the base with a warning.
+    Refused; any init_logit_bias builds the same parameter (its value initializes it)."""
+    vision, text = {"layers": 2, "width": 32, "head_width": 8}, {"width": 32, "heads": 4, "layers": 2}
+
+    def save(name, **top):
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg=vision, text_cfg=text, **top)
+
+    with pytest.raises(ValueError, match=r"\{'init_logit_bias': -10\}, the base as \{'init_logit_bias': None\}"):
+        _check_quietly(save("base"), save("siglip", init_logit_bias=-10))
+    _check_quietly(save("siglip_base", init_logit_bias=-10), save("siglip_other", init_logit_bias=-5.0))
+    with pytest.raises(ValueError, match=r"\{'custom_text': True\}, the base as \{'custom_text': False\}"):
+        _check_quietly(save("clip"), save("custom", custom_text=True))
+    _check_quietly(save("custom_base", custom_text=True), save("custom_again", custom_text=True))
