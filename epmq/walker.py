@@ -111,6 +111,7 @@ from . import quant
 from ._util import rescaled_divisors, wrapped_model, write_atomic
 from .adapters import (Adapter, Part, Transposed, checkpoint_names, find_towers, named_blocks, prepare_towers,
                        remember, warn_other_towers)
+from .adapters import _expression as adapter_expression
 from .calibration import CACHE_KWARGS as _CACHE_KWARGS, token_rows, unpad
 from .checkpoint import bind_save_pretrained
 from .checkpoint_io import ignored_on_load, key_renaming, loads_transposed
@@ -2704,29 +2705,57 @@ class _Walk:
         Stacks the item does not reach keep their place after the others (the probes name them)."""
         if len(self.stacks) < 2:
             return
+        task, items = next(iter(self.calibration.items()))
+        reached, ran = self._reached(task, 0, items[0], range(len(self.stacks)))
+        if ran and len(reached) < len(self.stacks):  # (refused before any block is quantized)
+            raise self._never_reached(task, 0, [s for s in range(len(self.stacks)) if s not in reached])
+        order = reached + [s for s in range(len(self.stacks)) if s not in reached]
+        self.stacks = [self.stacks[s] for s in order]
+
+    def _reached(self, task, n, item, candidates) -> tuple:
+        """``(reached, ran)``: which of the stacks ``candidates`` (indices) the model's forward of
+        calibration[task] item ``n`` calls the first block of, in the order it calls them (the pass
+        stopped once all are), and whether the item ran without an error (else the probes say it)."""
         reached = []
+        if not candidates:
+            return reached, True
 
         def first_call(s):
             def hook(module, args):
                 if s not in reached:
                     reached.append(s)
-                if len(reached) == len(self.stacks):
+                if len(reached) == len(candidates):
                     raise _Stop
             return hook
 
-        hooks = [stack.blocks[0].register_forward_pre_hook(first_call(s)) for s, stack in enumerate(self.stacks)]
-        task, items = next(iter(self.calibration.items()))
+        hooks = [self.stacks[s].blocks[0].register_forward_pre_hook(first_call(s)) for s in candidates]
         try:
-            _call(self.model, items[0], self.model_device, _item_seed(task, 0), self.seeded_devices)
+            _call(self.model, item, self.model_device, _item_seed(task, n), self.seeded_devices)
         except _Stop:
             pass
         except Exception:  # (an item the model cannot run: the probes say so, by task and item)
-            pass
+            return reached, False
         finally:
             for hook in hooks:
                 hook.remove()
-        order = reached + [s for s in range(len(self.stacks)) if s not in reached]
-        self.stacks = [self.stacks[s] for s in order]
+        return reached, True
+
+    def _never_reached(self, task, n, missed) -> ValueError:
+        """The refusal of calibration[task] item ``n``, which reaches none of the stacks ``missed``
+        (indices): each named in one message (the Qwen2.5-Omni thinker's audio tower and vision
+        tower, on text: one a run), with the ``layers=`` that leaves them all out, and the
+        ``adapter=`` that walks only the towers it reaches where no adapter walks both kinds."""
+        stacks = [self.stacks[s] for s in missed]
+        towers = ", nor those at ".join(f"{stack.prefix!r} ({stack.adapter.name})" for stack in stacks)
+        prefixes = "|".join(f"{re.escape(stack.prefix)}\\." for stack in stacks)
+        reached = list(dict.fromkeys(stack.adapter for s, stack in enumerate(self.stacks) if s not in missed))
+        chosen = ""
+        if reached and not {stack.adapter for stack in stacks} & set(reached):
+            names = [adapter_expression(a) for a in reached]
+            chosen = (f", or walk the towers it reaches alone: adapter="
+                      f"{names[0] if len(names) == 1 else '[' + ', '.join(names) + ']'}")
+        return ValueError(f"calibration sample {n} of task {task!r} never reaches the blocks at {towers}: give "
+                          f"inputs that run through them, or leave them out: layers=r'^(?!{prefixes})'{chosen}")
 
     def ckpt(self, name: str) -> str:
         """A tensor's name in the experts' checkpoints (before ``adapter.prepare`` renamed it; a
@@ -3570,13 +3599,10 @@ class _Walk:
                                                f"{where})")
                                 raise
                         else:
-                            if not now["past"]:
-                                raise ValueError(
-                                    f"calibration sample {n} of task {task!r} never reaches the blocks "
-                                    f"at {stack.prefix!r} ({stack.adapter.name}): give inputs that run "
-                                    f"through them, or leave them out: layers=r'^(?!{re.escape(stack.prefix)}\\.)' "
-                                    f"(or adapter= the towers to quantize)"
-                                )
+                            if not now["past"]:  # (the model ran whole: which later stacks did it reach?)
+                                later = range(s + 1, len(self.stacks))
+                                reached, _ = self._reached(task, n, item, later)
+                                raise self._never_reached(task, n, [s] + [t for t in later if t not in reached])
                         _check_kept(stack, now, task, n)
                         if watch:
                             self._count_repeats(stack, now, task, n)

@@ -1,7 +1,9 @@
 """Models with more than one tower (vision-language models, encoder-decoders of two families):
 the walk, what it leaves behind, and their checkpoints."""
 
+import ast
 import json
+import re
 import warnings
 
 import pytest
@@ -165,7 +167,7 @@ def test_one_tower_by_adapter(gen, tmp_path):
     that never reach the other tower says how to choose."""
     texts = [dict(input_ids=torch.randint(0, 290, (1, 10), generator=gen)) for _ in range(2)]
     model = tiny_llava()
-    with pytest.raises(ValueError, match="never reaches the blocks at .*vision.*adapter="):
+    with pytest.raises(ValueError, match=r"never reaches the blocks at .*vision.*adapter=epmq\.adapters\.HF_DECODERS$"):
         epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": texts}, progress=False)
     assert not linears(model, "", epmq.QuantLinear)  # (left as it was)
     epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": texts}, progress=False,
@@ -179,6 +181,50 @@ def test_one_tower_by_adapter(gen, tmp_path):
     with pytest.raises(ValueError, match="lists 'hf-decoder' twice"):
         epmq.quantize_model(tiny_llava(), SPEC_4, method="rtn", progress=False,
                             adapter=[epmq.adapters.HF_DECODERS, epmq.adapters.HF_DECODERS])
+
+
+def tiny_qwen25_omni_thinker(seed=0):
+    """Qwen2.5-Omni's thinker: a Whisper-like audio tower, a Qwen2.5-VL vision tower and a Qwen2 language model
+    (AUTO's, all three)."""
+    torch.manual_seed(seed)
+    config = transformers.Qwen2_5OmniThinkerConfig(
+        audio_config=dict(num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
+                          output_dim=32, max_source_positions=64, n_window=4),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+                           temporal_patch_size=1, spatial_merge_size=2, window_size=8, fullatt_block_indexes=[1]),
+        text_config=dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}),
+        audio_token_id=100, image_token_id=101, video_token_id=102, vision_start_token_id=103,
+        audio_start_token_id=104, audio_end_token_id=105)
+    return transformers.Qwen2_5OmniThinkerForConditionalGeneration(config).eval()
+
+
+def omni_thinker_item(gen):
+    """Text with a 16-frame clip (4 audio tokens) and a 16 x 16 image (4 image tokens, 16 patches of 4 x 4)."""
+    ids = torch.randint(0, 99, (1, 16), generator=gen)
+    ids[0, 1:5], ids[0, 7:11] = 100, 101
+    return dict(input_ids=ids, input_features=torch.randn(1, 16, 16, generator=gen),
+                feature_attention_mask=torch.ones(1, 16, dtype=torch.long),
+                pixel_values=torch.randn(16, 3 * 4 * 4, generator=gen), image_grid_thw=torch.tensor([[1, 4, 4]]))
+
+
+def test_calibration_that_misses_two_towers_names_both(gen):
+    """A default walk of Qwen2.5-Omni's thinker on text was refused naming its audio tower alone: left out as
+    told, the rerun was refused for its vision tower. Every tower the item misses is named in one refusal, by
+    the first item before any block is quantized or by a later one in the walk, with the layers= that leaves
+    them out (no adapter= does: AUTO walks all three), which then walks the language model alone."""
+    text = lambda: dict(input_ids=torch.randint(0, 99, (1, 8), generator=gen))  # noqa: E731
+    for n, calibration in enumerate(([text(), text()], [omni_thinker_item(gen), text()])):
+        model = tiny_qwen25_omni_thinker()
+        with pytest.raises(ValueError, match=rf"calibration sample {n} of task 'a' never reaches the blocks at "
+                                             r"'model\.audio_tower\.layers' \(auto\), nor those at "
+                                             r"'model\.visual\.blocks' \(auto\): .*layers=r'[^']*'$") as e:
+            epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": calibration}, progress=False)
+        assert not linears(model, "", epmq.QuantLinear)
+    layers = ast.literal_eval(re.search(r"layers=(r'[^']*')", str(e.value)).group(1))
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": [text()]}, progress=False, layers=layers)
+    assert {n.rpartition(".layers.")[0] for n in linears(model, "", epmq.QuantLinear)} == {"model.language_model"}
 
 
 def test_a_checkpoint_of_one_tower_loads_without_rebuilding_the_other(gen, tmp_path):
