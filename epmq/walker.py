@@ -337,7 +337,8 @@ def quantize_model(
     towers = find_towers(model, adapter)
     # (adapter= given too: Llama 4's vision encoder beside adapter=MOE_DECODERS, RN50's attention
     # pool beside adapter=OPEN_CLIP stayed in full precision without a word)
-    warn_other_towers(model, towers, chosen=adapter is not None)
+    warn_other_towers(model, towers, chosen=adapter is not None,
+                      selected=None if layers is None else _selector(layers))
     adapter_names = "+".join(a.name for a, _ in towers)
     families = _families(model, towers, layers)
     if len(families) > 1 and method != "rtn" and targets != "merged_path":

@@ -429,15 +429,22 @@ UNWALKABLE = {
 }
 
 
-def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> None:
+def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False,
+                      selected: Optional[Callable[[str], bool]] = None) -> None:
     """Say which stacks of repeated blocks holding linears no adapter walks (a tower of a model
     newer than the adapters' lists): they stay in full precision. ``chosen``: ``towers`` are those ``adapter=``
     named, and the stacks a registered adapter knows were left by choice (LLaVA's CLIP tower beside
     ``adapter=HF_DECODERS``): not named; those none knows, and attention pools, are (not a projector's
-    list, nor heads each called on an input of its own: no stacks)."""
+    list, nor heads each called on an input of its own: no stacks). ``selected``: the linears ``layers=``
+    selects (by qualified name); a list holding none of them was left out by choice too (Gemma 3n's audio
+    tower under ``tower: language``): not named."""
     taken = [name for _, stacks in towers for name, _ in stacks]
     if chosen:
         taken += [name for candidate in _REGISTRY for name, _ in candidate.stacks(model)]
+
+    def deselected(name) -> bool:
+        return selected is not None and not any(selected(f"{name}.{inner}") for inner, m
+                                                in model.get_submodule(name).named_modules() if _is_projection(m))
 
     def repeated(module) -> list:
         # the block types a list repeats, each holding a linear (LeViT's stages: residual layers
@@ -467,7 +474,7 @@ def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> N
     named = []
     for name, module in model.named_modules():
         if (isinstance(module, _LISTS) and len(module) and not any(_nested(name, t) for t in taken)
-                and repeated(module) and stack(name)):
+                and repeated(module) and stack(name) and not deselected(name)):
             if len(module) == 1 and (name.rpartition(".")[2] == "experts"
                                      or any(name.startswith(f"{n}.") for n in named)):
                 continue  # (one expert, or a block's own list inside a tower named already)
@@ -489,7 +496,8 @@ def warn_other_towers(model: nn.Module, towers: list, chosen: bool = False) -> N
     mixed = [(name, tuple(sorted({type(m).__name__ for m in module})))
              for name, module in model.named_modules()
              if isinstance(module, _LISTS) and len(module) > 1 and not any(_nested(name, t) for t in taken)
-             and repeated(module) and len({type(m) for m in module}) > len(repeated(module)) and stack(name)]
+             and repeated(module) and len({type(m) for m in module}) > len(repeated(module)) and stack(name)
+             and not deselected(name)]
     walked = ", ".join(f"{a.name}: {[name for name, _ in stacks]}" for a, stacks in towers)
     torch_pools = _torch_attention_outside(model, taken)
     pools = [f"{name} ({', '.join(linears)})" for name, linears in torch_pools]

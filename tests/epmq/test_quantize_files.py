@@ -1542,6 +1542,26 @@ def test_tower_language_of_a_language_model_no_adapter_lists(tmp_path):
         torch.testing.assert_close(epmq.load_quantized(out)(**item).logits, model(**item).logits)
 
 
+def test_tower_language_does_not_warn_of_a_tower_it_leaves_out(tmp_path):
+    """tower: language of Gemma 3n, whose audio tower no adapter knows: the run warned 'no adapter knows the
+    blocks at model.audio_tower.conformer ... to quantize them too, walk them with epmq.adapters.AUTO', though
+    the user had asked for the language model alone. Left out by layers=, as tower: language leaves it, it is
+    not named; the default walk, which would take it, still names it."""
+    from test_walker_towers import tiny_gemma3n
+
+    tiny_gemma3n().save_pretrained(tmp_path / "gemma3n")
+    spec = epmq.QuantSpec(bits=4, group_size=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = epmq.quantize_checkpoint(tmp_path / "gemma3n", tmp_path / "w4", spec=spec, method="rtn",
+                                       tower="language", progress=False)
+    assert not [w for w in caught if "no adapter knows" in str(w.message)]
+    layers = [r["name"] for r in json.loads((out / REPORT_FILE).read_text())["layers"]]
+    assert layers and all(name.startswith("model.language_model.") for name in layers)
+    with pytest.warns(UserWarning, match=r"no adapter knows the blocks at model\.audio_tower\.conformer"):
+        epmq.quantize_model(tiny_gemma3n(), spec, method="rtn", progress=False, layers="audio_tower|language_model")
+
+
 def test_the_language_model_of_a_vision_language_model(files, tmp_path):
     """tower: language: a VLM's language model quantized from text files, the vision tower and
     projector left in full precision, the processor (tokenizer and image processor) saved beside
