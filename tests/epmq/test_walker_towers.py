@@ -2008,3 +2008,21 @@ def test_gemma3n_language_model_is_walked_from_text_beside_its_audio_tower(gen, 
                                    rtol=1e-5, atol=1e-5)
     assert_walk_sees_a_plain_forward(tiny_gemma3n(), f"{stack}.3.self_attn.o_proj", [item() for _ in range(3)],
                                      monkeypatch)
+
+
+def test_gemma4_layers_reusing_earlier_keys_and_values_see_a_plain_forwards_inputs(gen, monkeypatch):
+    """Gemma 4's last num_kv_shared_layers layers attend to the keys and values of earlier layers (E2B's and
+    E4B's; WIDER's Gemma 4 shares none): the walk's statistics of a sharing layer's query and output
+    projections are exactly a plain forward's inputs."""
+    from test_walker_models import VOCAB, _decoder
+
+    build = _decoder("Gemma4ForCausalLM", "Gemma4TextConfig", head_dim=8, global_head_dim=8, sliding_window=4,
+                     num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                     num_kv_shared_layers=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+                     pad_token_id=0, bos_token_id=0, eos_token_id=1)
+    item = lambda: {"input_ids": torch.randint(3, VOCAB, (1, 8), generator=gen)}  # noqa: E731
+    for target in ("model.layers.2.self_attn.q_proj", "model.layers.3.self_attn.o_proj"):
+        torch.manual_seed(0)
+        model = build().eval()
+        assert [layer.self_attn.is_kv_shared_layer for layer in model.model.layers] == [False, False, True, True]
+        assert_walk_sees_a_plain_forward(model, target, [item() for _ in range(3)], monkeypatch)
