@@ -2703,7 +2703,8 @@ class _Walk:
         runs (stopped at the last stack's first block): a model may register its language model
         before the tower it reads (Kosmos-2, Dots3, Hunyuan-VL), whose walk then calibrated the
         language model on the full-precision tower's features and quantized the tower after it.
-        Stacks the item does not reach keep their place after the others (the probes name them)."""
+        An item that runs and misses stacks is refused, naming them all (``_never_reached``); one the model
+        cannot run leaves those it did not reach after the others (the probes say why)."""
         if len(self.stacks) < 2:
             return
         task, items = next(iter(self.calibration.items()))
