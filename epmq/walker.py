@@ -2400,8 +2400,8 @@ def _run_block(stack, j, block, hidden, named, ran_on=None):
         wrong = stack.adapter.returned(block, hidden, output)
         written = [name for name, v in given.items() if _changed(v, _versions_of(named, depth=0)[name])]
         if written and not wrong:  # (so no two calls of the block would agree)
-            wrong = (f"block {j} writes in place into its argument {written[0]!r} (a state or cache under a name "
-                     f"the walker does not know)")
+            wrong = (f"block {j} writes in place into its argument {written[0]!r} (a state or cache the walk "
+                     f"cannot hand each of its calls as the model's one call left it)")
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, IndexError, TypeError, NotImplementedError, AttributeError) as e:

@@ -275,7 +275,7 @@ class CachingBlock(DictBlock):
 
 class MemoryBlock(DictBlock):
     def forward(self, x, memory):
-        memory.add_(x.mean(dim=0))  # (a recurrent state under a name the walker does not know)
+        memory.add_(x.mean(dim=0))  # (a recurrent state under a name no adapter gives it)
         return x + self.linear(x + memory)
 
 
@@ -295,8 +295,8 @@ class _Blocks(nn.Module):
 
 
 @pytest.mark.parametrize("block,wrong", [(DictBlock, "return a dict"), (ShrinkBlock, r"return shape \(4, 16\)"),
-                                         (CachingBlock, "block 0 fails when called as the model called it "
-                                                        r"\(AttributeError: 'NoneType'"),
+                                         # (a cache it needs, handed as the model hands it, and written)
+                                         (CachingBlock, "block 0 writes in place into its argument 'past_key_values'"),
                                          (MemoryBlock, "block 0 writes in place into its argument 'memory'")])
 def test_auto_refuses_blocks_that_do_not_return_their_input_s_shape(block, wrong, gen):
     """Blocks whose output is no hidden states of their input's shape (alone, or first of a
