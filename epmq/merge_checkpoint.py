@@ -1063,9 +1063,10 @@ def _open_clip_config(content) -> dict:
     if not isinstance(model_cfg, dict):
         return {}
     # (init_logit_bias builds a logit_bias parameter, SigLIP's, which a model without it lacks; custom_text a text
-    # tower of its own, its tensors named text.*, where a CLIP holds them at its top: as open_clip builds them)
+    # tower of its own, its tensors named text.*, where a CLIP holds them at its top: as open_clip builds them;
+    # multimodal_cfg CoCa's decoder, text_decoder.*, which a CustomTextCLIP, custom_text too, lacks)
     config = {"model_type": "open_clip", "quick_gelu": OPEN_CLIP_DEFAULTS["quick_gelu"], "init_logit_bias": None,
-              **model_cfg, "custom_text": _open_clip_custom_text(model_cfg)}
+              "multimodal_cfg": None, **model_cfg, "custom_text": _open_clip_custom_text(model_cfg)}
     for tower in ("vision_cfg", "text_cfg", "multimodal_cfg"):
         if not isinstance(model_cfg.get(tower), dict):
             continue
@@ -1130,8 +1131,7 @@ def _open_clip_config(content) -> dict:
     # (QuickGELU or GELU is the activation of open_clip's own transformers alone: a timm or ResNet image tower and
     # a HF text tower are built without it;
     # a CLIP's towers left out are its own transformers, by default; a CLIP has no decoder)
-    towers = [config.get("vision_cfg", {}), config.get("text_cfg", {}), *([config["multimodal_cfg"]]
-                                                                          if "multimodal_cfg" in config else [])]
+    towers = [config.get("vision_cfg", {}), config.get("text_cfg", {}), config["multimodal_cfg"]]
     if not any(isinstance(tower, dict) and _reads_quick_gelu(tower) for tower in towers):
         config.pop("quick_gelu")
     return config
@@ -1297,8 +1297,9 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
 # proj_type, proj_bias, timm_proj, timm_proj_bias: other weights, which the merge copies from the base or
 # drops with a warning) or masking its padding otherwise (pad_id), an open_clip ViT's patches on another
 # grid (grid_size: its position embeddings, of one shape for [16, 32] and [32, 16] images), an open_clip
-# model with or without a logit bias (init_logit_bias, SigLIP's) or holding its text tower apart or at its
-# top (custom_text: its tensors named otherwise) (refused, as another layer count); or
+# model with or without a logit bias (init_logit_bias, SigLIP's), holding its text tower apart or at its
+# top (custom_text: its tensors named otherwise) or a CoCa's decoder or none (multimodal_cfg: its text_decoder.*)
+# (refused, as another layer count); or
 # positions turned by another RoPE (a long-context fine-tune's: warned of, the output or the walk reading one
 # config)
 READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_heads", "n_heads",
@@ -1316,21 +1317,23 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "timm_model_name", "timm_pool", "no_causal_mask", "attn_pooler_heads", "act_kwargs", "pool_type", "eos_id",
            "final_ln_after_pool", "hf_model_name", "hf_pooler_type", "hf_proj_type", *OPEN_CLIP_BLOCKS, "no_ln_pre",
            "attentional_pool", "proj_type", "proj_bias", "pad_id", "timm_proj", "timm_proj_bias", "grid_size",
-           "init_logit_bias", "custom_text")
+           "init_logit_bias", "custom_text", "multimodal_cfg")
 
 # fields of READ_AS whose values read the weights alike, though they differ: open_clip's ls_init_value
-# initializes LayerScale, and init_logit_bias the logit bias, which any value builds (None: none), its text
+# initializes LayerScale, and init_logit_bias the logit bias, which any value builds (None: none), a
+# multimodal_cfg builds CoCa's decoder (None: none; its own fields compared as its tower's), its text
 # tower's proj_type any other than "none" is one linear projection, and a HF text tower's hf_model_name may
 # leave its hub owner out
 READ_ALIKE = {"ls_init_value": lambda mine, theirs: (mine is None) == (theirs is None),
               "init_logit_bias": lambda mine, theirs: (mine is None) == (theirs is None),
+              "multimodal_cfg": lambda mine, theirs: (mine is None) == (theirs is None),
               "proj_type": lambda mine, theirs: (mine == "none") == (theirs == "none"),
               "hf_model_name": _same_hf_model}
 
 # fields whose None turns what they do off (no softcapping, no sliding window, no clipping), where others'
 # None stands for their model's default (num_key_value_heads: as many as the heads): written None, compared
 OFF_WHEN_NONE = ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window", "clip_qkv", "ls_init_value",
-                 "init_logit_bias")
+                 "init_logit_bias", "multimodal_cfg")
 
 # other spellings of one field, as transformers' attribute_maps read them (GPT-2's and Bloom's n_head
 # and n_layer, T5's num_heads, num_layers and d_kv, MPT's n_heads and n_layers, XGLM's and Mllama's

@@ -3756,3 +3756,25 @@ def test_open_clip_models_of_another_logit_bias_or_text_tower_layout_are_refused
     with pytest.raises(ValueError, match=r"\{'custom_text': True\}, the base as \{'custom_text': False\}"):
         _check_quietly(save("clip"), save("custom", custom_text=True))
     _check_quietly(save("custom_base", custom_text=True), save("custom_again", custom_text=True))
+
+
+def test_open_clip_coca_beside_a_custom_text_clip_is_refused(tmp_path):
+    """open_clip builds a CoCa, its captioning decoder's tensors text_decoder.*, where model_cfg has a
+    multimodal_cfg, and a CustomTextCLIP without one, both custom_text: the decoder was compared only
+    where both configs had it, and a CoCa merged beside a CustomTextCLIP had it copied from the base or
+    dropped with a warning. Refused, naming multimodal_cfg, either way round; two CoCas are compared by
+    their decoders' own fields."""
+    vision, text = {"layers": 2, "width": 32, "head_width": 8}, {"width": 32, "heads": 4, "layers": 2}
+    decoder = {"width": 32, "heads": 4, "layers": 2}
+
+    def save(name, **top):
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg=vision, text_cfg=text, custom_text=True, **top)
+
+    custom, coca = save("custom"), save("coca", multimodal_cfg=decoder)
+    with pytest.raises(ValueError, match=r"reads its weights as \{'multimodal_cfg': \{.*\}, the base as "
+                                         r"\{'multimodal_cfg': None\}"):
+        _check_quietly(custom, coca)
+    with pytest.raises(ValueError, match=r"reads its weights as \{'multimodal_cfg': None\}, the base as "
+                                         r"\{'multimodal_cfg': \{.*\}"):
+        _check_quietly(coca, custom)
+    _check_quietly(coca, save("coca_again", multimodal_cfg=decoder))

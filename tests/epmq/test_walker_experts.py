@@ -1950,6 +1950,32 @@ def test_open_clip_s_shipped_configs_are_read_as_the_models_they_build():
             _check_architectures(None, [None], [name], reference=reference, configs=[config])
 
 
+def test_open_clip_custom_text_clip_in_memory_refuses_a_coca_expert():
+    """A CustomTextCLIP and a CoCa are both built with custom_text; the CoCa's decoder (multimodal_cfg,
+    text_decoder.*) was compared only where both configs gave one, and a CustomTextCLIP read from its modules
+    gave none, so a CoCa's open_clip_config.json was taken as its expert. Read as built without one, the
+    CoCa is refused naming multimodal_cfg; a CoCa read from its modules is its own config's model."""
+    from open_clip.coca_model import CoCa
+    from open_clip.model import CustomTextCLIP
+
+    from epmq.merge_checkpoint import _check_architectures, _open_clip_config
+    from epmq.walker import _config_of
+
+    text = dict(width=32, heads=4, layers=1, vocab_size=64, context_length=8)
+    model_cfg = dict(embed_dim=16, text_cfg=text, vision_cfg=dict(layers=1, width=32, head_width=8, patch_size=8,
+                                                                  image_size=16))
+    decoder = dict(text, attn_pooler_heads=4)
+    coca = _open_clip_config({"model_cfg": {**model_cfg, "multimodal_cfg": decoder, "custom_text": True}})
+    with pytest.raises(ValueError, match=r"reads its weights as \{'multimodal_cfg': \{.*\}, the model as "
+                                         r"\{'multimodal_cfg': None\}"):
+        _check_architectures(None, [None], ["coca"], experts=True, reference=_config_of(CustomTextCLIP(**model_cfg)),
+                             configs=[coca])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_architectures(None, [None], ["coca"], experts=True,
+                             reference=_config_of(CoCa(**model_cfg, multimodal_cfg=decoder)), configs=[coca])
+
+
 def test_open_clip_hf_text_tower_whole_or_alone_refuses_experts_built_otherwise(gen, tmp_path):
     """An open_clip text tower that is HF's (HFTextEncoder) walked alone was read as its HF model's config
     (an 'xlm-roberta' one), so its own open_clip checkpoint was refused as another architecture; inside its
