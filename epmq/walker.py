@@ -407,7 +407,7 @@ def quantize_model(
                     edits, report, anchor=anchor, weight_anchor=weight_anchor,
                     true_sequential=true_sequential, percdamp=percdamp, blocksize=blocksize,
                     backend=backend, residual_precision=residual_precision, device=device,
-                    resume_dir=resume_dir, divisors=divisors,
+                    resume_dir=resume_dir, divisors=divisors, layers=layers,
                 )
                 walk.run(progress)
             _share_tied(model, tied, edits, report)
@@ -2378,6 +2378,25 @@ def _same_output(first, again) -> bool:
     return torch.allclose(again, first, rtol=1e-2, atol=atol, equal_nan=True)
 
 
+def _leaving_out(prefixes: str, layers) -> str:
+    """The ``layers=`` that selects what the user's ``layers`` does but the linears inside the blocks at
+    ``prefixes`` (escaped, ``|``-joined): one regex where theirs is one (its ``re.search`` a lookahead beside
+    the exclusion), else what to add to theirs (a predicate, a compiled pattern's flags, no regex holds)."""
+    out = f"(?!(?:{prefixes})\\.)"
+    if isinstance(layers, re.Pattern) and layers.flags == re.compile(layers.pattern).flags:
+        layers = layers.pattern
+    if layers is None:
+        return f"layers=r'^{out}'"
+    if isinstance(layers, str) and "'" not in layers and not layers.endswith("\\"):  # (written as r'...')
+        combined = f"^{out}(?=.*(?:{layers}))"
+        try:
+            re.compile(combined)
+            return f"layers=r'{combined}'"
+        except re.error:  # (global flags of theirs, (?i), allowed at a regex's start alone)
+            pass
+    return f"add to your layers= that it selects no name re.match(r'(?:{prefixes})\\.', name) matches"
+
+
 def _unreplayable(stack, i, task, name, named, how) -> str:
     """``_check_replayable``'s refusal of block ``i``, which changes its argument ``name`` ``how``."""
     return (f"calibration[{task!r}] item 0: block {i} at {stack.prefix!r} changes its argument {name!r} (a "
@@ -2654,8 +2673,10 @@ class _Stream:
 class _Walk:
     def __init__(self, model, stacks, renames, spec, method, targets, calibration,
                  experts, edits, report, *, anchor, weight_anchor, true_sequential, percdamp,
-                 blocksize, backend, residual_precision, device=None, resume_dir=None, divisors=None):
+                 blocksize, backend, residual_precision, device=None, resume_dir=None, divisors=None,
+                 layers=None):
         self.model, self.stacks, self.renames = model, stacks, renames
+        self.layers = layers  # (the user's selection, which a layers= the refusals suggest keeps)
         self.divisors = divisors or {}  # (RWKV's weights divided for inference: _quant_linear)
         self.spec, self.method, self.targets = spec, method, targets
         self.calibration, self.experts = calibration, experts
@@ -2745,11 +2766,12 @@ class _Walk:
     def _never_reached(self, task, n, missed) -> ValueError:
         """The refusal of calibration[task] item ``n``, which reaches none of the stacks ``missed``
         (indices): each named in one message (the Qwen2.5-Omni thinker's audio tower and vision
-        tower, on text: one a run), with the ``layers=`` that leaves them all out, and the
-        ``adapter=`` that walks only the towers it reaches where no adapter walks both kinds."""
+        tower, on text: one a run), with the ``layers=`` that leaves them all out of the user's
+        (``_leaving_out``), and the ``adapter=`` that walks only the towers it reaches where no adapter
+        walks both kinds."""
         stacks = [self.stacks[s] for s in missed]
         towers = ", nor those at ".join(f"{stack.prefix!r} ({stack.adapter.name})" for stack in stacks)
-        prefixes = "|".join(f"{re.escape(stack.prefix)}\\." for stack in stacks)
+        prefixes = "|".join(re.escape(stack.prefix) for stack in stacks)
         reached = list(dict.fromkeys(stack.adapter for s, stack in enumerate(self.stacks) if s not in missed))
         chosen = ""
         if reached and not {stack.adapter for stack in stacks} & set(reached):
@@ -2757,7 +2779,8 @@ class _Walk:
             chosen = (f", or walk the towers it reaches alone: adapter="
                       f"{names[0] if len(names) == 1 else '[' + ', '.join(names) + ']'}")
         return ValueError(f"calibration sample {n} of task {task!r} never reaches the blocks at {towers}: give "
-                          f"inputs that run through them, or leave them out: layers=r'^(?!{prefixes})'{chosen}")
+                          f"inputs that run through them, or leave them out: "
+                          f"{_leaving_out(prefixes, self.layers)}{chosen}")
 
     def ckpt(self, name: str) -> str:
         """A tensor's name in the experts' checkpoints (before ``adapter.prepare`` renamed it; a

@@ -227,6 +227,29 @@ def test_calibration_that_misses_two_towers_names_both(gen):
     assert {n.rpartition(".layers.")[0] for n in linears(model, "", epmq.QuantLinear)} == {"model.language_model"}
 
 
+def test_calibration_that_misses_towers_suggests_a_layers_keeping_the_users(gen):
+    """The layers= suggested to leave out the towers calibration misses ignored the layers= given: followed, it
+    widened the selection (every linear of the language model, where the user chose its q_proj and up_proj).
+    The suggestion keeps theirs, one regex beside a regex, and says to add the exclusion to a predicate or a
+    pattern compiled with flags."""
+    text = lambda: dict(input_ids=torch.randint(0, 99, (1, 8), generator=gen))  # noqa: E731
+    chosen = r"(self_attn\.q|mlp\.up)_proj$"  # (the audio tower's q_proj, the vision tower's up_proj too)
+    model = tiny_qwen25_omni_thinker()
+    with pytest.raises(ValueError, match=r"'model\.audio_tower\.layers' \(auto\), nor those at "
+                                         r"'model\.visual\.blocks' \(auto\): .*layers=r'[^']*'$") as e:
+        epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": [text()]}, progress=False, layers=chosen)
+    layers = ast.literal_eval(re.search(r"layers=(r'[^']*')", str(e.value)).group(1))
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": [text()]}, progress=False, layers=layers)
+    assert sorted(linears(model, "", epmq.QuantLinear)) == [f"model.language_model.layers.{i}.{name}" for i in (0, 1)
+                                                           for name in ("mlp.up_proj", "self_attn.q_proj")]
+    added = (r"add to your layers= that it selects no name "
+             r"re.match(r'(?:model\.audio_tower\.layers|model\.visual\.blocks)\.'")
+    for given in (lambda name: name.endswith(("q_proj", "up_proj")), re.compile(r"(Q|UP)_PROJ$", re.IGNORECASE)):
+        with pytest.raises(ValueError, match=re.escape(added) + r", name\) matches$"):
+            epmq.quantize_model(tiny_qwen25_omni_thinker(), SPEC_4, method="gptq", calibration={"a": [text()]},
+                                progress=False, layers=given)
+
+
 def test_a_checkpoint_of_one_tower_loads_without_rebuilding_the_other(gen, tmp_path):
     """A ViT encoder + GPT-2 decoder with only the encoder quantized: loading rebuilds no GPT-2
     Conv1D (the adapters prepared are those whose blocks hold quantized layers)."""
