@@ -1863,6 +1863,59 @@ def test_a_block_that_reads_what_its_call_set_on_an_object_is_refused(adapter, g
     assert_untouched(model, before)
 
 
+class FlaggedNormed(Flagged):
+    """``x + fc(rms_norm(x) * gain)``, the gain as ``Flagged``'s: a pre-norm residual block, whose branch is
+    about 1 whatever the residual stream's largest features hold."""
+
+    def forward(self, x, ctx):
+        gain = 3.0 if getattr(ctx, "seen", False) else 1.0
+        ctx.seen = True
+        return x + self.fc(torch.nn.functional.rms_norm(x, (16,)) * gain)
+
+
+class FlaggingNormedNet(FlaggingNet):
+    def __init__(self):
+        Net.__init__(self, FlaggedNormed)
+
+
+@pytest.mark.parametrize("adapter", ["registered", "auto"])
+def test_a_block_that_reads_what_its_call_set_is_refused_beside_a_massive_activation(adapter, gen):
+    """An LLM's residual stream holds a few features hundreds of times its others (massive activations):
+    the hidden states' tolerance, 1e-2 of their largest value, then passed a block whose second call
+    returned its other features ~100% apart (its branch, after a norm, 3x the model's), and the block was
+    solved on inputs the model never gives it. Each feature is held to its own scale: refused."""
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    for item in items:
+        item[0, 3] = 2000.0
+    model = FlaggingNormedNet()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: block 0 at 'layers' changes its argument "
+                                         r"'ctx' \(a SimpleNamespace\) and returns other hidden states when called "
+                                         r"again on what that call left there"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                            adapter=epmq.adapters.AUTO if adapter == "auto" else
+                            epmq.Adapter("flagged", block_types=(FlaggedNormed,)))
+    assert_untouched(model, before)
+
+
+def test_a_block_called_again_is_held_to_its_hidden_states_rounding_feature_by_feature(gen):
+    """A kernel's rounding apart (an MoE's experts summed in any order on a GPU: bfloat16's last bit), the
+    hidden states of two calls are the same, a massive activation's feature and a value near zero, where
+    terms of its feature's scale cancelled, among them; a feature ~10% apart beside them is not."""
+    from epmq.walker import _same_output
+
+    first = torch.randn(2, 8, 16, generator=gen).to(torch.bfloat16)
+    first[0, 0, 3], first[1, 5, 3] = 2000.0, 1e-3  # (a massive activation, and its feature cancelled)
+    # (the last of bfloat16's 8 significant bits of the largest term summed into each value: its feature's)
+    ulp = first.float().abs().amax(dim=(0, 1)) / 128
+    sign = torch.randint(0, 2, first.shape, generator=gen) * 2 - 1
+    again = (first.float() + sign * ulp).to(torch.bfloat16)
+    assert _same_output(first, again)
+    off = again.clone()
+    off[..., 7] *= 1.1
+    assert not _same_output(first, off)
+
+
 class Storing(GainedBlock):
     """GainedBlock reading its gain from the object it is handed or (``stores``) storing its output's
     mean there for the later ones, set anew by each call (as Gemma 4's layers store their keys and
