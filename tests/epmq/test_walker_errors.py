@@ -1845,24 +1845,6 @@ class FlaggingNet(Net):
         return x
 
 
-@pytest.mark.parametrize("adapter", ["registered", "auto"])
-def test_a_block_that_reads_what_its_call_set_on_an_object_is_refused(adapter, gen):
-    """Block 0 sets a flag on an object it is handed and reads it: the model's call of it sees the flag
-    unset (gain 1), every call of the walk's but the first set (gain 3), and the flag set alike on each
-    call passed the check of replayable blocks: block 0 solved on x * 3 where the model runs it on x,
-    without a word. Refused, naming the block and the argument; the model as it was."""
-    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
-    model = FlaggingNet()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: block 0 at 'layers' changes its argument "
-                                         r"'ctx' \(a SimpleNamespace\) and returns other hidden states when called "
-                                         r"again on what that call left there"):
-        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
-                            adapter=epmq.adapters.AUTO if adapter == "auto" else
-                            epmq.Adapter("flagged", block_types=(Flagged,)))
-    assert_untouched(model, before)
-
-
 class FlaggedNormed(Flagged):
     """``x + fc(rms_norm(x) * gain)``, the gain as ``Flagged``'s: a pre-norm residual block, whose branch is
     about 1 whatever the residual stream's largest features hold."""
@@ -1879,22 +1861,28 @@ class FlaggingNormedNet(FlaggingNet):
 
 
 @pytest.mark.parametrize("adapter", ["registered", "auto"])
-def test_a_block_that_reads_what_its_call_set_is_refused_beside_a_massive_activation(adapter, gen):
-    """An LLM's residual stream holds a few features hundreds of times its others (massive activations):
-    the hidden states' tolerance, 1e-2 of their largest value, then passed a block whose second call
-    returned its other features ~100% apart (its branch, after a norm, 3x the model's), and the block was
-    solved on inputs the model never gives it. Each feature is held to its own scale: refused."""
+@pytest.mark.parametrize("net,block,massive", [(FlaggingNet, Flagged, None),
+                                               (FlaggingNormedNet, FlaggedNormed, 2000.0)])
+def test_a_block_that_reads_what_its_call_set_on_an_object_is_refused(adapter, net, block, massive, gen):
+    """Block 0 sets a flag on an object it is handed and reads it: the model's call of it sees the flag
+    unset (gain 1), every call of the walk's but the first set (gain 3), and the flag set alike on each
+    call passed the check of replayable blocks: block 0 solved on x * 3 where the model runs it on x,
+    without a word. Refused, naming the block and the argument; the model as it was. Beside an LLM's
+    massive activations (a few features hundreds of times the others) too: the hidden states' tolerance,
+    1e-2 of their largest value, passed a pre-norm block whose other features came back ~100% apart;
+    each feature is held to its own scale."""
     items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
-    for item in items:
-        item[0, 3] = 2000.0
-    model = FlaggingNormedNet()
+    if massive:
+        for item in items:
+            item[0, 3] = massive
+    model = net()
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: block 0 at 'layers' changes its argument "
                                          r"'ctx' \(a SimpleNamespace\) and returns other hidden states when called "
                                          r"again on what that call left there"):
         epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
-                            adapter=epmq.adapters.AUTO if adapter == "auto" else
-                            epmq.Adapter("flagged", block_types=(FlaggedNormed,)))
+                            adapter=epmq.adapters.AUTO if adapter == "auto" else epmq.Adapter("flagged",
+                                                                                                block_types=(block,)))
     assert_untouched(model, before)
 
 
