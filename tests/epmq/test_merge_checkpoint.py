@@ -3527,6 +3527,22 @@ def test_open_clip_timm_and_hf_towers_are_not_compared_by_transformer_sizes_they
     _check_quietly(save("base", layers=12, heads=12, head_width=64), save("other", layers=24, heads=16, head_width=80))
 
 
+def _open_clip_saved(path, model_cfg, tower=None, **changes):
+    """An open_clip CLIP checkpoint's directory at ``path``: its config (``model_cfg``, ``changes`` made in
+    its ``tower``) and the weights it builds."""
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    cfg = json.loads(json.dumps(model_cfg))
+    if tower:
+        cfg[tower].update(changes)
+    path.mkdir()
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    save_file({k: v.contiguous() for k, v in CLIP(**cfg).state_dict().items()},
+              str(path / "open_clip_model.safetensors"))
+    return path
+
+
 def test_open_clip_checkpoints_whose_blocks_or_projections_are_built_otherwise_are_refused(tmp_path):
     """open_clip's LayerScale (ls_init_value), pre-norm (no_ln_pre), q and k norms, cosine attention, head
     scales, inner norms (qk_norm, scaled_cosine_attn, scale_heads, scale_attn_inner, scale_attn, scale_fc),
@@ -3535,22 +3551,12 @@ def test_open_clip_checkpoints_whose_blocks_or_projections_are_built_otherwise_a
     or dropped, the output run as the base's config says. They are compared, open_clip's defaults filled in;
     LayerScale's init value builds the same model, as does a text projection other than "none", and
     "parallel" and "cascade" pools, of the same tensors, read them otherwise."""
-    from open_clip.model import CLIP
-    from safetensors.torch import save_file
-
     model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 1, "width": 16, "head_width": 8, "image_size": 16,
                                                   "patch_size": 8, "attn_pooler_queries": 2, "attn_pooler_heads": 2},
                  "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 16, "heads": 2, "layers": 1}}
 
     def save(name, tower=None, **changes):
-        cfg = json.loads(json.dumps(model_cfg))
-        if tower:
-            cfg[tower].update(changes)
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
-        save_file({k: v.contiguous() for k, v in CLIP(**cfg).state_dict().items()},
-                  str(tmp_path / name / "open_clip_model.safetensors"))
-        return tmp_path / name
+        return _open_clip_saved(tmp_path / name, model_cfg, tower, **changes)
 
     def merge(base, model):
         with warnings.catch_warnings():
@@ -3635,23 +3641,13 @@ def test_open_clip_checkpoints_of_other_sizes_are_refused_by_their_shapes_and_tr
     tensors' shapes, naming the tensor; those of training or initialization alone (pos_embed_type, whose fixed
     table the checkpoint holds, an explicit block_type of the blocks built either way, patch_dropout, a text
     tower's final_ln_after_pool, which it does not read) read the same weights alike, and merge."""
-    from open_clip.model import CLIP
-    from safetensors.torch import save_file
-
     model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 1, "width": 16, "head_width": 8, "image_size": 16,
                                                   "patch_size": 8, "attentional_pool": True, "attn_pooler_queries": 2,
                                                   "attn_pooler_heads": 2},
                  "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 16, "heads": 2, "layers": 1}}
 
     def save(name, tower=None, **changes):
-        cfg = json.loads(json.dumps(model_cfg))
-        if tower:
-            cfg[tower].update(changes)
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
-        save_file({k: v.contiguous() for k, v in CLIP(**cfg).state_dict().items()},
-                  str(tmp_path / name / "open_clip_model.safetensors"))
-        return tmp_path / name
+        return _open_clip_saved(tmp_path / name, model_cfg, tower, **changes)
 
     def merge(model):
         merge_checkpoints("task_arithmetic", [model], tmp_path / "out", base=base, params={"scale": 1.0},
