@@ -259,7 +259,16 @@ def test_identity_3_single_expert_with_an_anchor_is_gptq_of_the_blend(gen, spec,
     assert (res.codes == ref.codes).float().mean() > 0.995
     a = 1 / float(torch.trace(H_k[0].double()))
     assert res.info["lam_effective"] == pytest.approx(anchor * a, rel=1e-9)
-    assert res.loss == pytest.approx((1 + anchor) * a * ref.loss, rel=1e-3)
+    # GPTQ's loss is not comparable: its target, the blend rounded to float32, is a few ulps from
+    # E-PMQ's W_m + R (R in fp32), which at 8 bits moves a code at a rounding tie and the greedy
+    # path after it (2 codes, loss 2e-3 apart). On E-PMQ's own codes the identity is exact: its H
+    # is (1 + anchor) a_1 H_1, so its loss is that times GPTQ's objective of them, here in float64
+    # (from Q and W* in float64: exact), off only by the solver's fp32 loss: within 1e-6 at 2 to 4
+    # bits, 7.5e-5 at 8 with small groups of ill-conditioned H (QuantResult; over 50 seeds 3.3e-7
+    # and 1.5e-5 measured).
+    F = res.weight.double() - res.target.double()
+    objective = float(((F @ H_k[0].double()) * F).sum())
+    assert res.loss == pytest.approx((1 + anchor) * a * objective, rel=1e-6 if spec.bits <= 4 else 7.5e-5)
 
 
 @pytest.mark.parametrize("spec", [SPEC] + LIMIT_SPECS, ids=str)
