@@ -112,6 +112,24 @@ def rescaling_modules(model: nn.Module) -> dict:
     return found
 
 
+@torch.compiler.disable
+def _rescale_eagerly(module, args):
+    """RWKV's ``_rescale_layers`` run before its forward, outside any compilation: it divides its
+    packed layers' weights in place (``weight.div_``, ``weight_multiplier``), which a compiled graph
+    took as writes into dequantized copies: the division dropped, logits ~50% off. (A module-level
+    function: a model holding the hook still pickles and deep-copies.)"""
+    module._rescale_layers()
+
+
+def rescale_outside_compilation(model: nn.Module) -> None:
+    """Have each RWKV module of ``model`` (``rescaling_modules``) rescale its layers before its
+    forward, outside torch.compile's graphs (``_rescale_eagerly``); its own call then finds them done."""
+    for name in rescaling_modules(model):
+        module = model.get_submodule(name)
+        if _rescale_eagerly not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_rescale_eagerly)
+
+
 def rescaled_divisors(model: nn.Module) -> dict:
     """``{weight name: divisor}`` of the weights RWKV (transformers' ``RwkvModel``, ``rescale_every``
     > 0) holds divided for inference (``layers_are_rescaled``): block i's ``attention.output`` and

@@ -59,7 +59,8 @@ from torch import nn
 from epmq_kernels.grid import is_integer
 
 from ._util import (own_temporary, read_json, read_json_file, release_freed_memory, remove_stale_temporaries,
-                    rescaled_divisors, rescaling_modules, save_safetensors, storage_key, umask, wrapped_model)
+                    rescale_outside_compilation, rescaled_divisors, rescaling_modules, save_safetensors, storage_key,
+                    umask, wrapped_model)
 from .adapters import (Transposed, auto_beside, checkpoint_names, find_towers, named_blocks, prepare_towers,
                        remember)
 from .adapters.attention import PROJECTIONS, call_projections, hands_weights_to_torch
@@ -2214,6 +2215,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     # ran in eval mode said they were divided, and its first forward left the file's undivided)
     for name in rescaling_modules(model):
         model.get_submodule(name).layers_are_rescaled = False
+    rescale_outside_compilation(model)
     for name in ours.get("rescaled", []):
         # (a checkpoint epmq wrote before it saved RWKV's weights multiplied back holds them as its
         # eval-mode forward divides them: a fresh model would divide them again on its first forward)

@@ -108,7 +108,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import quant
-from ._util import rescaled_divisors, wrapped_model, write_atomic
+from ._util import rescale_outside_compilation, rescaled_divisors, wrapped_model, write_atomic
 from .adapters import (Adapter, Part, Transposed, checkpoint_names, find_towers, named_blocks, prepare_towers,
                        remember, warn_other_towers)
 from .adapters import _expression as adapter_expression
@@ -910,6 +910,7 @@ def _rescale_for_inference(model) -> dict:
         if (hasattr(module, "layers_are_rescaled") and hasattr(module, "_rescale_layers")
                 and isinstance(every, int) and every > 0):
             module._rescale_layers()  # (in eval mode: divides once, a model already run divided already)
+    rescale_outside_compilation(model)
     return rescaled_divisors(model)
 
 

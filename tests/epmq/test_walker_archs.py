@@ -889,6 +889,24 @@ def test_a_checkpoint_of_a_rescaled_rwkv_holds_its_weights_as_transformers_loads
     torch.testing.assert_close(output(epmq.load_quantized(tmp_path / "ckpt").eval(), item), want, rtol=0, atol=0)
 
 
+def test_a_packed_rwkv_compiled_divides_its_layers_as_it_runs_uncompiled(gen, tmp_path):
+    """RWKV divides its rescaled layers' weights in place (weight.div_) on its first forward in eval
+    mode: under torch.compile a packed layer's weight is a dequantized copy, so the division went into
+    it and was dropped (logits ~50% off, a compiled dense RWKV exact). The rescale runs outside the
+    graph, for a model quantized and one loaded; a copy of the model rescales its own layers."""
+    torch.manual_seed(0)
+    model, item = _rwkv(2), wider_input("ids", gen)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model.train(), tmp_path / "ckpt")
+    want = output(epmq.load_quantized(tmp_path / "ckpt").eval(), item)
+    output(model, item)  # (in train mode: its layers multiplied back)
+    for fresh in (lambda: epmq.load_quantized(tmp_path / "ckpt").eval(), lambda: copy.deepcopy(model).eval()):
+        compiled = torch.compile(fresh(), backend="eager")
+        torch.testing.assert_close(output(compiled, item), want, rtol=0, atol=0)
+    assert model.rwkv.layers_are_rescaled is False  # (the copy rescaled its own layers, not the model's)
+    assert {m.weight_multiplier for m in model.modules() if isinstance(m, epmq.QuantLinear)} == {1.0}
+
+
 def test_an_rwkvs_rescaled_layers_are_packed_undivided_their_division_their_multiplier():
     """The walk divides RWKV's rescaled weights for inference before packing them, and the packed
     layers held the divided weights' scales: small ones in float16's subnormals (warned of, their
