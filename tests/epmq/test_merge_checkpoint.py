@@ -3428,11 +3428,8 @@ def test_open_clip_hf_text_towers_of_local_directories_are_compared_by_their_pat
     path, as written (a copy of any model: only the same directory is known to be the same model), and a
     directory named as a hub repository is no legacy name of it."""
     def save(name, hf_model_name):
-        (tmp_path / name).mkdir()
-        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8},
-                     "text_cfg": {"hf_model_name": hf_model_name}, "custom_text": True}
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        return tmp_path / name
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
+                                     text_cfg={"hf_model_name": hf_model_name}, custom_text=True)
 
     for copy in ("roberta", "xlm-roberta-base"):
         (tmp_path / "models" / copy).mkdir(parents=True)
@@ -3455,11 +3452,8 @@ def test_open_clip_hf_text_towers_of_two_owners_repositories_are_refused(tmp_pat
     someone/xlm-roberta-base) were one text tower. Named with owners they are compared whole; a legacy
     name without one is its repository's of any owner."""
     def save(name, hf_model_name):
-        (tmp_path / name).mkdir()
-        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8},
-                     "text_cfg": {"hf_model_name": hf_model_name}, "custom_text": True}
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        return tmp_path / name
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
+                                     text_cfg={"hf_model_name": hf_model_name}, custom_text=True)
 
     base = save("base", "FacebookAI/xlm-roberta-base")
     with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 'someone/xlm-roberta-base'\}, the base as "
