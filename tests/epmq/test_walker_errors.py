@@ -1960,27 +1960,6 @@ class NaNRowStoring(Storing):
         return torch.cat([torch.full_like(y[:1], float("nan")), y[1:]])
 
 
-@pytest.mark.parametrize("adapter", ["registered", "auto"])
-def test_a_block_storing_for_later_ones_whose_output_holds_a_nan_is_walked(adapter, gen, monkeypatch):
-    """A block that stores what later ones read, alike on each call, is called again to see that it returns
-    the same hidden states: their scale taken over a row of NaN (padding's, in some attention kernels) was
-    NaN, and the walk ended in torch's bare "atol must be greater than or equal to zero". Walked, block 0 on
-    what it gets."""
-    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
-
-    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
-    model = StoringNet()
-    for layer in model.layers:
-        layer.__class__ = NaNRowStoring
-    hand = hooked_inputs(model, "layers.0.fc", [{"x": x} for x in items])
-    seen = walked_inputs(monkeypatch)
-    epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
-                        adapter=epmq.adapters.AUTO if adapter == "auto" else
-                        epmq.Adapter("storing", block_types=(NaNRowStoring,)),
-                        layers=lambda name: name == "layers.0.fc")
-    assert_same_statistics(seen, hand)
-
-
 class NaNStoring(Storing):
     """Storing that stores its output with a first row of NaN (keys of a row of padding alone, in some
     kernels) where it stores."""
@@ -1994,21 +1973,25 @@ class NaNStoring(Storing):
 
 
 @pytest.mark.parametrize("adapter", ["registered", "auto"])
-def test_a_block_storing_a_nan_alike_on_each_call_is_walked(adapter, gen, monkeypatch):
-    """A block storing what later ones read, alike on each call, is called again to see that it stores the
-    same: a NaN stored (padding's) was never equal to the NaN stored again, and the block was refused as
-    one changing its argument otherwise on each call. Walked, block 0 on what it gets."""
+@pytest.mark.parametrize("block", [NaNRowStoring, NaNStoring])
+def test_a_block_storing_for_later_ones_with_a_nan_is_walked(adapter, block, gen, monkeypatch):
+    """A block that stores what later ones read, alike on each call, is called again to see that it returns
+    the same hidden states and stores the same. NaNRowStoring: their scale taken over a row of NaN
+    (padding's, in some attention kernels) was NaN, and the walk ended in torch's bare "atol must be greater
+    than or equal to zero". NaNStoring: a NaN stored (padding's) was never equal to the NaN stored again,
+    and the block was refused as one changing its argument otherwise on each call. Walked, block 0 on what
+    it gets."""
     from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
 
     items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
     model = StoringNet()
     for layer in model.layers:
-        layer.__class__ = NaNStoring
+        layer.__class__ = block
     hand = hooked_inputs(model, "layers.0.fc", [{"x": x} for x in items])
     seen = walked_inputs(monkeypatch)
     epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
                         adapter=epmq.adapters.AUTO if adapter == "auto" else
-                        epmq.Adapter("storing", block_types=(NaNStoring,)),
+                        epmq.Adapter("storing", block_types=(block,)),
                         layers=lambda name: name == "layers.0.fc")
     assert_same_statistics(seen, hand)
 
