@@ -2364,6 +2364,48 @@ def _check_called_again(stack, i, block, task, hidden, named, name, first) -> No
                                                                    "again on what that call left there"))
 
 
+def _holds_objects(value) -> bool:
+    """Whether a block's argument holds what another block may change in place other than a tensor (a dict,
+    a list, an object's attributes: ``_fields_of``, or one without any yet), however deep in tuples."""
+    if isinstance(value, tuple):
+        return any(_holds_objects(v) for v in value)
+    return (isinstance(value, (dict, list)) or _fields_of(value) is not None
+            or hasattr(value, "__dict__") and not isinstance(value, _HELD_WHOLE))
+
+
+def _check_read_before_changed(stack, task, called) -> None:
+    """A ValueError where a block reads what a block after it changes in an object they are both handed (a
+    flag that block 1 sets on a ``ctx`` block 0 reads): the model's call of the earlier block saw the object
+    as given, the walk calls it again on what the later blocks left there (AUTO's stand-ins ran every
+    block as they recorded the arguments), and solved it on other inputs than the model's without a word.
+    ``called``: block -> its input, arguments, their ``_versions_of`` as its call left them and the hidden
+    states it returned, of the blocks handed objects on item 0 of ``task``; each whose arguments were
+    changed since is called once more, as the walk will call it (one that reads nothing changed returns the
+    same: Gemma 4's layers storing keys and values, each into the dict the others get)."""
+    for j, (block, hidden, named, left, first) in called.items():
+        now = _versions_of(named)
+        name = next((name for name in named if _changed(left[name], now[name])), None)
+        if name is None:
+            continue
+        try:
+            again = block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden, **named)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            first_line = str(e).splitlines()[0][:300] if str(e) else ""
+            how = f"fails when called again on it ({type(e).__name__}: {first_line})"
+        else:
+            if _same_output(first, stack.adapter.hidden_of(again)):
+                continue
+            how = "returns other hidden states when called again on it"
+        raise ValueError(
+            f"calibration[{task!r}] item 0: block {j} at {stack.prefix!r} reads its argument {name!r} (a "
+            f"{type(named[name]).__name__}), which a later block changes, and {how} as the later blocks left it; "
+            f"the model called block {j} before they changed it, the walk calls each block again on its arguments "
+            f"as all the blocks left them: have the blocks hand on what they change in a new object, or leave them "
+            f"out: layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
+
+
 def _same_output(first, again) -> bool:
     """Whether two calls of a block returned the same hidden states, a kernel's rounding apart (an MoE's
     experts summed by index_add_'s atomics on a GPU, in any order)."""
@@ -3503,6 +3545,12 @@ class _Walk:
                                                                       "arguments"):
                             _check_called_again(stack, j, block, now["task"], unwritten, named, changed[0],
                                                 stack.adapter.hidden_of(output))
+                    if probing and any(_holds_objects(v) for v in named.values()):
+                        first = stack.adapter.hidden_of(output)
+                        now["handed"][j] = (block, unwritten, named, _versions_of(named),
+                                            first.clone() if isinstance(first, torch.Tensor) else first)
+                    if probing and j == last:
+                        _check_read_before_changed(stack, now["task"], now["handed"])
                 else:
                     output = stack.adapter.passthrough_of(block, hidden)
                 if stack.adapter.runs_blocks:  # (its arguments as the block left them: _kept_depth)
@@ -3601,7 +3649,7 @@ class _Walk:
                         watch = stream is self.q and (n == 0 or bool(now.get("looping")))
                         now.update(task=task, n=n, kwargs=[None] * (last + 1), versions=[None] * (last + 1),
                                    hidden=None, next=0, started=False, watch=watch, past=False, called=None,
-                                   left={}, raised=None)
+                                   left={}, raised=None, handed={})
                         if watch:
                             now["again"] = {}
                         try:

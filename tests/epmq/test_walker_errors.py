@@ -1886,6 +1886,60 @@ def test_a_block_that_reads_what_its_call_set_on_an_object_is_refused(adapter, n
     assert_untouched(model, before)
 
 
+class LateFlagged(Flagged):
+    """Flagged whose flag a later block sets: ``flags``, it marks ``ctx`` seen and reads nothing (``x +
+    fc(x)``); ``reads`` (else the gain is 1, whatever ``ctx`` holds)."""
+
+    flags, reads = False, True
+
+    def forward(self, x, ctx):
+        if self.flags:
+            ctx.seen = True
+        gain = 3.0 if self.reads and not self.flags and getattr(ctx, "seen", False) else 1.0
+        return x + self.fc(x * gain)
+
+
+class LateFlaggingNet(FlaggingNet):
+    """Two LateFlagged on one ``ctx``, block 1 flagging it after block 0 (reading it or not) ran."""
+
+    def __init__(self, reads):
+        Net.__init__(self, LateFlagged)
+        self.layers[0].reads = reads
+        self.layers[1].flags = True
+
+
+@pytest.mark.parametrize("adapter", ["registered", "auto"])
+@pytest.mark.parametrize("reads", [True, False])
+def test_a_block_reading_what_a_later_block_sets_on_an_object_is_walked_as_the_model_ran_it(adapter, reads, gen,
+                                                                                             monkeypatch):
+    """Block 1 flags the ``ctx`` block 0 reads: the model runs block 0 on it unflagged (gain 1). AUTO's
+    stand-ins run every block while they record the arguments, and the walk called block 0 again on the
+    ``ctx`` block 1 had flagged since: solved on x * 3, without a word. Refused under AUTO, naming the block
+    and the argument, the model as it was; walked where nothing reads the flag before it is set (block 0
+    reading nothing, or a registered adapter, whose walk runs block 1 after it is done with block 0), on a
+    plain forward's inputs."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    model = LateFlaggingNet(reads)
+    options = dict(method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                   adapter=epmq.adapters.AUTO if adapter == "auto" else
+                   epmq.Adapter("late", block_types=(LateFlagged,)))
+    if adapter == "auto" and reads:
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=r"calibration\['a'\] item 0: block 0 at 'layers' reads its argument "
+                                             r"'ctx' \(a SimpleNamespace\), which a later block changes, and "
+                                             r"returns other hidden states when called again on it as the later "
+                                             r"blocks left it"):
+            epmq.quantize_model(model, SPEC, **options)
+        assert_untouched(model, before)
+        return
+    hand = hooked_inputs(model, "layers.0.fc", [{"x": x} for x in items])
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC, **options, layers=lambda name: name == "layers.0.fc")
+    assert_same_statistics(seen, hand)
+
+
 def test_a_block_called_again_is_held_to_its_hidden_states_rounding_feature_by_feature(gen):
     """A kernel's rounding apart (an MoE's experts summed in any order on a GPU: bfloat16's last bit), the
     hidden states of two calls are the same, a massive activation's feature and a value near zero, where
