@@ -504,7 +504,9 @@ def _calibration(calibration, model) -> dict:
                 raise ValueError(f"calibration[{task!r}] item {n}: {empty} is empty: nothing to calibrate on")
             # (the walk calls the blocks without a cache: the tokens it holds would be missing from
             # their attention, the masks and positions made for them wrong, unnamed deep inside)
-            cache = next((name for name, value in parts if name in _CACHE_KWARGS and _holds_tokens(value)), None)
+            # (a recurrent state, RWKV's, is a list of tensors whether it holds tokens or not)
+            cache = next((name for name, value in parts if name in _CACHE_KWARGS and _holds_tokens(value)
+                          and not (name == "state" and _recurrent_state(value))), None)
             if cache is not None:
                 raise ValueError(f"calibration[{task!r}] item {n}: {cache} holds a generation cache of earlier "
                                  f"tokens, which calibration does not run with: give whole sequences")
@@ -538,14 +540,17 @@ def _counted(item):
 
 
 def _holds_tokens(cache) -> bool:
-    """Whether a calibration item's cache argument holds earlier tokens: a transformers
-    ``Cache`` that has some (an empty one, or None, is what a first call gets), or the legacy
-    tuple of per-layer key and value tensors."""
+    """Whether a cache argument holds earlier tokens: a transformers ``Cache`` that has some (an empty
+    one, or None, is what a first call gets), or a legacy one holding a token: the tuple of per-layer
+    key and value tensors, or one layer's ``(key, value)`` (what GPT-J's, Bloom's and ChatGLM's models
+    hand each block, which went unseen). Keys and values have 3 dims or more ([batch, heads, tokens, head
+    dim], Bloom's [batch x heads, ...]): a tuple holding a tensor of fewer is no cache."""
     if callable(getattr(cache, "get_seq_length", None)):
         return cache.get_seq_length() > 0
-    return isinstance(cache, (tuple, list)) and any(isinstance(t, torch.Tensor) and t.numel()
-                                                    for layer in cache if isinstance(layer, (tuple, list))
-                                                    for t in layer)
+    if not isinstance(cache, (tuple, list)):
+        return False
+    tensors = [t for t in tree_flatten(cache)[0] if isinstance(t, torch.Tensor)]
+    return all(t.dim() >= 3 for t in tensors) and any(t.numel() for t in tensors)
 
 
 def _config_of(module) -> Optional[dict]:
@@ -2148,7 +2153,8 @@ def _refuse_filled_cache(stack, block, args, kwargs) -> None:
             bound.update(bound.pop(p.name, {}))
     for key in _caches_in(bound, signature):
         cache = bound[key]
-        if _holds_tokens(cache):
+        # (_caches_in's state, RWKV's recurrent one, is a list of tensors whether it holds tokens or not)
+        if key != "state" and _holds_tokens(cache):
             held = (f" of {cache.get_seq_length()} tokens" if callable(getattr(cache, "get_seq_length", None))
                     else "")
             raise ValueError(

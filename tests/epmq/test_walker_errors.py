@@ -1243,6 +1243,71 @@ def test_a_calibration_item_with_a_filled_generation_cache_is_named(gen):
                         calibration={"a": [{"input_ids": ids, "past_key_values": DynamicCache()}]})
 
 
+class PastReading(nn.Module):
+    """``x + fc(x + the sum of the values layer_past holds)``: one layer's legacy ``(key, value)`` of
+    earlier tokens, [batch, 2 heads, tokens, 8], as GPT-J's, Bloom's and ChatGLM's blocks take theirs
+    (None: none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x, layer_past=None):
+        if layer_past is not None:
+            _, value = layer_past
+            x = x + value.transpose(1, 2).flatten(2).sum(dim=1, keepdim=True)
+        return x + self.fc(x)
+
+
+class PastNet(Net):
+    """Two PastReading handed the keys and values of ``tokens`` earlier tokens: ``given``, the model's
+    own ``layer_past`` (one layer's, the same to both); else of a prefix the model runs itself."""
+
+    def __init__(self, tokens=3, given=False):
+        super().__init__(PastReading)
+        self.prefix = nn.Parameter(torch.randn(1, 2, tokens, 8))
+        self.given = given
+
+    def forward(self, x, layer_past=None):
+        if not self.given:
+            layer_past = (self.prefix.expand(len(x), -1, -1, -1),) * 2
+        for layer in self.layers:
+            x = layer(x, layer_past=layer_past)
+        return x
+
+
+@pytest.mark.parametrize("adapter", ["registered", "auto"])
+def test_one_layers_legacy_keys_and_values_of_earlier_tokens_are_named(adapter, gen, monkeypatch):
+    """One layer's legacy ``(key, value)`` (GPT-J's, Bloom's, ChatGLM's ``layer_past``, ``kv_cache``)
+    holding earlier tokens was taken for no cache (only the tuple of every layer's was), and dropped:
+    the blocks were solved on their inputs without the tokens the model attends to, without a word.
+    Refused by name where the model fills it before the blocks, and where a calibration item gives it;
+    keys and values of no token are what a first call gets: walked on a plain forward's inputs."""
+    from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
+
+    items = [torch.randn(2, 4, 16, generator=gen) for _ in range(2)]
+    options = dict(method="gptq", backend="torch", progress=False,
+                   adapter=epmq.adapters.AUTO if adapter == "auto" else
+                   epmq.Adapter("past", block_types=(PastReading,)))
+    model = PastNet()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"the blocks at 'layers' \(\w+\) are handed a layer_past that the model "
+                                         r"filled before them"):
+        epmq.quantize_model(model, SPEC, calibration={"a": items}, **options)
+    assert_untouched(model, before)
+    model = PastNet(given=True)
+    before = snapshot(model)
+    past = (torch.randn(2, 2, 3, 8, generator=gen),) * 2
+    with pytest.raises(ValueError, match=r"item 0: layer_past holds a generation cache of earlier tokens"):
+        epmq.quantize_model(model, SPEC, calibration={"a": [{"x": x, "layer_past": past} for x in items]}, **options)
+    assert_untouched(model, before)
+    model = PastNet(tokens=0)
+    hand = hooked_inputs(model, "layers.0.fc", [{"x": x} for x in items])
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC, calibration={"a": items}, **options, layers=lambda name: name == "layers.0.fc")
+    assert_same_statistics(seen, hand)
+
+
 def test_numpys_numbers_as_anchors_are_written_as_json(gen, tmp_path):
     """A sweep's anchor, weight_anchor and percdamp read from numpy arrays (np.float32, np.int64),
     which check_number takes, were kept as they came in the walk's report, so its JSON (the
