@@ -407,7 +407,7 @@ def quantize_model(
                     edits, report, anchor=anchor, weight_anchor=weight_anchor,
                     true_sequential=true_sequential, percdamp=percdamp, blocksize=blocksize,
                     backend=backend, residual_precision=residual_precision, device=device,
-                    resume_dir=resume_dir, divisors=divisors, layers=layers,
+                    resume_dir=resume_dir, divisors=divisors,
                 )
                 walk.run(progress)
             _share_tied(model, tied, edits, report)
@@ -816,10 +816,15 @@ class _Stack:
     # several layers a group): solved on the first round's inputs; what it hands the stacks after
     # it has been through every round of its quantized blocks (_more_rounds)
     rounds: int = 1
+    layers: object = None  # the user's layers=, which the one a refusal of the blocks suggests keeps
     names: list = field(init=False)  # each block's qualified name (named_blocks)
 
     def __post_init__(self):
         self.names = [name for name, _ in named_blocks(self.prefix, self.blocks)]
+
+    def left_out(self) -> str:
+        """The ``layers=`` that selects what the user's does but these blocks' linears (``_leaving_out``)."""
+        return _leaving_out(re.escape(self.prefix), self.layers)
 
 
 def _following_name(block: str) -> Optional[str]:
@@ -944,7 +949,7 @@ def _plan(model, towers, layers) -> tuple:
                 chosen.append([rel for rel in adapter.linears(block)
                                if rel not in routing and select(f"{name}.{rel}")])
             if any(chosen):
-                stacks.append(_Stack(prefix, blocks, chosen, adapter))
+                stacks.append(_Stack(prefix, blocks, chosen, adapter, layers=layers))
     stacks.sort(key=lambda stack: position[stack.prefix])
     owner, first_use, tied = {}, {}, {}  # a linear's first name; by its weight and bias; the ties
     for stack in stacks:
@@ -2312,7 +2317,7 @@ def _check_kept_of(stack, j, named, versions, task, n, depth) -> None:
                 f"calibration[{task!r}] item {n}: the model {how} {name!r}, an argument of "
                 f"block {j} at {stack.prefix!r}, after that block's call; the walk calls each block again "
                 f"with its arguments as they were given, which they no longer are: give the model "
-                f"{fix}, or leave the blocks out: layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
+                f"{fix}, or leave the blocks out: {stack.left_out()}")
 
 
 def _same_contents(given, now) -> bool:
@@ -2457,8 +2462,7 @@ def _unreplayable(stack, i, task, name, named, how) -> str:
     return (f"calibration[{task!r}] item 0: block {i} at {stack.prefix!r} changes its argument {name!r} (a "
             f"{type(named[name]).__name__}) {how}; the model hands the later blocks what its one call left "
             f"there, the walk calls each block several times on its arguments as they were given: have the "
-            f"block return what later blocks read, or leave the blocks out: "
-            f"layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
+            f"block return what later blocks read, or leave the blocks out: {stack.left_out()}")
 
 
 def _run_block(stack, j, block, hidden, named, ran_on=None):
@@ -2728,10 +2732,8 @@ class _Stream:
 class _Walk:
     def __init__(self, model, stacks, renames, spec, method, targets, calibration,
                  experts, edits, report, *, anchor, weight_anchor, true_sequential, percdamp,
-                 blocksize, backend, residual_precision, device=None, resume_dir=None, divisors=None,
-                 layers=None):
+                 blocksize, backend, residual_precision, device=None, resume_dir=None, divisors=None):
         self.model, self.stacks, self.renames = model, stacks, renames
-        self.layers = layers  # (the user's selection, which a layers= the refusals suggest keeps)
         self.divisors = divisors or {}  # (RWKV's weights divided for inference: _quant_linear)
         self.spec, self.method, self.targets = spec, method, targets
         self.calibration, self.experts = calibration, experts
@@ -2835,7 +2837,7 @@ class _Walk:
                       f"{names[0] if len(names) == 1 else '[' + ', '.join(names) + ']'}")
         return ValueError(f"calibration sample {n} of task {task!r} never reaches the blocks at {towers}: give "
                           f"inputs that run through them, or leave them out: "
-                          f"{_leaving_out(prefixes, self.layers)}{chosen}")
+                          f"{_leaving_out(prefixes, stacks[0].layers)}{chosen}")
 
     def ckpt(self, name: str) -> str:
         """A tensor's name in the experts' checkpoints (before ``adapter.prepare`` renamed it; a
@@ -3638,7 +3640,7 @@ class _Walk:
                 f"the model calls the blocks at {stack.prefix!r} a number of times that depends on its input "
                 f"(calibration[{first[0]!r}] item {first[1]}: {said(first[2])}; calibration[{task!r}] item {n}: "
                 f"{said(seen[2])}), which the walk cannot solve block by block; leave them out: "
-                f"layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
+                f"{stack.left_out()}")
         now["repeats"] = first[:3] + (first[3] and seen[3],)
         now["looping"] = bool(first[2])
 

@@ -1886,6 +1886,66 @@ def test_an_object_a_block_changes_and_then_fails_on_is_refused(adapter, gen):
     assert_untouched(model, before)
 
 
+class Gated(Residual):
+    """``x + fc(x) + gate(x)``: two linears, of which a layers= may choose one."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return super().forward(x) + self.gate(x)
+
+
+class Fronted(nn.Module):
+    """Two Gated blocks (``front``) before those of ``net``, which get what they return."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.front, self.net = nn.ModuleList([Gated(), Gated()]), net
+
+    def forward(self, x, **kwargs):
+        for block in self.front:
+            x = block(x)
+        return self.net(x, **kwargs)
+
+
+class Rerunning(Net):
+    """Two Residual blocks, the last called ``again`` more times after them, as each item says."""
+
+    def __init__(self):
+        super().__init__(Residual)
+
+    def forward(self, x, again):
+        x = super().forward(x)
+        for _ in range(again):
+            x = self.layers[1](x)
+        return x
+
+
+@pytest.mark.parametrize("net, block, refused", [
+    (lambda: GainAdvancingNet("dict"), GainedBlock, "the model writes in place into 'gains'"),
+    (lambda: CountingNet("namespace"), Counted, "changes its argument 'counter'"),
+    (Rerunning, Residual, "a number of times that depends on its input")])
+def test_a_refusal_of_blocks_suggests_a_layers_keeping_the_users(net, block, refused, gen):
+    """Three refusals of the blocks at 'net.layers' (the model writes into an argument after the call, a block
+    changes one otherwise on each call, the model calls them a number of times its input decides) suggested the
+    layers= selecting every linear outside them, whatever layers= was given: followed, it widened the selection
+    (both linears of the front blocks, where the user chose their fc). It keeps theirs, as the refusal of towers
+    calibration misses does."""
+    x = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    items = [dict(x=x[0], again=1), dict(x=x[1], again=0)] if net is Rerunning else x
+    adapter = epmq.Adapter("fronted", block_types=(Gated, block))
+    options = dict(method="gptq", calibration={"a": items}, backend="torch", progress=False, adapter=adapter)
+    with pytest.raises(ValueError, match=re.escape(refused) + r".*leave (the blocks|them) out: layers=r'") as e:
+        epmq.quantize_model(Fronted(net()), SPEC, layers=r"\.fc$", **options)
+    model = Fronted(net())
+    suggested = ast.literal_eval(re.search(r"layers=(r'[^']*')", str(e.value)).group(1))
+    epmq.quantize_model(model, SPEC, layers=suggested, **options)
+    assert [name for name, m in model.named_modules() if isinstance(m, epmq.QuantLinear)] == [f"front.{i}.fc"
+                                                                                            for i in (0, 1)]
+
+
 class Flagged(nn.Module):
     """``x + fc(x * gain)``, the gain 1 on a ``ctx`` it has not marked seen, 3 on one it has; it marks it."""
 
