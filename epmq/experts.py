@@ -148,6 +148,14 @@ class ExpertWeights:
             return tuple(self._joined[key][0])
         return self.reader.shape(key)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """Tensor ``name``'s dtype as ``fetch`` gives it, without reading it (one made of parts takes
+        its first part's, ``joined_tensor``)."""
+        key = self._require(name)
+        if key in self._joined and key not in self.reader:
+            key = self._joined[key][1][0][0]
+        return self.reader.dtype(key)
+
     def check(self, expected: Mapping[str, tuple]) -> None:
         """Every tensor ``name -> shape`` of ``expected`` exists here with that shape."""
         for name, shape in expected.items():

@@ -3902,7 +3902,7 @@ class _Walk:
                     _check_replayable(stack, i, block, self.probed)
                 # (its output held on to the next probe: a vision tower's last, through the language model's)
                 self.probed = None
-            groups = self._chunked(block, groups, leader, stack.loops)
+            groups = self._chunked(block, prefix, groups, leader, stack.loops)
             self._plan_reads(prefix, groups)
             for g, group in enumerate(groups):
                 last = g == len(groups) - 1
@@ -4054,7 +4054,7 @@ class _Walk:
                 leader[rel] = first.setdefault(tuple(reads[rel]), rel) if shared else rel
         return groups, leader
 
-    def _chunked(self, block, groups, leader, loops) -> list:
+    def _chunked(self, block, prefix, groups, leader, loops) -> list:
         """``groups``, each whose statistics would take more than ``EXPERT_STATISTICS_BYTES`` cut
         into consecutive chunks of linears, solved (and swapped in) one after the other. Only
         where no linear of a group reads what another of it computes in the same pass, so that
@@ -4077,7 +4077,7 @@ class _Walk:
                 first_read[j] = min(first_read[j + 1], at[leader[group[j]]])
             chunks, held = [[]], 0
             for j, rel in enumerate(group):
-                size = self._stats_bytes(block.get_submodule(rel), leader[rel] == rel)
+                size = self._stats_bytes(block.get_submodule(rel), leader[rel] == rel, f"{prefix}.{rel}.weight")
                 if chunks[-1] and held + size > EXPERT_STATISTICS_BYTES and first_read[j] >= j:
                     chunks.append([])
                     held = 0
@@ -4086,20 +4086,19 @@ class _Walk:
             chunked += chunks
         return chunked
 
-    def _stats_bytes(self, linear, leads: bool) -> int:
-        """The bytes ``linear``'s statistics (``_new_stats``) hold at their peak, a task's last
-        batch: the Hessians its group's first reader of the input holds (GPTQ's H; E-PMQ's H_e,
-        H_m and the task's H_k), E-PMQ's G_e and the task's expert weight (read in the model's
-        dtype on the expert path; a checkpoint in another dtype holds its own, a LoRA expert less),
-        and with asymmetric targets (expert or fp path) the task's G_k, its ``W_k - W_m``, the fp
-        path's G_m and ``W_m`` in the statistics' dtype (``EPMQStats.add_batch``)."""
+    def _stats_bytes(self, linear, leads: bool, name: str) -> int:
+        """The bytes ``linear``'s (the model's weight ``name``) statistics (``_new_stats``) hold at
+        their peak, a task's last batch: the Hessians its group's first reader of the input holds
+        (GPTQ's H; E-PMQ's H_e, H_m and the task's H_k), E-PMQ's G_e and the task's expert weight
+        (``_expert_itemsize``), and with asymmetric targets (expert or fp path) the task's G_k, its
+        ``W_k - W_m``, the fp path's G_m and ``W_m`` in the statistics' dtype (``EPMQStats.add_batch``)."""
         d_out, d_in = linear.weight.shape
         if self.method == "gptq" and self.t is None:
             return (d_in * d_in if leads else 0) * self.stats_dtype.itemsize
         hessians = 3 * d_in * d_in if leads else 0
         matrices = 1  # G_e
-        # (W_k in the model's dtype; GPTQ's fp-path control takes W_m itself as its W_k)
-        W_k = linear.weight.element_size() if self.method == "epmq" else 0
+        # (GPTQ's fp-path control takes W_m itself as its W_k)
+        W_k = self._expert_itemsize(linear, name) if self.method == "epmq" else 0
         if self.t is not None:
             matrices += 1  # G_k
             if self.method == "epmq":
@@ -4109,6 +4108,23 @@ class _Walk:
             if linear.weight.dtype != self.stats_dtype:  # (otherwise W_m is its own cast)
                 matrices += 1
         return (hessians + matrices * d_out * d_in) * self.stats_dtype.itemsize + W_k * d_out * d_in
+
+    def _expert_itemsize(self, linear, name: str) -> int:
+        """The most bytes an element of a task's expert weight for ``name`` takes in E-PMQ's
+        statistics: the model's dtype's on the expert path (read into the expert's block); on the
+        others each checkpoint's own (``_read_expert``: float32 experts beside a bfloat16 model were
+        priced at half their bytes), and a LoRA adapter's the statistics' dtype (its dense form,
+        where its task is taken dense; its low-rank form holds less)."""
+        if self.targets == "expert_path":
+            return linear.weight.element_size()
+        sizes = []
+        for source in self.experts.values():
+            if source.reader.lora is not None:
+                sizes.append(self.stats_dtype.itemsize)
+                continue
+            key = self._held_as(source, self.ckpt(name))
+            sizes.append(source.dtype(key.fused if self._fused_in(source, key) else key).itemsize)
+        return max(sizes)
 
     def _capture(self, block, hidden, kwargs, rels, full, leader, mask=None, taken=None):
         """Run ``block``; the inputs of the linears ``rels`` (tokens x features), and its output

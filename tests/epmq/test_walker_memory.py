@@ -368,20 +368,15 @@ def _held_by(stats) -> dict:
     return {ptr: n for ptr, n in held.items() if ptr not in theirs}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("method, targets", [("epmq", "merged_path"), ("epmq", "expert_path"),
-                                             ("epmq", "fp_path"), ("gptq", "fp_path")])
-def test_the_statistics_budget_counts_what_each_linears_statistics_hold(method, targets, dtype, gen, monkeypatch):
-    """The estimate that cuts a group past ``EXPERT_STATISTICS_BYTES`` into chunks is the bytes
-    each linear's statistics hold at their peak (a task's last batch): its Hessians, G_e, the
-    task's expert weight and, with asymmetric targets, the task's G_k and W_k - W_m, the fp
-    path's G_m and the merged weight in the statistics' dtype (a copy of a float32 model's on
-    the CPU, whose statistics are float64; none of a float64 model's)."""
+def _held_and_estimated(method, targets, dtype, expert_dtype, gen, monkeypatch) -> tuple:
+    """``({(weight shape, leads): bytes}, {...})``: what each kind of linear's statistics held at
+    their peak in an E-PMQ walk of a tiny ``dtype`` Llama with ``expert_dtype`` experts, and the
+    walk's estimate of it."""
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2)
     model = transformers.LlamaForCausalLM(config).to(dtype).eval()
     calibration = {t: [torch.randint(0, 64, (2, 8), generator=gen) for _ in range(2)] for t in ("a", "b")}
-    experts = {t: {n: p + 0.01 * torch.randn(p.shape, generator=gen, dtype=dtype)
+    experts = {t: {n: (p.to(expert_dtype) + 0.01 * torch.randn(p.shape, generator=gen, dtype=expert_dtype))
                    for n, p in model.state_dict().items()} for t in calibration}
     held, estimates = {}, {}
 
@@ -393,8 +388,8 @@ def test_the_statistics_budget_counts_what_each_linears_statistics_hold(method, 
 
     stats_bytes = epmq.walker._Walk._stats_bytes
 
-    def spied_bytes(walk, linear, leads):
-        size = stats_bytes(walk, linear, leads)
+    def spied_bytes(walk, linear, leads, name):
+        size = stats_bytes(walk, linear, leads, name)
         estimates[tuple(linear.weight.shape), leads] = size
         return size
 
@@ -406,4 +401,27 @@ def test_the_statistics_budget_counts_what_each_linears_statistics_hold(method, 
     # (q leads k and v, gate leads up: each kind of linear's statistics)
     assert set(estimates) == {((32, 32), True), ((16, 32), False), ((48, 32), True), ((48, 32), False),
                               ((32, 48), True)}
+    return held, estimates
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method, targets", [("epmq", "merged_path"), ("epmq", "expert_path"),
+                                             ("epmq", "fp_path"), ("gptq", "fp_path")])
+def test_the_statistics_budget_counts_what_each_linears_statistics_hold(method, targets, dtype, gen, monkeypatch):
+    """The estimate that cuts a group past ``EXPERT_STATISTICS_BYTES`` into chunks is the bytes
+    each linear's statistics hold at their peak (a task's last batch): its Hessians, G_e, the
+    task's expert weight and, with asymmetric targets, the task's G_k and W_k - W_m, the fp
+    path's G_m and the merged weight in the statistics' dtype (a copy of a float32 model's on
+    the CPU, whose statistics are float64; none of a float64 model's)."""
+    held, estimates = _held_and_estimated(method, targets, dtype, dtype, gen, monkeypatch)
+    assert held == estimates
+
+
+@pytest.mark.parametrize("targets", ["merged_path", "fp_path", "expert_path"])
+def test_the_statistics_budget_prices_each_expert_weight_in_the_dtype_it_is_held_in(targets, gen, monkeypatch):
+    """float32 experts beside a bfloat16 model: the merged and fp paths hold each task's expert
+    weight as its checkpoint stores it, 4 bytes an element, which the estimate priced at the
+    model's 2 (a budget overrun of 2 bytes per weight element and open task); the expert path
+    reads it into the expert's block, in the model's dtype."""
+    held, estimates = _held_and_estimated("epmq", targets, torch.bfloat16, torch.float32, gen, monkeypatch)
     assert held == estimates
