@@ -141,8 +141,8 @@ EXPERT_READ_AHEAD_BYTES = 1 << 30
 # Tasks past it are read each pass. Results do not depend on it.
 EXPERT_OUTSIDE_KEPT_BYTES = 1 << 30
 # Bytes of a group's statistics held at once: a group past it (a MoE block's stage of experts,
-# a Hessian each: Qwen3-235B's 128 gate/up projections of 4096 inputs held 34 GB with E-PMQ's
-# three Hessians each) is solved in chunks of linears, each chunk's statistics taken (a partial
+# a Hessian each: Qwen3-235B's 128 gate/up projections of 4096 inputs held 35.4 GB with E-PMQ's
+# three Hessians each, in float32) is solved in chunks of linears, each chunk's statistics taken (a partial
 # pass over the block per item again) and solved before the next one's. Results do not depend on it.
 EXPERT_STATISTICS_BYTES = 8 << 30
 # The expert path's passes of a block before its last group read an expert's tensors module by

@@ -425,3 +425,22 @@ def test_the_statistics_budget_prices_each_expert_weight_in_the_dtype_it_is_held
     reads it into the expert's block, in the model's dtype."""
     held, estimates = _held_and_estimated("epmq", targets, torch.bfloat16, torch.float32, gen, monkeypatch)
     assert held == estimates
+
+
+def test_the_readme_sizes_a_qwen3_235b_stage_as_the_statistics_budget_does():
+    """The README sized E-PMQ's statistics of Qwen3-235B's 128 gate/up projections (4096 inputs,
+    1536 outputs each; bfloat16 weights and experts, float32 statistics on a GPU) at 34 GB, where
+    the walk's own estimate of them is 35.4e9 bytes (33 GiB): the figure is the estimate's."""
+    import pathlib
+    import re
+    import types
+
+    gate = torch.nn.Linear(4096, 1536, bias=False, device="meta", dtype=torch.bfloat16)
+    walk = types.SimpleNamespace(method="epmq", targets="merged_path", t=None, stats_dtype=torch.float32,
+                                 _expert_itemsize=lambda linear, name: 2)  # (the hub's experts: bfloat16)
+    # (each expert's gate reads its tokens first, its Hessians' holder; its up shares them)
+    stage = 128 * sum(epmq.walker._Walk._stats_bytes(walk, gate, leads, f"mlp.experts.0.{p}.weight")
+                      for leads, p in [(True, "gate_proj"), (False, "up_proj")])
+    readme = " ".join((pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    said = re.search(r"Qwen3-235B's 128 gate/up projections, ([\d.]+) GB", readme)
+    assert said is not None and float(said.group(1)) == round(stage / 1e9, 1), (said, stage)
