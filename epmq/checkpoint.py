@@ -366,7 +366,6 @@ def _tensors(model, layers, checkpoint_format, transposed):
         # a packed layer's multiplier (its weight's in-place writes: RWKV's division) in its scales, as the
         # format holds the weight; one rounding of the scales times both, none where they cancel
         factor = layer.weight_multiplier * divisors.pop(f"{name}.weight", 1)
-        state.pop(f"{name}.weight_multiplier", None)
         exact = layer.scales if factor == 1 else layer.scales.double() * factor
         state[f"{name}.scales"] = scales = exact.to(torch.float16)  # the format's dtype
         if not all_finite(scales):  # (a peer's fp32 scales, loaded, or a multiplier past the format's range)

@@ -242,8 +242,11 @@ class QuantLinear(nn.Module):
     quantized_with: Optional[dict] = None  # (a layer pickled before it existed has none of its own)
     # what in-place writes (``weight.mul_(c)``, ``weight.div_(c)``) multiplied the weight by, applied to the
     # product's outputs: RWKV divides its layers by 2 ** k for inference, and scales so divided fell into
-    # float16's subnormals (or to 0) and no longer multiplied back exactly. In the state dict (as
-    # ``weight_multiplier``) only where it is not 1: the layer's state otherwise as the gptq layout's.
+    # float16's subnormals (or to 0) and no longer multiplied back exactly. The layer's own, as RWKV's
+    # ``layers_are_rescaled`` is its model's: the state dict holds the gptq layout's tensors alone (a strict
+    # loader of them found an unexpected key), the weight before the writes, as RWKV's checkpoints hold it,
+    # and a load keeps the multiplier, so a model that has divided its layers takes them as it holds its own.
+    # (``save_quantized`` writes it into the scales; ``epmq.resume`` keeps it beside them.)
     weight_multiplier: float = 1.0
 
     def __init__(
@@ -448,9 +451,8 @@ class QuantLinear(nn.Module):
         # scale past float16's range became inf and a float g_idx some group, and the loaded buffers
         # could no longer tell a corrupt or mismatched checkpoint; a layer refused is left as it was
         given = {name: state_dict[prefix + name] for name in self._buffers if prefix + name in state_dict}
-        # scales without a multiplier (a checkpoint's, which holds it multiplied in) are the whole weight
-        multiplier = 1.0 if "scales" in given else self.weight_multiplier
-        said = state_dict.get(prefix + "weight_multiplier")
+        multiplier = self.weight_multiplier
+        said = state_dict.get(prefix + "weight_multiplier")  # (state dicts epmq wrote before it kept it out)
         problems = []
         if said is not None:
             if not (isinstance(said, torch.Tensor) and said.numel() == 1 and said.is_floating_point()
@@ -486,11 +488,6 @@ class QuantLinear(nn.Module):
         for name, buf in self._buffers.items():
             if buf is not None and buf.is_inference():
                 self._buffers[name] = buf.detach()
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.weight_multiplier != 1:  # (float64: the number itself, whatever it is)
-            destination[prefix + "weight_multiplier"] = torch.tensor(self.weight_multiplier, dtype=torch.float64)
 
     def _state_problems(self, given: dict, assign: bool, multiplier: Optional[float] = None) -> list:
         """Why the tensors ``given`` (buffer name -> tensor, those a state dict holds) cannot be this

@@ -295,6 +295,8 @@ class BlockLog:
                                 dtype=getattr(torch, meta["dtype"]))
             layer.load_state_dict({k.removeprefix(f"{rel}."): v for k, v in tensors.items()
                                    if k.startswith(f"{rel}.")})
+            # (not in its state dict: RWKV's division of the layers the walk packed)
+            layer.weight_multiplier = meta.get("weight_multiplier", layer.weight_multiplier)
             layers[rel] = layer.to(device)
         return dict(record, layers=layers)
 
@@ -314,7 +316,8 @@ class BlockLog:
         write_atomic(tensors_path, lambda tmp: save_safetensors(tensors, tmp, metadata=_BLOCK_MARK))
         meta = {rel: dict(in_features=layer.in_features, out_features=layer.out_features,
                           bits=layer.bits, group_size=layer.group_size, bias=layer.bias is not None,
-                          dtype=str(layer.weight.dtype).removeprefix("torch."))
+                          dtype=str(layer.weight.dtype).removeprefix("torch."),
+                          **({"weight_multiplier": layer.weight_multiplier} if layer.weight_multiplier != 1 else {}))
                 for rel, layer in layers.items()}
         body = json.loads(json.dumps(dict(report, digest=digest, identity=self.identity, layers=meta,
                                           tensors=tensor_digest(sorted(tensors.items()))), default=str))

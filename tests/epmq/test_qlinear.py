@@ -292,24 +292,32 @@ def test_a_tiny_weight_divided_in_place_computes_what_the_dense_layer_divided_al
     assert torch.equal(layer.dequantize(), dense.weight * 2 ** 12) and layer.weight_multiplier == 1
 
 
-def test_a_weight_multiplier_goes_with_the_state_dict(gen):
-    """A layer's weight_multiplier is in its state dict where it is not 1 (the layout's tensors alone
-    otherwise), and loaded with it; scales loaded without one (a checkpoint's, which holds the weight
-    whole) are the whole weight. A multiplier that is not one finite number is refused by name."""
+def test_a_weight_multiplier_stays_with_the_layer_out_of_its_state_dict(gen):
+    """A layer's weight_multiplier (RWKV's division of it) was in its state dict where it was not 1: a strict
+    loader of the gptq layout's tensors (another tool's layer) reported it as unexpected. The state dict
+    holds the layout's tensors alone, the weight before the division, and a load keeps the layer's multiplier,
+    as RWKV keeps its layers_are_rescaled; one given by a state dict epmq wrote before is taken, and one that
+    is not one finite number is refused by name."""
     layer = epmq.QuantLinear.from_result(solve(SPECS[0], gen))
     x = torch.randn(5, 64, generator=gen)
     layer.weight.div_(2 ** 12)
-    state = layer.state_dict()
-    assert set(state) == {"qweight", "qzeros", "scales", "g_idx", "weight_multiplier"}
-    assert state["weight_multiplier"] == 2 ** -12
+    state = {name: t.clone() for name, t in layer.state_dict().items()}  # (not the layer's own buffers)
+    assert set(state) == {"qweight", "qzeros", "scales", "g_idx"}
+
+    class Layout(torch.nn.Module):  # (another tool's packed layer: the layout's buffers, nothing else)
+        def __init__(self):
+            super().__init__()
+            for name, t in state.items():
+                self.register_buffer(name, torch.zeros_like(t))
+
+    Layout().load_state_dict(state)  # (strict)
     fresh = epmq.QuantLinear(64, 24, bits=4, group_size=16, bias=False)
-    fresh.load_state_dict(state)  # (strict)
-    assert fresh.weight_multiplier == 2 ** -12 and torch.equal(fresh(x), layer(x))
-    whole = dict(state, scales=state["scales"] * 2)
-    del whole["weight_multiplier"]
-    layer.load_state_dict(whole)
-    assert layer.weight_multiplier == 1 and torch.equal(layer.dequantize(), fresh.dequantize() * 2 ** 13)
-    assert set(layer.state_dict()) == {"qweight", "qzeros", "scales", "g_idx"}
+    fresh.load_state_dict(state)
+    assert fresh.weight_multiplier == 1 and torch.equal(fresh(x), layer(x) * 2 ** 12)
+    layer.load_state_dict(dict(state, scales=state["scales"] * 2))  # (the layer's own division kept)
+    assert layer.weight_multiplier == 2 ** -12 and torch.equal(layer.dequantize(), fresh.dequantize() / 2 ** 11)
+    fresh.load_state_dict(dict(state, weight_multiplier=torch.tensor(2 ** -12, dtype=torch.float64)))
+    assert fresh.weight_multiplier == 2 ** -12 and torch.equal(fresh(x) * 2, layer(x))
     for bad in (torch.tensor(float("nan")), torch.ones(2), torch.tensor(1)):
         with pytest.raises(RuntimeError, match=r"weight_multiplier must be one finite float"):
             fresh.load_state_dict(dict(state, weight_multiplier=bad))

@@ -947,6 +947,23 @@ def test_an_rwkv_checkpoint_loaded_into_a_model_that_ran_in_eval_mode_is_divided
     torch.testing.assert_close(output(loaded, item), want, rtol=0, atol=0)
 
 
+def test_a_packed_rwkvs_state_dict_holds_its_weights_undivided_whichever_model_takes_it(gen, tmp_path):
+    """A packed RWKV run in eval mode held its division in its layers' state dicts (weight_multiplier): a
+    strict loader of the gptq layout found unexpected keys, and a model that had not run took the division
+    and divided again at its first forward (2 ** k off). The state dict holds the layout's tensors alone,
+    the weights undivided as RWKV's checkpoints hold them: a fresh model and one that ran both take it."""
+    torch.manual_seed(0)
+    model, item = _rwkv(2).eval(), wider_input("ids", gen)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="rtn", progress=False)
+    want = output(model, item)
+    epmq.save_quantized(model, tmp_path / "ckpt")
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    assert not [name for name in state if name.endswith("weight_multiplier")]
+    for taker in (epmq.load_quantized(tmp_path / "ckpt"), model):
+        taker.load_state_dict(state)  # (strict)
+        torch.testing.assert_close(output(taker.eval(), item), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_an_rwkv_checkpoint_that_does_not_say_whether_its_weights_are_divided_is_refused(method, gen, tmp_path):
     """epmq's GPTQ and E-PMQ checkpoints of a rescaled RWKV held its weights divided for inference

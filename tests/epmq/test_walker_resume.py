@@ -12,7 +12,7 @@ import torch
 
 import epmq
 from epmq import walker
-from test_walker_models import Family
+from test_walker_models import VOCAB, Family
 
 SPEC = epmq.QuantSpec(bits=4, group_size=16)
 
@@ -89,6 +89,30 @@ def test_resumed_walk_equals_uninterrupted(arch, method, targets, stop, device, 
         y, y_ref = (m(**item) if isinstance(item, dict) else m(item) for m in (out, reference))
     y, y_ref = (v if isinstance(v, torch.Tensor) else v[0] for v in (y, y_ref))
     assert torch.equal(y, y_ref)
+
+
+def test_a_resumed_rwkv_walk_keeps_the_division_of_the_layers_it_loads(gen, tmp_path, monkeypatch):
+    """RWKV (rescale_every > 0) divides block i's output and value weights by 2 ** i for inference: the
+    walk packs them undivided, the division their weight_multiplier, which is not in a layer's state dict.
+    A block loaded from resume_dir takes it too: the resumed walk computes what an uninterrupted one does."""
+    from test_walker_models import _hf, output, wider_input
+
+    def rwkv():
+        torch.manual_seed(0)
+        return _hf("RwkvForCausalLM", "RwkvConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
+                   attention_hidden_size=32, intermediate_size=64, context_length=64, rescale_every=1)().eval()
+
+    calibration, item = {"a": [wider_input("ids", gen)]}, wider_input("ids", gen)
+    kw = dict(method="gptq", calibration=calibration, backend="torch", progress=False)
+    want = output(epmq.quantize_model(rwkv(), SPEC, **kw), item)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 2)  # (blocks 0 and 1 done, block 1's divided by 2)
+        with pytest.raises(Interrupt):
+            epmq.quantize_model(rwkv(), SPEC, resume_dir=tmp_path, **kw)
+    model = epmq.quantize_model(rwkv(), SPEC, resume_dir=tmp_path, **kw)
+    assert sorted(model.epmq_report.resumed) == ["rwkv.blocks.0", "rwkv.blocks.1"]
+    assert model.rwkv.blocks[1].attention.output.weight_multiplier == 0.5
+    torch.testing.assert_close(output(model, item), want, rtol=0, atol=0)
 
 
 def _interrupted(fam, tmp_path, monkeypatch, **kw):
