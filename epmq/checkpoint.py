@@ -1636,17 +1636,20 @@ def _read_qconfig(directory: Path) -> dict:
     return dict(qconfig, quant_method=method, checkpoint_format=fmt, group_size=group_size)
 
 
-def _refuse_unsaid_rescaling(directory: Path, model: nn.Module, ours) -> None:
+def _refuse_unsaid_rescaling(directory: Path, model: nn.Module, ours, modules) -> None:
     """epmq's GPTQ and E-PMQ checkpoints of an RWKV (``rescale_every`` > 0) held its weights divided for
     inference (its calibration had run the model in eval mode) and said nothing of it until it
     recorded "rescaled" (2026-12-07 07:35 UTC); since 09:13 they hold them multiplied back, as RWKV's
     own do, and say so as "undivided" (only since a later change: between, nothing). Loaded as if
     undivided, a divided one was divided again by the first forward in eval mode, 2 ** k off; one
-    that says neither is refused, saying how to tell it. (RTN ran no model: its weights undivided.)"""
+    that says neither is refused, saying how to tell it. (RTN ran no model: its weights undivided.)
+    ``modules``: the checkpoint's layers by the model's names; an RWKV module holding none of them is not
+    the checkpoint's (a bare RwkvModel given a RwkvForCausalLM's, refused below as not having its layers)."""
     if not isinstance(ours, dict):  # (another tool's checkpoint: none of epmq's walks)
         return
     said = {*ours.get("rescaled", []), *ours.get("undivided", [])}
-    unsaid = {name: every for name, every in rescaling_modules(model).items() if name not in said}
+    unsaid = {name: every for name, every in rescaling_modules(model).items()
+              if name not in said and any(m.startswith(f"{name}.blocks.".lstrip(".")) for m in modules)}
     methods = {info.get("method", ours.get("method")) for info in ours["modules"].values()} & {"gptq", "epmq"}
     if unsaid and methods:
         name, every = next(iter(unsaid.items()))
@@ -1658,6 +1661,21 @@ def _refuse_unsaid_rescaling(directory: Path, model: nn.Module, ours) -> None:
             f"multiplied back, as RWKV's own checkpoints hold them. In the epmq section of its "
             f"{CONFIG_FILE} add \"rescaled\": [\"{name}\"] for one written before, \"undivided\": "
             f"[\"{name}\"] for one written after")
+
+
+def _held_under_hint(model: nn.Module, name: str) -> str:
+    """Where ``model`` has checkpoint layer ``name`` less its first part (``rwkv.blocks.0.attention.key``
+    in a bare RwkvModel): a hint that the checkpoint is of a model holding this one under that part
+    (RwkvForCausalLM's), which ``load_quantized`` does not strip; else nothing."""
+    head, _, rest = name.partition(".")
+    if not rest:
+        return ""
+    try:
+        model.get_submodule(rest)
+    except AttributeError:
+        return ""
+    return (f" (it has {rest!r}: the checkpoint is of a model that holds a {type(model).__name__} as {head!r}; "
+            f"load it into one of that class, as its {HF_CONFIG_FILE} names it)")
 
 
 _MODULE_FIELDS = ("in_features", "out_features", "bits", "group_size", "bias")  # (what load_quantized reads)
@@ -2007,7 +2025,6 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         raise ValueError("device= is for a model built from the checkpoint (model=None); move a "
                          "model of your own with .to()")
     given, model = model, wrapped_model(model)  # (into a torch.compile'd or DataParallel model's own)
-    _refuse_unsaid_rescaling(directory, model, qconfig.get("epmq"))
     empty = any(p.is_meta for p in model.parameters())
     device = torch.device("cpu" if device is None else device)
     tensors = _load_tensors(directory, qconfig, device if empty else "cpu")
@@ -2043,6 +2060,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         if f"{name}.qweight" not in to_model:
             raise ValueError(f"the tensors in {directory} have no {name}.qweight, which {CONFIG_FILE} lists")
         modules[_module_of(to_model[f"{name}.qweight"])] = info
+    _refuse_unsaid_rescaling(directory, model, ours, modules)
     if not ours:  # tied tensors stored once, under any of their names
         for name, aliases in tie_order(model, own_checkpoint=True).items():
             # (not a quantized layer's weight: an lm_head tied by default, quantized by its writer)
@@ -2099,7 +2117,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             alias = next(filter(None, (found.module_alias(model, name) for found, _ in towers)), None)
             if alias is None:
                 raise ValueError(f"the checkpoint quantizes {name!r}, which {type(model).__name__} does not "
-                                 f"have") from None
+                                 f"have{_held_under_hint(model, name)}") from None
             # a module the checkpoint names otherwise: it and its tensors take the model's name
             modules[alias] = modules.pop(name)
             for part in ("qweight", "qzeros", "scales", "g_idx", "bias"):

@@ -1002,6 +1002,20 @@ def test_an_rwkv_checkpoint_that_does_not_say_whether_its_weights_are_divided_is
     torch.testing.assert_close(output(epmq.load_quantized(tmp_path / "ckpt").eval(), item), want, rtol=0, atol=0)
 
 
+def test_an_rwkv_causal_lm_checkpoint_given_a_bare_rwkv_model_is_refused_as_of_another_class(gen, tmp_path):
+    """A GPTQ checkpoint of an RwkvForCausalLM loaded into a bare RwkvModel was refused as not saying whether
+    it holds its weights divided (it says so, of 'rwkv'): the refusal is of what is wrong, the checkpoint's
+    layers under 'rwkv.' of a model that has them at its root."""
+    torch.manual_seed(0)
+    model = _rwkv(2).eval()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq", progress=False,
+                        calibration={"a": [wider_input("ids", gen)]}, backend="torch")
+    epmq.save_quantized(model, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"quantizes 'rwkv.blocks.0.attention.key', which RwkvModel does not have "
+                                         r"\(it has 'blocks.0.attention.key': .* holds a RwkvModel as 'rwkv'"):
+        epmq.load_quantized(tmp_path / "ckpt", type(model.rwkv)(model.config))
+
+
 def test_a_loaded_rwkvs_tiny_rescaled_weights_are_divided_for_inference_and_saved_back_exactly(gen, tmp_path):
     """A loaded RWKV divides its packed layers' weights on its first forward in eval mode: their float16
     scales were divided, small ones into float16's subnormals, so the layers no longer held the
