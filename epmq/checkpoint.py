@@ -1642,25 +1642,40 @@ def _refuse_unsaid_rescaling(directory: Path, model: nn.Module, ours, modules) -
     recorded "rescaled" (2026-12-07 07:35 UTC); since 09:13 they hold them multiplied back, as RWKV's
     own do, and say so as "undivided" (only since a later change: between, nothing). Loaded as if
     undivided, a divided one was divided again by the first forward in eval mode, 2 ** k off; one
-    that says neither is refused, saying how to tell it. (RTN ran no model: its weights undivided.)
-    ``modules``: the checkpoint's layers by the model's names; an RWKV module holding none of them is not
-    the checkpoint's (a bare RwkvModel given a RwkvForCausalLM's, refused below as not having its layers)."""
+    that says neither is refused, saying how to tell it. RTN ran no model: its weights undivided but
+    where the model given had already run in eval mode, which nothing in the file tells (the sizes of
+    its scales across blocks are the training's as much as the division's): loaded as undivided, with
+    a warning saying how to say which. ``modules``: the checkpoint's layers by the model's names; an
+    RWKV module holding none of them is not the checkpoint's (a bare RwkvModel given a RwkvForCausalLM's,
+    refused later as not having its layers)."""
     if not isinstance(ours, dict):  # (another tool's checkpoint: none of epmq's walks)
         return
     said = {*ours.get("rescaled", []), *ours.get("undivided", [])}
     unsaid = {name: every for name, every in rescaling_modules(model).items()
               if name not in said and any(m.startswith(f"{name}.blocks.".lstrip(".")) for m in modules)}
-    methods = {info.get("method", ours.get("method")) for info in ours["modules"].values()} & {"gptq", "epmq"}
-    if unsaid and methods:
-        name, every = next(iter(unsaid.items()))
+    if not unsaid:
+        return
+    name, every = next(iter(unsaid.items()))
+    methods = {info.get("method", ours.get("method")) for info in ours["modules"].values()}
+    walked = methods & {"gptq", "epmq"}
+    unknown = (f"{directory}: {type(model).__name__}'s {name or 'model'!r} divides its weights for inference "
+               f"(RWKV's rescale_every={every}), and this {'/'.join(sorted(map(str, walked or methods)))} checkpoint "
+               f"does not say whether it holds them divided")
+
+    def entries(divided: str, undivided: str) -> str:
+        return (f"In the epmq section of its {CONFIG_FILE} add \"rescaled\": [\"{name}\"] for one written "
+                f"{divided}, \"undivided\": [\"{name}\"] {undivided}")
+
+    if walked:
         raise ValueError(
-            f"{directory}: {type(model).__name__}'s {name or 'model'!r} divides its weights for inference "
-            f"(RWKV's rescale_every={every}), and this {'/'.join(sorted(methods))} checkpoint does not say "
-            f"whether it holds them divided: epmq wrote them divided, saying nothing, before 2026-12-07 07:35 "
-            f"UTC (loaded as they are, its first forward in eval mode would divide them again), and later "
-            f"multiplied back, as RWKV's own checkpoints hold them. In the epmq section of its "
-            f"{CONFIG_FILE} add \"rescaled\": [\"{name}\"] for one written before, \"undivided\": "
-            f"[\"{name}\"] for one written after")
+            f"{unknown}: epmq wrote them divided, saying nothing, before 2026-12-07 07:35 UTC (loaded as they are, "
+            f"its first forward in eval mode would divide them again), and later multiplied back, as RWKV's own "
+            f"checkpoints hold them. " + entries("before", "for one written after"))
+    warnings.warn(
+        f"{unknown}: loaded as undivided, as epmq writes them. Before 2026-12-07 07:35 UTC its RTN wrote them as "
+        f"the model held them, saying nothing: divided where the model had run in eval mode before quantize_model "
+        f"(loaded as they are, its first forward in eval mode divides them again, 2 ** k off), and nothing in the "
+        f"file tells the two apart. " + entries("so", "otherwise"))
 
 
 def _held_under_hint(model: nn.Module, name: str) -> str:
