@@ -1182,16 +1182,44 @@ def _local_hf_model(name: str) -> bool:
     return name.startswith((".", "/", "~", "\\")) or os.path.isabs(name) or os.path.isdir(name)
 
 
+# the hub's legacy names (repositories without an owner, moved under one in 2024: the hub redirects them
+# there) of the HF models open_clip's text towers and tokenizers are built of, and their siblings, by that owner
+HUB_LEGACY_OWNERS = {name: owner for owner, names in (
+    ("google-bert", ("bert-base-uncased", "bert-base-cased", "bert-large-uncased", "bert-large-cased",
+                     "bert-base-multilingual-uncased", "bert-base-multilingual-cased")),
+    ("FacebookAI", ("roberta-base", "roberta-large", "xlm-roberta-base", "xlm-roberta-large")),
+    ("distilbert", ("distilbert-base-uncased", "distilbert-base-cased", "distilbert-base-multilingual-cased",
+                    "distilroberta-base"))) for name in names}
+
+
+def _hub_repository(name: str) -> str:
+    """The hub repository a hub name reads: a legacy name's (``HUB_LEGACY_OWNERS``) under its owner."""
+    return f"{HUB_LEGACY_OWNERS[name]}/{name}" if name in HUB_LEGACY_OWNERS else name
+
+
 def _same_hf_model(mine: str, theirs: str) -> bool:
-    """Whether two ``_hf_model_repository`` names name one hub model: the same, or one without an owner
-    naming the other's repository (the hub reads its legacy names as their owner's: "xlm-roberta-base" as
-    "FacebookAI/xlm-roberta-base"). Two owners' repositories of one name are two models, and a local
-    directory (a copy of any model) is known to be the same one as itself alone."""
+    """Whether two ``_hf_model_repository`` names name one hub model: the same repository, a legacy name
+    its owner's alone (``HUB_LEGACY_OWNERS``). A local directory (a copy of any model) is known to be the
+    same one as itself alone."""
     if not (isinstance(mine, str) and isinstance(theirs, str)):  # (no name: a config written wrong, as it is)
         return mine == theirs
-    if "/" in mine and "/" in theirs or _local_hf_model(mine) or _local_hf_model(theirs):
+    if _local_hf_model(mine) or _local_hf_model(theirs):
         return mine == theirs
-    return mine.rpartition("/")[2] == theirs.rpartition("/")[2]
+    return _hub_repository(mine) == _hub_repository(theirs)
+
+
+def _hf_models_apart(mine, theirs) -> Optional[str]:
+    """Why two names ``_same_hf_model`` does not call one model may still be, where they may: a legacy name
+    (no owner) beside another owner's repository of its name."""
+    if not (isinstance(mine, str) and isinstance(theirs, str)) or _local_hf_model(mine) or _local_hf_model(theirs):
+        return None
+    legacy, owned = (mine, theirs) if "/" not in mine else (theirs, mine)
+    if "/" in legacy or owned.rpartition("/")[2] != legacy:
+        return None
+    if legacy in HUB_LEGACY_OWNERS:
+        return f"the hub reads {legacy!r} as {_hub_repository(legacy)!r}"
+    return (f"{legacy!r} is a legacy hub name (no owner), which the hub redirects to the owner it moved under, "
+            f"not known here (HUB_LEGACY_OWNERS): write that owner's name in both configs")
 
 
 def _open_clip_pool(cfg: dict, tower: str, own: bool, custom_text: bool) -> None:
@@ -1323,12 +1351,15 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
 # initializes LayerScale, and init_logit_bias the logit bias, which any value builds (None: none), a
 # multimodal_cfg builds CoCa's decoder (None: none; its own fields compared as its tower's), its text
 # tower's proj_type any other than "none" is one linear projection, and a HF text tower's hf_model_name may
-# leave its hub owner out
+# leave out the hub owner of a legacy name
 READ_ALIKE = {"ls_init_value": lambda mine, theirs: (mine is None) == (theirs is None),
               "init_logit_bias": lambda mine, theirs: (mine is None) == (theirs is None),
               "multimodal_cfg": lambda mine, theirs: (mine is None) == (theirs is None),
               "proj_type": lambda mine, theirs: (mine == "none") == (theirs == "none"),
               "hf_model_name": _same_hf_model}
+
+# fields of READ_AS whose values READ_ALIKE calls apart though they may read the weights alike: why, in a refusal
+READ_APART = {"hf_model_name": _hf_models_apart}
 
 # fields whose None turns what they do off (no softcapping, no sliding window, no clipping), where others'
 # None stands for their model's default (num_key_value_heads: as many as the heads): written None, compared
@@ -1456,8 +1487,11 @@ def _check_reading(config: dict, reference: dict, what: str, ref_name: str, goal
     mine, theirs = _config_fields(config, READ_AS, nested), _config_fields(reference, READ_AS, nested)
     differ = _differing(mine, theirs, alike=READ_ALIKE)  # (both spell out)
     if differ:
+        why = [w for m, t in differ if m.rpartition(".")[2] in READ_APART
+               and (w := READ_APART[m.rpartition(".")[2]](mine[m], theirs[t]))]
         raise ValueError(f"{what} reads its weights as {({m: mine[m] for m, _ in differ})}, the {ref_name} as "
-                         f"{({t: theirs[t] for _, t in differ})} (config.json): {goal.format('configuration')}")
+                         f"{({t: theirs[t] for _, t in differ})} (config.json): {goal.format('configuration')}"
+                         + "".join(f"; {w}" for w in why))
     if not warn:
         return
     # (RoPE as transformers 5 reads either version's fields: 4.x's rope_scaling is 5.x's rope_parameters)

@@ -3450,7 +3450,7 @@ def test_open_clip_hf_text_towers_of_two_owners_repositories_are_refused(tmp_pat
     """open_clip's hf_model_name was compared by its hub repository's name alone, its owner dropped (for the
     hub's legacy names, which leave it out): two owners' models of one name (a fine-tune published as
     someone/xlm-roberta-base) were one text tower. Named with owners they are compared whole; a legacy
-    name without one is its repository's of any owner."""
+    name without one is its repository's under the owner the hub moved it to."""
     def save(name, hf_model_name):
         return _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
                                      text_cfg={"hf_model_name": hf_model_name}, custom_text=True)
@@ -3468,6 +3468,31 @@ def test_open_clip_hf_text_towers_of_two_owners_repositories_are_refused(tmp_pat
     with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 123\}, the base as "
                                          r"\{'text_cfg.hf_model_name': 'FacebookAI/xlm-roberta-base'\}"):
         _check_quietly(base, save("number", 123))
+
+
+def test_open_clip_hf_legacy_names_are_the_repository_of_their_hub_owner_alone(tmp_path):
+    """A hub name without its owner (a legacy name: bert-base-uncased) was one HF model with any owner's
+    repository of that name: a fine-tune published as someone/bert-base-uncased was merged as the text tower
+    of the canonical model. The hub redirects a legacy name to the one owner it moved under: that owner's
+    repository alone is the same model, and a legacy name whose owner is not known here is refused beside an
+    owner's repository of its name, saying why."""
+    def save(name, hf_model_name):
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
+                                     text_cfg={"hf_model_name": hf_model_name}, custom_text=True)
+
+    legacy = save("legacy", "bert-base-uncased")
+    _check_quietly(legacy, save("owned", "google-bert/bert-base-uncased"))
+    _check_quietly(save("owned_base", "google-bert/bert-base-uncased"), save("legacy_again", "bert-base-uncased"))
+    someone = save("someone", "someone/bert-base-uncased")
+    for ref, model in ((legacy, someone), (someone, legacy)):
+        with pytest.raises(ValueError, match=r"reads its weights as \{'text_cfg.hf_model_name': .*; the hub reads "
+                                             r"'bert-base-uncased' as 'google-bert/bert-base-uncased'$"):
+            _check_quietly(ref, model)
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 'someone/my-bert'\}, the base as "
+                                         r"\{'text_cfg.hf_model_name': 'my-bert'\} .*; 'my-bert' is a legacy hub "
+                                         r"name \(no owner\), which the hub redirects to the owner it moved under, "
+                                         r"not known here"):
+        _check_quietly(save("unknown", "my-bert"), save("unknown_owned", "someone/my-bert"))
 
 
 def test_open_clip_timm_model_names_of_a_local_directory_here_are_compared_by_its_architecture(tmp_path):
