@@ -1200,18 +1200,25 @@ def _hub_repository(name: str) -> str:
 def _same_hf_model(mine: str, theirs: str) -> bool:
     """Whether two ``_hf_model_repository`` names name one hub model: the same repository, a legacy name
     its owner's alone (``HUB_LEGACY_OWNERS``). A local directory (a copy of any model) is known to be the
-    same one as itself alone."""
+    same one as itself alone, however its path is spelled (relative to the working directory, as
+    transformers reads it, or not; through links)."""
     if not (isinstance(mine, str) and isinstance(theirs, str)):  # (no name: a config written wrong, as it is)
         return mine == theirs
     if _local_hf_model(mine) or _local_hf_model(theirs):
-        return mine == theirs
+        return _local_hf_model(mine) == _local_hf_model(theirs) and os.path.realpath(mine) == os.path.realpath(theirs)
     return _hub_repository(mine) == _hub_repository(theirs)
 
 
 def _hf_models_apart(mine, theirs) -> Optional[str]:
-    """Why two names ``_same_hf_model`` does not call one model may still be, where they may: a legacy name
-    (no owner) beside another owner's repository of its name."""
-    if not (isinstance(mine, str) and isinstance(theirs, str)) or _local_hf_model(mine) or _local_hf_model(theirs):
+    """Why two names ``_same_hf_model`` does not call one model may still be, where they may: a local
+    directory beside a hub name, a legacy name (no owner) beside another owner's repository of its name."""
+    if not (isinstance(mine, str) and isinstance(theirs, str)):
+        return None
+    if _local_hf_model(mine) != _local_hf_model(theirs):
+        local, hub = (mine, theirs) if _local_hf_model(mine) else (theirs, mine)
+        return (f"the local directory {local!r} (a copy of any model) is not known to hold the hub's {hub!r}: "
+                f"name it alike in both configs")
+    if _local_hf_model(mine):
         return None
     legacy, owned = (mine, theirs) if "/" not in mine else (theirs, mine)
     if "/" in legacy or owned.rpartition("/")[2] != legacy:

@@ -3425,8 +3425,8 @@ def test_open_clip_checkpoints_on_hf_text_towers_built_otherwise_are_refused(tmp
 def test_open_clip_hf_text_towers_of_local_directories_are_compared_by_their_paths(tmp_path):
     """open_clip's hf_model_name may be a local directory, which was compared with nothing: a text tower
     built from a copy of another model (or a hub model's) was merged in silence. It is compared by its
-    path, as written (a copy of any model: only the same directory is known to be the same model), and a
-    directory named as a hub repository is no legacy name of it."""
+    path (a copy of any model: only the same directory is known to be the same model), and a directory
+    named as a hub repository is no legacy name of it."""
     def save(name, hf_model_name):
         return _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
                                      text_cfg={"hf_model_name": hf_model_name}, custom_text=True)
@@ -3444,6 +3444,31 @@ def test_open_clip_hf_text_towers_of_local_directories_are_compared_by_their_pat
     with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': './models/roberta'\}, the base as "
                                          r"\{'text_cfg.hf_model_name': 'roberta'\}"):
         _check_quietly(save("relative_base", "roberta"), save("relative", "./models/roberta"))
+
+
+def test_open_clip_hf_text_towers_of_one_local_directory_spelled_otherwise_are_one_model(tmp_path, monkeypatch):
+    """open_clip's hf_model_name of a local directory was compared as written: one directory named ./x and x,
+    relative and absolute, or through a link was refused as another model's. Paths are compared as
+    transformers reads them, from the working directory, links resolved; a local copy beside the hub name of
+    the model it may hold stays refused, saying why."""
+    def save(name, hf_model_name):
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
+                                     text_cfg={"hf_model_name": hf_model_name}, custom_text=True)
+
+    (tmp_path / "models" / "xlm").mkdir(parents=True)
+    (tmp_path / "xlm-roberta-base").symlink_to(tmp_path / "models" / "xlm")
+    monkeypatch.chdir(tmp_path)
+    base = save("base", "models/xlm")
+    for i, name in enumerate(("./models/xlm", str(tmp_path / "models" / "xlm"), "models/../models/xlm/",
+                              "xlm-roberta-base")):  # (a directory here: transformers reads it before the hub)
+        _check_quietly(base, save(f"same_{i}", name))
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 'models'\}, the base as "):
+        _check_quietly(base, save("parent", "models"))
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 'FacebookAI/xlm-roberta-base'\}, the base as "
+                                         r"\{'text_cfg.hf_model_name': './models/xlm'\} .*; the local directory "
+                                         r"'./models/xlm' \(a copy of any model\) is not known to hold the hub's "
+                                         r"'FacebookAI/xlm-roberta-base': name it alike in both configs$"):
+        _check_quietly(save("local", "./models/xlm"), save("hub", "FacebookAI/xlm-roberta-base"))
 
 
 def test_open_clip_hf_text_towers_of_two_owners_repositories_are_refused(tmp_path):
