@@ -28,6 +28,7 @@ The configuration space, stated once (both backends accept all of it):
   groups); ``R`` given or not; any ``d_out``, ``d_in`` (no multiple of the block needed).
 """
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -120,6 +121,15 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
     d_out, d_in = W.shape
     if Hinv.shape != (d_in, d_in):
         raise ValueError(f"Hinv must be [{d_in}, {d_in}] for W {tuple(W.shape)}, got {tuple(Hinv.shape)}")
+    if d_in and not Hinv.is_meta:
+        # (a NaN below the diagonal was refused as a lower factor's "nonzeros below its diagonal",
+        # one on or above it, or an inf, solved as NaN weights; aminmax: NaN propagates, no
+        # d_in^2 boolean copy; float8 has no aminmax: read as fp32, as the solvers read it)
+        values = Hinv.detach() if Hinv.element_size() > 1 else Hinv.detach().float()
+        lo, hi = (float(v) for v in torch.aminmax(values))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            what = "NaN" if math.isnan(lo) or math.isnan(hi) else "inf"
+            raise ValueError(f"Hinv must be finite, it has {what} (a failed factorization of H^{{-1}}?)")
     # The solver reads Hinv's upper triangle alone: the lower factor (torch.linalg.cholesky's
     # default) ran as a diagonal Hinv, no error fed forward, and H^{-1} itself as another matrix,
     # silently. Both have a nonzero first column below the diagonal or first subdiagonal, which

@@ -787,6 +787,26 @@ def test_a_lower_factor_or_the_whole_inverse_is_refused(gen):
     assert torch.equal(gptq_solve_triton(W, diagonal, bits=4, sym=False, group_size=16).codes, ref.codes)
 
 
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_a_hinv_that_is_not_finite_is_refused_as_such(gen, solve):
+    """A NaN below Hinv's diagonal was refused as a lower factor's "nonzeros below its diagonal",
+    and one on or above it, or an inf, solved to NaN weights, silently: refused as not finite,
+    saying which, wherever it lies (fp16 and float8 factors are read as the solvers read them)."""
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    i, j = sorted(torch.randperm(32, generator=gen)[:2].tolist())
+    for (row, col), value, what in (((j, 0), float("nan"), "NaN"), ((j, i), float("nan"), "NaN"),
+                                    ((i, i), float("nan"), "NaN"),
+                                    ((i, j), float("nan"), "NaN"), ((i, j), float("inf"), "inf"),
+                                    ((j, j), float("-inf"), "inf")):
+        for dtype in (torch.float32, torch.float16):
+            bad = Hinv.to(dtype, copy=True)
+            bad[row, col] = value
+            with pytest.raises(ValueError, match=f"Hinv must be finite, it has {what}"):
+                solve(W, bad, bits=4, sym=False, group_size=16)
+    want = solve(W, Hinv.to(torch.float8_e4m3fn), bits=4, sym=False, group_size=16)
+    assert torch.isfinite(want.Q).all()
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's arithmetic is torch's on the CPU")
 def test_interpreted_solve_is_bit_identical_to_the_reference(gen):
     """Interpreted, the kernel's arithmetic is the reference's operation for operation
