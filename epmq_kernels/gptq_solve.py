@@ -130,6 +130,14 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
         if not (math.isfinite(lo) and math.isfinite(hi)):
             what = "NaN" if math.isnan(lo) or math.isnan(hi) else "inf"
             raise ValueError(f"Hinv must be finite, it has {what} (a failed factorization of H^{{-1}}?)")
+        # GPTQ divides column j's error by Hinv[j, j], never 0 in the factor of an invertible
+        # H^{-1}: a zero made the errors inf and the scales NaN (reference) or inf (kernel)
+        zero = (values.diagonal() == 0).nonzero().flatten().tolist()
+        if zero:
+            more = f", and {len(zero) - 1} more" if len(zero) > 1 else ""
+            raise ValueError(f"Hinv has a zero on its diagonal at column {zero[0]} (processing order){more}: "
+                             f"the upper Cholesky factor of an invertible H^{{-1}} has none (a singular H^{{-1}}, "
+                             f"or a column zeroed by hand?)")
     # The solver reads Hinv's upper triangle alone: the lower factor (torch.linalg.cholesky's
     # default) ran as a diagonal Hinv, no error fed forward, and H^{-1} itself as another matrix,
     # silently. Both have a nonzero first column below the diagonal or first subdiagonal, which

@@ -11,6 +11,8 @@ device and the same inputs:
   loss    tr((Q - T) H (Q - T)^T) within 1e-4 relative.
 """
 
+import re
+
 import pytest
 import torch
 import triton
@@ -821,22 +823,43 @@ def test_interpreted_solve_is_bit_identical_to_the_reference(gen):
 
 
 def test_a_nan_stays_nan_as_in_the_reference(gen):
-    """A NaN target (or a zero Hinv diagonal) gives NaN weights, as torch.clamp keeps NaN in the
-    reference: never a valid-looking code 0 (Triton's maximum drops NaN by default)."""
+    """A NaN target gives NaN weights, as torch.clamp keeps NaN in the reference: never a
+    valid-looking code 0 (Triton's maximum drops NaN by default)."""
     W, _, Hinv, H = make_problem(gen, 8, 32)
     grid = static_grid(W, 4, False, 16)
     W = W.clone()
     W[0, 3] = float("nan")
-    for W_bad, Hinv_bad in ((W, Hinv), (W.nan_to_num(), Hinv.clone().fill_diagonal_(0.0))):
-        ref = gptq_solve_reference(W_bad, Hinv_bad, bits=4, sym=False, **grid)
-        out = gptq_solve_triton(W_bad, Hinv_bad, bits=4, sym=False, **grid)
-        assert torch.equal(torch.isnan(out.Q), torch.isnan(ref.Q)) and bool(torch.isnan(ref.Q).any())
-        # (dynamic groups: the kernel's min/max of a group drop a NaN that torch's keep, so its
-        # grid stays finite; the NaN column and the row after it are NaN all the same. A zero
-        # diagonal makes the errors inf, which clamp to a finite code until inf - inf: where
-        # depends on the signs, so only that NaN comes)
-        out = gptq_solve_triton(W_bad, Hinv_bad, bits=4, sym=False, group_size=16)
-        assert bool(torch.isnan(out.Q[0, 3:]).all() if W_bad is W else torch.isnan(out.Q).any())
+    ref = gptq_solve_reference(W, Hinv, bits=4, sym=False, **grid)
+    out = gptq_solve_triton(W, Hinv, bits=4, sym=False, **grid)
+    assert torch.equal(torch.isnan(out.Q), torch.isnan(ref.Q)) and bool(torch.isnan(ref.Q).any())
+    # (dynamic groups: the kernel's min/max of a group drop a NaN that torch's keep, so its
+    # grid stays finite; the NaN column and the row after it are NaN all the same)
+    out = gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16)
+    assert bool(torch.isnan(out.Q[0, 3:]).all())
+
+
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_a_zero_on_the_diagonal_of_hinv_is_refused_naming_its_column(gen, solve):
+    """GPTQ divides each column's error by Hinv[j, j]: a zero there (no factor of an invertible
+    H^{-1} has one) made the errors inf, the reference's scales NaN and the kernel's inf, silently;
+    refused, naming the first such column in processing order and how many more there are."""
+    d_out, d_in = 5, 37  # (no multiple of a block)
+    W, _, Hinv, H = make_problem(gen, d_out, d_in)
+    grid = static_grid(W, 4, False, 16)
+    j = int(torch.randint(1, d_in - 1, (1,), generator=gen))
+    for columns, said in (([j], f"column {j} "), ([0], "column 0 "), ([d_in - 1], f"column {d_in - 1} "),
+                          ([j, d_in - 1, 0], "column 0 (processing order), and 2 more")):
+        bad = Hinv.clone()
+        bad[columns, columns] = 0.0  # (-0.0 too: it is 0)
+        bad[columns[0], columns[0]] = -0.0
+        for kw in (dict(group_size=16, blocksize=16), dict(grid, blocksize=8)):
+            with pytest.raises(ValueError, match=rf"Hinv has a zero on its diagonal at {re.escape(said)}"):
+                solve(W, bad, bits=4, sym=False, **kw)
+    # a negative diagonal (a row of the factor negated: the same H^{-1}) is taken, as the reference takes it
+    flipped = Hinv.clone()
+    flipped[j] = -flipped[j]
+    got, want = solve(W, flipped, bits=4, sym=False, group_size=16), solve(W, Hinv, bits=4, sym=False, group_size=16)
+    assert torch.equal(got.codes, want.codes)
 
 
 @pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
