@@ -1380,7 +1380,7 @@ def _mma_refusals(x2, entry, wgmma=False, bound_rows=True):
     if x2.dtype not in MMA_DTYPES:
         yield f"activations of {x2.dtype} (it takes float16 or bfloat16)"
     if entry.permuted:
-        yield "act-order groups (a permuted g_idx; it takes static groups)"
+        yield _not_static_groups(entry)
     if _wide_rows(x2, x2, entry.N):
         yield (f"{x2.shape[0]} rows of stride {x2.stride(0)} and {entry.N} outputs, whose row "
                f"offsets pass int32")
@@ -1414,6 +1414,24 @@ def _mma_refusals(x2, entry, wgmma=False, bound_rows=True):
             lo, hi = torch.aminmax(entry.tensors()[2].to(torch.int32))
             span = f"in {int(lo)}..{int(hi)}"
         yield f"zero points {span} (it takes zero points in 0..15, the 4-bit grid)"
+
+
+def _not_static_groups(entry):
+    """What a g_idx other than ``k // group`` is, for the mma paths' refusal: act-order's
+    permuted groups, or a nondecreasing g_idx whose runs are not ``group`` inputs each, which
+    "permuted" misnamed (read from the device once per weights, never inside a capture)."""
+    if entry._g_idx_said is None:
+        if _capturing(entry.device):
+            return ("a g_idx taken as other than k // group_size (inside a CUDA graph's capture, which a "
+                    "read of it would break; it takes static groups)")
+        g = entry.tensors()[3].long()
+        if bool((g[1:] >= g[:-1]).all()):
+            k = int((g != torch.arange(entry.K, device=g.device) // entry.group).nonzero()[0])
+            entry._g_idx_said = (f"a g_idx that is nondecreasing but not the contiguous layout k // {entry.group} "
+                                 f"(g_idx[{k}] = {int(g[k])}, not {k // entry.group}; it takes static groups)")
+        else:
+            entry._g_idx_said = "act-order groups (a permuted g_idx; it takes static groups)"
+    return entry._g_idx_said
 
 
 def _require_mma(x2, entry, wgmma=False, bound_rows=True):
@@ -1801,6 +1819,7 @@ class _Weights:
         self.scales_dtype, self.zeros_dtype = scales.dtype, zeros.dtype
         self.plans = {}
         self._zeros_in_grid = None
+        self._g_idx_said = None  # (_not_static_groups)
         self._sorted = None  # act-order: (perm, sorted codes, their entry), or False (none)
 
     def zeros_in_grid(self) -> bool:

@@ -435,6 +435,29 @@ def test_mma_paths_refuse_what_they_cannot_compute(gen, path):
         w4a16_matmul(x128, q64, s64, z64, 64, path=path, config=config, backend="triton")
 
 
+@pytest.mark.parametrize("path", ["mma", "wgmma"])
+def test_mma_paths_say_a_nondecreasing_g_idx_is_not_the_contiguous_layout(gen, path):
+    """A nondecreasing g_idx whose runs are not group_size inputs each (groups of other sizes,
+    their boundaries moved) was refused as "act-order groups (a permuted g_idx ...)", which it is
+    not: the refusal says it is nondecreasing but not k // group_size, and where it first departs."""
+    K, group = 96, 32
+    qweight, scales, zeros, _ = make_problem(gen, K, 40, group)
+    cuts = sorted((torch.randperm(K - 1, generator=gen)[:2] + 1).tolist())
+    if cuts == [group, 2 * group]:
+        cuts[0] -= 1
+    k = torch.arange(K)
+    g_idx = (k[:, None] >= torch.tensor(cuts)).sum(1).to(torch.int32)
+    first = int((g_idx != k // group).nonzero()[0])
+    x = torch.randn(2, K, generator=gen).half()
+    with pytest.raises(ValueError, match=f"the {path} path cannot run") as error:
+        w4a16_matmul(x, qweight, scales, zeros, group, g_idx, path=path, backend="triton")
+    said = (f"a g_idx that is nondecreasing but not the contiguous layout k // {group} "
+            f"(g_idx[{first}] = {int(g_idx[first])}, not {first // group}; it takes static groups)")
+    assert said in str(error.value) and "permuted" not in str(error.value), str(error.value)
+    y = w4a16_matmul(x, qweight, scales, zeros, group, g_idx, backend="triton")  # (the gather paths take it)
+    assert_close_to_reference(y, x, qweight, scales, zeros, group, g_idx)
+
+
 def test_mma_refused_inside_a_capture_reads_no_zero_points(gen, monkeypatch):
     """Forced on zero points outside the 4-bit grid inside a CUDA graph's capture (stood in for on
     the CPU), the refusal names them without reading their range from the device, which would
