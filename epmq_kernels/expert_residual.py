@@ -112,6 +112,13 @@ def _check_scalar(value, name: str) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
+def _check_flag(value, name: str) -> None:
+    """A ValueError unless ``value`` is a bool (numpy's too): a truthy 'no' from a YAML or CLI ran
+    as True (``read='no'`` returned a float where a tensor, left unread, was asked for)."""
+    if not is_flag(value):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
 def check_residual_precision(value, name: str = "input_precision") -> None:
     """A clear error unless ``value`` is one of RESIDUAL_PRECISIONS (``name``: the argument)."""
     if value not in RESIDUAL_PRECISIONS:
@@ -134,6 +141,7 @@ def accumulate_residual_reference(G, W_k, W_m, H_k, a: float, *, input_precision
     """
     _check_residual_args(G, W_k, W_m, H_k)
     _check_scalar(a, "a")
+    _check_flag(read, "read")
     check_residual_precision(input_precision)
     D = W_k.to(G.dtype) - W_m.to(G.dtype)
     if input_precision == "tf32":
@@ -646,6 +654,7 @@ def accumulate_residual_triton(G, W_k, W_m, H_k, a: float, *, input_precision: s
     only; fp64 ``G`` always multiplies in fp64. The choice is made on the first call for a shape
     (timed on a scratch G).
     """
+    _check_flag(read, "read")
     launch, _, _ = _prepare_residual(G, W_k, W_m, H_k, a, input_precision)
     trace = launch()
     return float(trace) if read else trace
@@ -681,6 +690,7 @@ def accumulate_residual_on_side(G, W_k, W_m, H_k, a: float, *, input_precision: 
     ``holds``: ``W_k`` or ``H_k`` is a copy the caller drops (see SIDE_HELD_MAX; an operand
     copied here to make it contiguous counts too). The caller must not write to the operands
     until it has waited for the event (the side stream reads them after this returns)."""
+    _check_flag(holds, "holds")
     launch, operands, copied = _prepare_residual(G, W_k, W_m, H_k, a, input_precision)
     return side_stream_launch(launch, list(operands), holds=holds or copied)
 

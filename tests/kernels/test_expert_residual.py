@@ -224,6 +224,29 @@ def test_a_task_weight_that_is_no_finite_number_is_refused(gen):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_read_of_another_type_is_refused(gen, backend):
+    """read='no' (a truthy string, as from a YAML or CLI) returned the trace as a float, read
+    from the device, where a float64 tensor left unread was asked for: read must be a bool
+    (numpy's too), G left as it was. (holds of accumulate_residual_on_side, likewise.)"""
+    import numpy as np
+
+    from epmq_kernels.expert_residual import accumulate_residual_on_side
+
+    G0, W_k, W_m = rand(gen, 8, 16), rand(gen, 8, 16), rand(gen, 8, 16)
+    H = gram(gen, 20, 16, torch.float32).to(DEVICE)
+    G = G0.clone()
+    for read in ("no", 0, None):
+        with pytest.raises(ValueError, match=f"read must be a bool, got {read!r}"):
+            accumulate_residual(G, W_k, W_m, H, 0.5, read=read, backend=backend)
+    assert torch.equal(G, G0)
+    trace = accumulate_residual(G, W_k, W_m, H, 0.5, read=np.False_, backend=backend)
+    assert isinstance(trace, torch.Tensor) and trace.dtype == torch.float64
+    assert isinstance(accumulate_residual(G, W_k, W_m, H, 0.5, read=np.True_, backend=backend), float)
+    with pytest.raises(ValueError, match="holds must be a bool, got 'no'"):
+        accumulate_residual_on_side(G, W_k, W_m, H, 0.5, holds="no")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fold_overwrite_of_another_type_is_refused(gen, backend):
     """overwrite='no' (a truthy string, as from a YAML or CLI) dropped the sum H_e held, silently:
     overwrite must be a bool (numpy's too), H_e left as it was."""
