@@ -71,7 +71,7 @@ def w4a16_cases(full=False):
         constexprs = dict(config, SPLIT_K=split_k, GATHER=gather, HAS_G_IDX=gather,
                           ONE_GROUP=per_channel and not gather, PAIRS=pairs, SWAP_AB=swap,
                           SCALE_AFTER=after, CDT=cdt, DOT_PRECISION=W._dot_precision(dtype),
-                          WIDE_M=wide)
+                          WIDE_M=wide, WIDE_ZEROS=False)
         tag = "pairs" if pairs else "plain"
         tag += "+swap" if swap else ""
         tag += "+after" if after else ""

@@ -404,6 +404,23 @@ def _biased_zero(zeros, CDT: tl.constexpr):
 
 
 @triton.jit
+def _codes_minus_zero(b, z, CDT: tl.constexpr, WIDE_ZEROS: tl.constexpr):
+    """``q - z`` in CDT from the biased codes ``b = 2^e + q`` of :func:`_biased_float`.
+
+    ``b - (2^e + z)`` is exact while ``2^e + z`` is, for zero points up to 2^e: 128 in bf16,
+    whose odd zero points from 129 rounded to an even neighbour (``q - z`` a grid step off for
+    a whole group), 1024 in fp16. ``WIDE_ZEROS`` (zero points outside the 4-bit grid) forms
+    ``q - z`` in fp32 and rounds it once to CDT: exact up to ``|q - z|`` of 256 (bf16), 2048
+    (fp16)."""
+    if WIDE_ZEROS and CDT != tl.float32:
+        bias = 1024.0 if CDT == tl.float16 else 128.0
+        out = (b.to(tl.float32) - (z.to(tl.float32) + bias)).to(CDT)
+    else:
+        out = b - _biased_zero(z, CDT)
+    return out
+
+
+@triton.jit
 def _exponents(opaque_zero):
     """The fp32 exponent patterns of ``_code_exact`` / ``_code_b128`` as run-time values.
 
@@ -993,9 +1010,10 @@ def _w4a16_dot_kernel(
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER: tl.constexpr, HAS_G_IDX: tl.constexpr, ONE_GROUP: tl.constexpr,
     PAIRS: tl.constexpr, SWAP_AB: tl.constexpr, SCALE_AFTER: tl.constexpr,
-    CDT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_M: tl.constexpr,
+    CDT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_M: tl.constexpr, WIDE_ZEROS: tl.constexpr,
 ):
-    """A BLOCK_M x BLOCK_N tile of y over one K slice, the weight dequantized into ``tl.dot``."""
+    """A BLOCK_M x BLOCK_N tile of y over one K slice, the weight dequantized into ``tl.dot``
+    (``WIDE_ZEROS``: zero points outside the 4-bit grid, see :func:`_codes_minus_zero`)."""
     BLOCK_R: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -1055,21 +1073,25 @@ def _w4a16_dot_kernel(
                           mask=nk_mask, other=0.0)
             z_t = tl.load(zeros_ptr + g[None, :] * stride_zg + offs_n[:, None] * stride_zn,
                           mask=nk_mask, other=0)
-            w_t = (b_t - _biased_zero(z_t, CDT)) * s_t.to(CDT)
+            w_t = _codes_minus_zero(b_t, z_t, CDT, WIDE_ZEROS) * s_t.to(CDT)
         elif ONE_GROUP:
-            w_t = b_t - zb_one  # q - z: exact small integers; the scale comes after the loop
+            # q - z: exact small integers; the scale comes after the loop
+            if WIDE_ZEROS:
+                w_t = _codes_minus_zero(b_t, z_one[:, None], CDT, WIDE_ZEROS)
+            else:
+                w_t = b_t - zb_one
         elif SCALE_AFTER:
             g = k0 // group_size
             z_t = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask,
                           other=0)[:, None]
-            w_t = b_t - _biased_zero(z_t, CDT)
+            w_t = _codes_minus_zero(b_t, z_t, CDT, WIDE_ZEROS)
         else:
             g = k0 // group_size
             s_t = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask,
                           other=0.0)[:, None]
             z_t = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask,
                           other=0)[:, None]
-            w_t = (b_t - _biased_zero(z_t, CDT)) * s_t.to(CDT)
+            w_t = _codes_minus_zero(b_t, z_t, CDT, WIDE_ZEROS) * s_t.to(CDT)
         if SCALE_AFTER and not (GATHER or ONE_GROUP):
             # this tile is one group: scale its fp32 product (BLOCK_M x BLOCK_N multiplies)
             s_g = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask,
@@ -2210,8 +2232,14 @@ def _half2(config, x2, gather, entry=None) -> bool:
             and x2.stride(1) == 1 and x2.data_ptr() % 16 == 0
             and (x2.shape[0] == 1 or x2.stride(0) % 8 == 0)
             and (not x2.is_cuda or torch.cuda.get_device_capability(x2.device) >= (8, 0))
-            and (entry is None or ((entry._zeros_in_grid is not None or not _capturing(x2.device))
-                                   and entry.zeros_in_grid())))
+            and (entry is None or _zeros_known_in_grid(entry, x2.device)))
+
+
+def _zeros_known_in_grid(entry, device) -> bool:
+    """Whether ``entry``'s zero points are known to lie in the 4-bit grid: read once per weights,
+    but not for weights first seen inside a CUDA graph's capture (a read of the device would
+    break it), which are taken as outside it."""
+    return (entry._zeros_in_grid is not None or not _capturing(device)) and entry.zeros_in_grid()
 
 
 def _build_plan(entry, path, config, x2, out2, lead=None):
@@ -2282,7 +2310,8 @@ def _build_plan(entry, path, config, x2, out2, lead=None):
         args = common + [config["BLOCK_M"], config["BLOCK_N"], block_k, split_k,
                          config["GROUP_M"], gather, has_g_idx, one_group, pairs,
                          bool(config.get("SWAP_AB", False)), bool(config.get("SCALE_AFTER", False)),
-                         cdt, _dot_precision(x2.dtype), _wide_rows(x2, out2, N)]
+                         cdt, _dot_precision(x2.dtype), _wide_rows(x2, out2, N),
+                         cdt != tl.float32 and not _zeros_known_in_grid(entry, device)]
         fn = _w4a16_dot_kernel
     launch = _Launch(fn, grid, args, options, 0, 5, weak)
     return _Plan(entry, path, config, M, lead, x2.dtype, device, [launch],

@@ -14,6 +14,8 @@ import weakref
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from epmq_kernels import autotune_cache
 from epmq_kernels import w4a16 as W
@@ -201,6 +203,93 @@ def test_wgmma_weight_rounds_once(gen, dtype, scales_dtype):
     x, qweight, scales, zeros, W = _weight_rounded_once(gen, dtype, scales_dtype)
     y = w4a16_matmul(x, qweight, scales, zeros, 32, path="wgmma", backend="triton")
     assert torch.equal(y, W)
+
+
+@triton.jit
+def _codes_minus_zero_test_kernel(codes_ptr, zeros_ptr, out_ptr, n, CDT: tl.constexpr,
+                                  WIDE_ZEROS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    b = W._biased_float(tl.load(codes_ptr + offs, mask=ok, other=0), CDT)
+    z = tl.load(zeros_ptr + offs, mask=ok, other=0)
+    tl.store(out_ptr + offs, W._codes_minus_zero(b, z, CDT, WIDE_ZEROS), mask=ok)
+
+
+@triton.jit
+def _biased_zero_test_kernel(zeros_ptr, out_ptr, n, CDT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(out_ptr + offs, W._biased_zero(tl.load(zeros_ptr + offs, mask=ok, other=0), CDT), mask=ok)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's bf16 conversions")
+def test_codes_minus_zero_points_outside_the_grid_are_exact_in_bf16():
+    """The dot kernel's ``q - z`` was ``(128 + q) - (128 + z)`` in bf16, whose 8 significant bits
+    round 128 + z to an even neighbour for odd zero points from 129 (uint8 zero points of 8-bit
+    grids, or v1 zeros gone astray): a whole group's weights a grid step off, compiled bf16 only.
+    Zero points outside the 4-bit grid take WIDE_ZEROS: ``q - z`` formed in fp32, rounded once,
+    exact for every code and uint8 zero point. (The interpreter has no bf16 arithmetic: the
+    narrow path's subtraction runs compiled alone, the conversion that broke it runs here.)"""
+    q, z = torch.meshgrid(torch.arange(16, dtype=torch.int32), torch.arange(256, dtype=torch.int32),
+                          indexing="ij")
+    q, z = q.flatten().contiguous(), z.flatten().to(torch.uint8).contiguous()
+    for dtype, cdt in ((torch.bfloat16, tl.bfloat16), (torch.float16, tl.float16)):
+        out = torch.full(q.shape, float("nan"), dtype=dtype)
+        _codes_minus_zero_test_kernel[(triton.cdiv(q.numel(), 1024),)](q, z, out, q.numel(), CDT=cdt,
+                                                                      WIDE_ZEROS=True, BLOCK=1024)
+        assert torch.equal(out.float(), (q - z.int()).float()), dtype
+    biased = torch.empty(256, dtype=torch.bfloat16)
+    _biased_zero_test_kernel[(1,)](z[:256], biased, 256, CDT=tl.bfloat16, BLOCK=256)
+    inexact = (biased.float() != z[:256].float() + 128).nonzero().flatten()
+    assert inexact.tolist() == list(range(129, 256, 2))  # (why the narrow path is for the grid alone)
+
+
+@pytest.mark.parametrize("path,config,group_size,g_idx_kind", [
+    ("splitk", None, 32, None),  # pairs, the scale after the dot
+    ("gemm", None, 32, None),  # codes one at a time, scaled in the tile, swapped
+    ("splitk", dict(W.INTERPRETER_CONFIG["splitk"], SCALE_AFTER=False), 32, None),
+    ("splitk", None, -1, None),  # one group: the scale after the loop
+    ("gemm", None, 32, "permuted"),  # gathered per row
+])
+def test_dot_paths_dequantize_zero_points_past_the_bias_exactly(gen, path, config, group_size, g_idx_kind):
+    """``(2^e + q) - (2^e + z)`` in the compute dtype is exact for zero points up to 2^e: in bf16,
+    compiled, 128 (odd uint8 zero points from 129 were a grid step off); in fp16 1024, which the
+    interpreter reproduces with int16 zero points. The identity's product is the weight ``(q - z)
+    s`` rounded once to fp16 (fp16 scales), bit for bit, for zero points in and past the bias."""
+    K = N = 64
+    qweight, scales, _, g_idx = make_problem(gen, K, N, group_size, g_idx_kind)
+    G = scales.shape[0]
+    for lo, hi in ((16, 256), (1025, 2048)):
+        zeros = torch.randint(lo, hi, (G, N), generator=gen).to(torch.int16)
+        zeros[0, :8] = torch.arange(hi - 16, hi, 2, dtype=torch.int16) + 1  # (odd: never on an even grid)
+        W_once = dequantize_int4_weight(qweight, scales, zeros, group_size, g_idx).half()
+        x = torch.eye(K, dtype=torch.float16)
+        y = w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, path=path, config=config,
+                         backend="triton")
+        assert torch.equal(y, W_once), (lo, hi, (y != W_once).sum())
+
+
+def test_dot_launches_take_wide_zeros_outside_the_grid_alone(gen, monkeypatch):
+    """Compiled (the launcher told so), a bf16 or fp16 dot launch takes WIDE_ZEROS where the zero
+    points leave the 4-bit grid, and only there (the grid's keep the one subtraction a code);
+    fp32 never (2^23 + z is exact). The launches that take it compile for sm_90 and sm_80."""
+    launches = Launches(W._w4a16_dot_kernel, run=False)
+    at = W._w4a16_dot_kernel.arg_names.index("WIDE_ZEROS")
+    monkeypatch.setattr(W, "_w4a16_dot_kernel", launches)
+    monkeypatch.setattr(W, "INTERPRETED", False)
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    config = AUTOTUNE_SPACE["splitk"][0]
+    for dtype, zs, wide in ((torch.bfloat16, zeros, False), (torch.bfloat16, zeros + 200, True),
+                            (torch.float16, zeros + 16, True), (torch.float16, zeros, False),
+                            (torch.float32, zeros + 200, False)):
+        x = torch.randn(4, 64, generator=gen).to(dtype)
+        w4a16_matmul(x, qweight, scales, zs, 32, path="splitk", config=config, backend="triton")
+        assert launches.calls[-1][0][at] is wide, (dtype, wide)
+    if ptxas_available():
+        calls = [call for call in launches.calls if call[0][at]]
+        proc = run_compile_script(compile_as_launched("epmq_kernels.w4a16", [("_w4a16_dot_kernel", calls)]),
+                                  timeout=600)
+        assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout[-600:] + proc.stderr[-3000:]
 
 
 def test_mma_launch_flags_match_the_tiles_it_reads():
