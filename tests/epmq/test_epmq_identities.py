@@ -48,6 +48,25 @@ def L_terms(Q, W_m, W_k, H_k, a, H_m, lam, mu):
     return expert, lam * out_sq(Q - W_m, H_m), mu * float((Q - W_m).pow(2).sum())
 
 
+def target_tolerance(H, W_m, W_star):
+    """How far (Frobenius) the solver's float32 target may lie from the exact ``W* = W_m + R``
+    (float64): R = G H^{-1} is formed from G and H^{-1}'s factor rounded to float32 (eps each, and
+    fp32 sums), errors a solve amplifies by up to H's condition number, and W_m + R is rounded to
+    float32 (eps / 2 of W*). So eps (kappa(H) |R| + |W*|), scale free: IEEE fp32 reached 0.077 of
+    it in 6,000 solves (median 0.018), R's products in bf16x3 failed it in 52 of 200 draws, one TF32
+    product in all. (The fixed atol 2e-4 it replaces was 45 times the largest error, passed 197 of
+    the 200 bf16x3 targets, and at weights of 1e-3 a target of W_m itself, R dropped.)"""
+    eps = torch.finfo(torch.float32).eps
+    R = W_star.double() - W_m.double()
+    return eps * (float(torch.linalg.cond(H.double())) * float(R.norm()) + float(W_star.double().norm()))
+
+
+def assert_target(res, H, W_m, W_star):
+    """E-PMQ's target is ``W_star`` (float64) to within what float32 allows (target_tolerance)."""
+    error = float((res.target.double() - W_star.double()).norm())
+    assert error <= target_tolerance(H, W_m, W_star), (error, target_tolerance(H, W_m, W_star))
+
+
 def test_target_is_C_Hinv(gen):
     """W* = C H^{-1} with C = sum a_k W_k H_k + lam W_m H_m + mu W_m (no damping)."""
     W_m, W_k, H_k = draw(gen)
@@ -215,7 +234,7 @@ def test_identity_3_single_expert_is_gptq_of_expert(gen):
     W_m, W_k, H_k = draw(gen, K=1, n=400)
     res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=0.0, weight_anchor=0.0, percdamp=0.0)
     ref = quant.gptq(W_k[0], H_k[0], SPEC, percdamp=0.0)
-    torch.testing.assert_close(res.target, W_k[0], rtol=0, atol=2e-4)
+    assert_target(res, H_k[0], W_m, W_k[0])
     assert (res.codes == ref.codes).float().mean() > 0.995
     a = 1 / float(torch.trace(H_k[0].double()))
     assert res.loss == pytest.approx(a * ref.loss, rel=1e-3)
@@ -252,7 +271,7 @@ def test_identity_3_single_expert_with_an_anchor_is_gptq_of_the_blend(gen, spec,
     W_m, W_k, H_k = draw(gen, K=1, n=400)
     res = quant.epmq(W_m, W_k, H_k, spec, anchor=anchor, weight_anchor=0.0, percdamp=0.0)
     blend = (W_k[0].double() + anchor * W_m.double()) / (1 + anchor)
-    torch.testing.assert_close(res.target.double(), blend, rtol=0, atol=2e-4)
+    assert_target(res, H_k[0], W_m, blend)
     ref = quant.gptq(blend.float(), H_k[0], spec, percdamp=0.0)
     if spec.act_order:
         assert torch.equal(res.perm, ref.perm)
