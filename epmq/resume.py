@@ -611,11 +611,21 @@ def hold_run(directory, *, run: bool = True):
     around a run without running it, as the command line holds it from its start), is refused
     naming the process. Two runs in one directory each wrote results.json over the other's, and
     one's clean-up of its unchosen anchors took checkpoints away from the other."""
-    key = _lock(Path(directory), walk=run, kind=_RUN)
+    directory = Path(directory)
+    # (the folders made for the hold, deepest first: removed again where the run wrote nothing, as a
+    # run refused at its config or a missing expert left an empty OUT holding only its lock file)
+    made = list(itertools.takewhile(lambda folder: not folder.exists(), (directory, *directory.parents)))
+    key = _lock(directory, walk=run, kind=_RUN)
     try:
         yield
     finally:
+        held = _HELD[key]
+        if made and held["holders"] == 1 and os.listdir(directory) == [RUN_LOCK_FILE]:
+            held["removed"] = directory / RUN_LOCK_FILE  # (unlinked while still held: no other takes it between)
         _unlock(key, walk=run)
+        for folder in made if key not in _HELD else ():
+            with contextlib.suppress(OSError):  # (not empty: the run wrote there, or another's files)
+                folder.rmdir()
 
 
 @contextlib.contextmanager

@@ -222,6 +222,27 @@ def test_demo_whose_cache_cannot_be_written_is_one_error_line(tmp_path, capsys, 
     assert f"error: OSError: [Errno 30] Read-only file system: '{tmp_path / 'cache'}'" in capsys.readouterr().err
 
 
+def test_a_run_or_demo_failing_before_it_writes_leaves_no_output_folder(tiny_config, tmp_path, capsys, monkeypatch):
+    """A run refused at a missing expert, or a demo whose training failed, left OUT (and the folders
+    made for it) behind, empty but for its lock file; a folder the user made is kept, whatever it holds."""
+    config = yaml.safe_load(tiny_config.read_text())
+    config["tasks"][1]["expert"] = "does/not/exist.safetensors"
+    bad = write(tiny_config.parent, config, "missing-expert.yaml")
+
+    def full(**kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(epmq.demo, "prepare", full)
+    users = tmp_path / "users"
+    users.mkdir()
+    for command in (["run", str(bad)], ["demo", "--cache-dir", str(tmp_path / "cache")]):
+        assert main([*command, "--out", str(tmp_path / "made" / "out"), "--quiet"]) == 2
+        assert "error:" in capsys.readouterr().err
+        assert not (tmp_path / "made").exists()
+        assert main([*command, "--out", str(users), "--quiet"]) == 2
+        assert users.is_dir()
+
+
 @pytest.mark.parametrize("seed", [2 ** 64, 2 ** 60, -2 ** 40])
 def test_a_demo_seed_past_what_its_draws_take_is_one_error_line(tmp_path, capsys, monkeypatch, seed):
     """The demo draws with seed * 1000 + k: a seed past 2**54 ended it in 'Overflow when
