@@ -2781,15 +2781,20 @@ class _Walk:
         runs (stopped at the last stack's first block): a model may register its language model
         before the tower it reads (Kosmos-2, Dots3, Hunyuan-VL), whose walk then calibrated the
         language model on the full-precision tower's features and quantized the tower after it.
-        An item that runs and misses stacks is refused, naming them all (``_never_reached``); one the model
-        cannot run leaves those it did not reach after the others (the probes say why)."""
+        Each task's first item is run so: one that runs and misses stacks is refused, naming them all
+        (``_never_reached``), before any block is quantized (a task's items are most often of one kind,
+        text or text with images: another task's missing a tower was refused by the probes once the
+        towers before it were quantized); one the model cannot run leaves those it did not reach after
+        the others (the probes say why)."""
         if len(self.stacks) < 2:
             return
-        task, items = next(iter(self.calibration.items()))
-        reached, ran = self._reached(task, 0, items[0], range(len(self.stacks)))
-        if ran and len(reached) < len(self.stacks):  # (refused before any block is quantized)
-            raise self._never_reached(task, 0, [s for s in range(len(self.stacks)) if s not in reached])
-        order = reached + [s for s in range(len(self.stacks)) if s not in reached]
+        every, order = range(len(self.stacks)), None
+        for task, items in self.calibration.items():
+            reached, ran = self._reached(task, 0, items[0], every)
+            if ran and len(reached) < len(self.stacks):
+                raise self._never_reached(task, 0, [s for s in every if s not in reached])
+            if order is None:
+                order = reached + [s for s in every if s not in reached]
         self.stacks = [self.stacks[s] for s in order]
 
     def _reached(self, task, n, item, candidates) -> tuple:

@@ -250,6 +250,32 @@ def test_calibration_that_misses_towers_suggests_a_layers_keeping_the_users(gen)
                                 progress=False, layers=given)
 
 
+@pytest.mark.parametrize("first", ["every tower", "the audio tower alone"])
+def test_a_task_whose_first_sample_misses_a_tower_is_refused_before_any_block_is_solved(first, gen, monkeypatch):
+    """Which towers calibration reaches was checked up front on the first task's first sample alone: where it
+    reached them all and another task's (audio without an image) missed the vision tower, the audio tower was
+    solved first and the walk refused at the vision tower's entry. Each task's first sample is checked (a task's
+    samples are most often of one kind): a task that misses a tower is refused, naming it, before any block is
+    solved, whichever task it is."""
+    def audio_alone():
+        item = omni_thinker_item(gen)
+        item["input_ids"][0, 7:11] = 5  # (text where the image's tokens were)
+        return {k: v for k, v in item.items() if k not in ("pixel_values", "image_grid_thw")}
+
+    tasks = [omni_thinker_item(gen), audio_alone()]
+    calibration = dict(zip("ab", ([item] for item in (tasks if first == "every tower" else tasks[::-1]))))
+    missing = "b" if first == "every tower" else "a"
+
+    def solved(*args, **kwargs):
+        raise AssertionError("a block was solved before the refusal")
+
+    monkeypatch.setattr(epmq.quant, "gptq", solved)
+    with pytest.raises(ValueError, match=rf"calibration sample 0 of task '{missing}' never reaches the blocks at "
+                                         r"'model\.visual\.blocks' \(auto\): "):
+        epmq.quantize_model(tiny_qwen25_omni_thinker(), SPEC_4, method="gptq", calibration=calibration,
+                            progress=False)
+
+
 def test_a_checkpoint_of_one_tower_loads_without_rebuilding_the_other(gen, tmp_path):
     """A ViT encoder + GPT-2 decoder with only the encoder quantized: loading rebuilds no GPT-2
     Conv1D (the adapters prepared are those whose blocks hold quantized layers)."""
