@@ -1010,6 +1010,30 @@ def test_an_rwkv_checkpoint_that_does_not_say_whether_its_weights_are_divided_is
     assert not [w for w in warned if "does not say whether" in str(w.message)]
 
 
+def test_an_rwkv_checkpoint_multiplied_back_saying_nothing_loads_with_the_entry_its_refusal_names(gen, tmp_path):
+    """epmq's GPTQ checkpoints of a rescaled RWKV written between 2026-12-07 09:13 and the change that made them
+    say "undivided" hold the weights multiplied back and say nothing: refused, the refusal names the file, the
+    section and the entry, and with that entry added where it says the checkpoint loads as it ran."""
+    torch.manual_seed(0)
+    model, item = _rwkv(2).eval(), wider_input("ids", gen)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq", progress=False,
+                        calibration={"a": [wider_input("ids", gen)]}, backend="torch")
+    want = output(model, item)
+    epmq.save_quantized(model, tmp_path / "ckpt")
+    config = tmp_path / "ckpt" / "quantize_config.json"
+    said = json.loads(config.read_text())
+    del said["epmq"]["undivided"]
+    config.write_text(json.dumps(said))
+    with pytest.raises(ValueError) as refused:
+        epmq.load_quantized(tmp_path / "ckpt")
+    assert str(refused.value).endswith('In the epmq section of its quantize_config.json add "rescaled": ["rwkv"] for '
+                                       'one written before, "undivided": ["rwkv"] for one written after')
+    assert "before 2026-12-07 07:35 UTC" in str(refused.value)
+    said["epmq"]["undivided"] = ["rwkv"]
+    config.write_text(json.dumps(said))
+    torch.testing.assert_close(output(epmq.load_quantized(tmp_path / "ckpt").eval(), item), want, rtol=0, atol=0)
+
+
 def test_an_rwkv_causal_lm_checkpoint_given_a_bare_rwkv_model_is_refused_as_of_another_class(gen, tmp_path):
     """A GPTQ checkpoint of an RwkvForCausalLM loaded into a bare RwkvModel was refused as not saying whether
     it holds its weights divided (it says so, of 'rwkv'): the refusal is of what is wrong, the checkpoint's
