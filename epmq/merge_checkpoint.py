@@ -1028,6 +1028,14 @@ OPEN_CLIP_VIT_SIZES = {"image_size": 224, "patch_size": 16}
 OPEN_CLIP_EOS_ID = 2
 
 
+# open_clip's defaults of the tokenizer_kwargs its tokenizers take (get_tokenizer builds a HF one where a
+# text_cfg names one, hf_tokenizer_name, its own BPE otherwise: HFTokenizer's and SimpleTokenizer's), and of
+# the context length they cut texts at
+OPEN_CLIP_TOKENIZER_KWARGS = {"hf": {"clean": "whitespace", "strip_sep_token": False, "language": None},
+                              "bpe": {"clean": "lower", "additional_special_tokens": None, "reduction_mask": ""}}
+OPEN_CLIP_CONTEXT_LENGTH = 77
+
+
 # torch's defaults of what open_clip passes a tower's GELU and LayerNorms as act_kwargs and norm_kwargs
 # (CoCa's decoder is built without them): a config writing one out says what one leaving it out does
 OPEN_CLIP_KWARGS = {"act_kwargs": {"approximate": "none"}, "norm_kwargs": {"eps": 1e-5}}
@@ -1124,8 +1132,9 @@ def _open_clip_config(content) -> dict:
             if config[tower]["timm_pool"] == "":  # (the trunk's own pooling, or none: which, it does not say)
                 del config[tower]["timm_pool"]
         if hf:
-            config[tower].pop("hf_model_name")
-            config[tower].update(_hf_model_repository(hf_name))
+            config[tower]["hf_model_name"] = _hf_model_repository(hf_name)
+        if tower == "text_cfg":
+            _open_clip_tokenizer(config[tower], hf)
         if tower == "vision_cfg" and own and not resnet:
             _open_clip_grid(config[tower])
     # (QuickGELU or GELU is the activation of open_clip's own transformers alone: a timm or ResNet image tower and
@@ -1170,11 +1179,30 @@ def _open_clip_grid(cfg: dict) -> None:
         cfg["grid_size"] = [image[0] // patch[0], image[1] // patch[1]]
 
 
-def _hf_model_repository(name: str) -> dict:
-    """``{"hf_model_name": repository}``: the HF model an open_clip text tower's ``hf_model_name`` names,
+def _hf_model_repository(name: str) -> str:
+    """The HF model (or tokenizer) an open_clip text tower's ``hf_model_name`` (``hf_tokenizer_name``) names,
     as far as the name says it: its hub repository, or a local directory's path, as written
     (``_same_hf_model`` compares them)."""
-    return {"hf_model_name": name.rstrip("/\\") or name}
+    return name.rstrip("/\\") or name
+
+
+def _open_clip_tokenizer(cfg: dict, hf: bool) -> None:
+    """A text tower's ``cfg`` with its tokenizer's fields as open_clip's get_tokenizer reads them: a HF
+    tokenizer where it names one (``hf_tokenizer_name``; "": open_clip's own BPE) in the ``tokenizer_mode``
+    given ("": none), the ``tokenizer_kwargs`` that tokenizer takes less its defaults, and the
+    ``context_length`` it cuts texts at where that sizes no weights (a HF text tower, ``hf``: open_clip's own
+    holds a position embedding per token, whose shape says it)."""
+    name = cfg.get("hf_tokenizer_name") or ""
+    cfg["hf_tokenizer_name"] = _hf_model_repository(name) if isinstance(name, str) else name
+    mode = cfg.pop("tokenizer_mode", None)
+    if name:  # (the BPE takes no mode)
+        cfg["tokenizer_mode"] = mode or ""
+    kwargs, defaults = cfg.get("tokenizer_kwargs") or {}, OPEN_CLIP_TOKENIZER_KWARGS["hf" if name else "bpe"]
+    if isinstance(kwargs, dict):  # (other than a dict: a config written wrong, compared as it is)
+        cfg["tokenizer_kwargs"] = {k: v for k, v in kwargs.items() if k not in defaults or defaults[k] != v}
+    context_length = cfg.pop("context_length", None)
+    if hf:
+        cfg["context_length"] = OPEN_CLIP_CONTEXT_LENGTH if context_length is None else context_length
 
 
 def _local_hf_model(name: str) -> bool:
@@ -1363,10 +1391,15 @@ READ_ALIKE = {"ls_init_value": lambda mine, theirs: (mine is None) == (theirs is
               "init_logit_bias": lambda mine, theirs: (mine is None) == (theirs is None),
               "multimodal_cfg": lambda mine, theirs: (mine is None) == (theirs is None),
               "proj_type": lambda mine, theirs: (mine == "none") == (theirs == "none"),
-              "hf_model_name": _same_hf_model}
+              "hf_model_name": _same_hf_model, "hf_tokenizer_name": _same_hf_model}
 
-# fields of READ_AS whose values READ_ALIKE calls apart though they may read the weights alike: why, in a refusal
-READ_APART = {"hf_model_name": _hf_models_apart}
+# fields of READ_AS (TOKENIZED_BY) whose values READ_ALIKE calls apart though they may be alike: why, in a refusal
+READ_APART = {"hf_model_name": _hf_models_apart, "hf_tokenizer_name": _hf_models_apart}
+
+# an open_clip text tower's tokenizer (_open_clip_tokenizer): another one reads a text as other tokens, an
+# embedding row standing for another token in each (refused); another context_length cuts long texts
+# elsewhere (warned of, as another sliding window is)
+TOKENIZED_BY = ("hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs")
 
 # fields whose None turns what they do off (no softcapping, no sliding window, no clipping), where others'
 # None stands for their model's default (num_key_value_heads: as many as the heads): written None, compared
@@ -1489,23 +1522,35 @@ def _ropes(config: dict, nested: bool) -> dict:
             if (rope := _rope(c)) is not None}
 
 
+def _text_tokenizer(config: dict, fields: Sequence[str], nested: bool) -> dict:
+    """``{field: value}`` of ``fields`` that ``config``'s open_clip text tower gives (``_open_clip_tokenizer``;
+    at its top where it is that tower): other configs' fields of the same names (RWKV's context_length) are not
+    its tokenizer's."""
+    return {f"{scope}.{field}".lstrip("."): c[field] for scope, c in _scopes(config, nested).items()
+            if c.get("model_type") == "open_clip_text_cfg" for field in fields if field in c}
+
+
 def _check_reading(config: dict, reference: dict, what: str, ref_name: str, goal: str, experts: bool,
                    nested: bool = True, warn: bool = True) -> None:
-    mine, theirs = _config_fields(config, READ_AS, nested), _config_fields(reference, READ_AS, nested)
-    differ = _differing(mine, theirs, alike=READ_ALIKE)  # (both spell out)
-    if differ:
-        why = [w for m, t in differ if m.rpartition(".")[2] in READ_APART
-               and (w := READ_APART[m.rpartition(".")[2]](mine[m], theirs[t]))]
-        raise ValueError(f"{what} reads its weights as {({m: mine[m] for m, _ in differ})}, the {ref_name} as "
-                         f"{({t: theirs[t] for _, t in differ})} (config.json): {goal.format('configuration')}"
-                         + "".join(f"; {w}" for w in why))
+    for how, fields_of in (("reads its weights as", lambda c: _config_fields(c, READ_AS, nested)),
+                           ("tokenizes its texts as", lambda c: _text_tokenizer(c, TOKENIZED_BY, nested))):
+        mine, theirs = fields_of(config), fields_of(reference)
+        differ = _differing(mine, theirs, alike=READ_ALIKE)  # (both spell out)
+        if differ:
+            why = [w for m, t in differ if m.rpartition(".")[2] in READ_APART
+                   and (w := READ_APART[m.rpartition(".")[2]](mine[m], theirs[t]))]
+            raise ValueError(f"{what} {how} {({m: mine[m] for m, _ in differ})}, the {ref_name} as "
+                             f"{({t: theirs[t] for _, t in differ})} (config.json): {goal.format('configuration')}"
+                             + "".join(f"; {w}" for w in why))
     if not warn:
         return
     # (RoPE as transformers 5 reads either version's fields: 4.x's rope_scaling is 5.x's rope_parameters)
     for how, mine, theirs, differ_by in (
             ("computes its positions with", _ropes(config, nested), _ropes(reference, nested), _ropes_differ),
             ("runs its weights with", _config_fields(_windowed(config), RUN_WITH, nested),
-             _config_fields(_windowed(reference), RUN_WITH, nested), operator.ne)):
+             _config_fields(_windowed(reference), RUN_WITH, nested), operator.ne),
+            ("tokenizes its texts with", _text_tokenizer(config, ("context_length",), nested),
+             _text_tokenizer(reference, ("context_length",), nested), operator.ne)):
         differ = _differing(mine, theirs, differ_by)
         if differ:
             warnings.warn(f"{what} {how} {({m: mine[m] for m, _ in differ})}, the {ref_name} with "

@@ -565,16 +565,18 @@ def _config_of(module) -> Optional[dict]:
     if callable(getattr(config, "to_dict", None)) and library != "open_clip":
         return config.to_dict()
     if library == "open_clip":
-        from .merge_checkpoint import OPEN_CLIP_BLOCKS, _open_clip_config, _tower_config
+        from .merge_checkpoint import OPEN_CLIP_BLOCKS, TOKENIZED_BY, _open_clip_config, _tower_config
 
         model_cfg = _open_clip_model_cfg(module)
         config = _open_clip_config({"model_cfg": model_cfg}) if model_cfg else None
         if config is not None and "quick_gelu" not in model_cfg:  # (not open_clip's default: unknown)
             config.pop("quick_gelu", None)
         # (how its blocks and projections were built, which the modules are not read for: unknown, not the defaults
-        # filled in. Each other one adds weights, which the experts' tensors are held to)
+        # filled in. Each other one adds weights, which the experts' tensors are held to. Its tokenizer, which
+        # no module holds, unknown alike)
         for tower, tower_config in (config or {}).items():
-            for field in (*OPEN_CLIP_BLOCKS, "no_ln_pre", "proj_type", "proj_bias", "timm_proj", "timm_proj_bias"):
+            for field in (*OPEN_CLIP_BLOCKS, "no_ln_pre", "proj_type", "proj_bias", "timm_proj", "timm_proj_bias",
+                          *TOKENIZED_BY, "context_length"):
                 if isinstance(tower_config, dict) and field not in model_cfg.get(tower, {}):
                     tower_config.pop(field, None)
         if config is not None and not isinstance(getattr(module, "visual", None), nn.Module):

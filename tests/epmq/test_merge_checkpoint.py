@@ -3762,6 +3762,49 @@ def test_open_clip_quick_gelu_is_not_compared_where_no_tower_is_built_with_it(tm
                                              quick_gelu=True))
 
 
+def test_open_clip_text_towers_of_other_tokenizers_are_refused(tmp_path):
+    """open_clip's tokenizer fields (hf_tokenizer_name, tokenizer_mode, tokenizer_kwargs) were compared with
+    nothing: a text tower fine-tuned on texts another tokenizer read (its embedding rows standing for other
+    tokens) was merged in silence. They are compared as open_clip's get_tokenizer reads them (no
+    hf_tokenizer_name: its own BPE; a tokenizer's default kwargs written out or left out alike) and refused
+    naming the field; a HF text tower's context_length cuts long texts elsewhere, which is warned of."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    vision = {"layers": 2, "width": 32, "head_width": 8}
+
+    def save(name, **text):
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg=vision,
+                                     text_cfg={"width": 32, "heads": 4, "layers": 2, **text})
+
+    def hf(name, **text):
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg=vision, custom_text=True,
+                                     text_cfg={"hf_model_name": "xlm-roberta-base", **text})
+
+    bpe, siglip = save("bpe"), save("siglip", hf_tokenizer_name="timm/ViT-B-16-SigLIP")
+    with pytest.raises(ValueError, match=r"model siglip tokenizes its texts as \{'text_cfg.hf_tokenizer_name': "
+                                         r"'timm/ViT-B-16-SigLIP'\}, the base as \{'text_cfg.hf_tokenizer_name': ''\}"):
+        _check_quietly(bpe, siglip)
+    with pytest.raises(ValueError, match=r"\{'text_cfg.tokenizer_mode': 'clips'\}, the base as "
+                                         r"\{'text_cfg.tokenizer_mode': ''\}"):
+        _check_quietly(siglip, save("clips", hf_tokenizer_name="timm/ViT-B-16-SigLIP", tokenizer_mode="clips"))
+    with pytest.raises(ValueError, match=r"\{'text_cfg.tokenizer_kwargs': \{'clean': 'canonicalize'\}\}, the "
+                                         r"base as \{'text_cfg.tokenizer_kwargs': \{\}\}"):
+        _check_quietly(siglip, save("canonical", hf_tokenizer_name="timm/ViT-B-16-SigLIP",
+                                    tokenizer_kwargs={"clean": "canonicalize"}))
+    _check_quietly(siglip, save("siglip_defaults", hf_tokenizer_name="timm/ViT-B-16-SigLIP/", tokenizer_mode=None,
+                                tokenizer_kwargs={"clean": "whitespace", "strip_sep_token": False}))
+    _check_quietly(bpe, save("bpe_defaults", hf_tokenizer_name="", tokenizer_kwargs={"clean": "lower"}))
+    xlm = hf("xlm", hf_tokenizer_name="xlm-roberta-base")
+    _check_quietly(xlm, hf("xlm_owned", hf_tokenizer_name="FacebookAI/xlm-roberta-base", context_length=77))
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_tokenizer_name': 'someone/xlm-roberta-base'\}.*; the hub "
+                                         r"reads 'xlm-roberta-base' as 'FacebookAI/xlm-roberta-base'$"):
+        _check_quietly(xlm, hf("xlm_someone", hf_tokenizer_name="someone/xlm-roberta-base"))
+    with pytest.warns(UserWarning, match=r"model xlm_long tokenizes its texts with \{'text_cfg.context_length': "
+                                         r"128\}, the base with \{'text_cfg.context_length': 77\}"):
+        _check_architectures(xlm, [hf("xlm_long", hf_tokenizer_name="xlm-roberta-base", context_length=128)],
+                             ["xlm_long"])
+
+
 def test_open_clip_vits_of_a_transposed_patch_grid_are_refused(tmp_path):
     """An open_clip ViT's position embeddings are one per patch of its image_size // patch_size grid: a
     rectangular image_size transposed ([16, 32] against [32, 16], the same patch) holds tensors of the same

@@ -2076,6 +2076,27 @@ def test_an_open_clip_model_built_with_other_block_options_takes_its_own_checkpo
                              configs=[_open_clip_config({"model_cfg": model_cfg})])
 
 
+def test_an_open_clip_model_in_memory_takes_its_own_checkpoint_config_of_any_tokenizer():
+    """No module of an open_clip model holds its tokenizer (hf_tokenizer_name, tokenizer_mode, tokenizer_kwargs,
+    a HF text tower's context_length): a model in memory is not read for them, and its own checkpoint's config
+    naming a tokenizer is its expert's, not refused as tokenizing its texts otherwise than open_clip's default."""
+    from open_clip.model import CLIP
+
+    from epmq.merge_checkpoint import _check_architectures, _open_clip_config
+    from epmq.walker import _config_of
+
+    model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 1, "width": 32, "head_width": 8, "patch_size": 8,
+                                                 "image_size": 16},
+                 "text_cfg": {"width": 32, "heads": 4, "layers": 1, "vocab_size": 64, "context_length": 8}}
+    tokenizer = {"hf_tokenizer_name": "timm/ViT-B-16-SigLIP", "tokenizer_mode": "clips",
+                 "tokenizer_kwargs": {"clean": "canonicalize"}}
+    saved = {**model_cfg, "text_cfg": {**model_cfg["text_cfg"], **tokenizer}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_architectures(None, [None], ["own"], reference=_config_of(CLIP(**model_cfg)),
+                             configs=[_open_clip_config({"model_cfg": saved})])
+
+
 @pytest.mark.parametrize("late", [KeyboardInterrupt, RuntimeError])
 def test_an_error_after_a_refusal_the_model_caught_is_raised_as_itself(late):
     """The guard of placeholders raises the refusal of a use in place of the TorchScript interpreter's
