@@ -3139,11 +3139,9 @@ def test_open_clip_checkpoints_on_timm_image_towers_built_otherwise_are_refused(
     from epmq.merge_checkpoint import _check_architectures
 
     def save(name, **vision):
-        (tmp_path / name).mkdir()
-        model_cfg = {"embed_dim": 16, "vision_cfg": {"timm_model_name": "vit_base_patch16_siglip_224", **vision},
-                     "text_cfg": {"width": 32, "heads": 4, "layers": 2}}
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        return tmp_path / name
+        return _open_clip_checkpoint(tmp_path / name,
+                                     vision_cfg={"timm_model_name": "vit_base_patch16_siglip_224", **vision},
+                                     text_cfg={"width": 32, "heads": 4, "layers": 2})
 
     base = save("base")
     with pytest.raises(ValueError, match=r"model \S*map reads its weights as \{'vision_cfg.timm_pool': 'map'\}, the "
@@ -3165,12 +3163,9 @@ def test_open_clip_coca_checkpoints_whose_decoders_read_the_weights_otherwise_ar
     from epmq.merge_checkpoint import _check_architectures
 
     def save(name, **multimodal):
-        (tmp_path / name).mkdir()
-        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8},
-                     "text_cfg": {"width": 32, "heads": 4, "layers": 2},
-                     "multimodal_cfg": {"width": 32, "layers": 2, **multimodal}}
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        return tmp_path / name
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
+                                     text_cfg={"width": 32, "heads": 4, "layers": 2},
+                                     multimodal_cfg={"width": 32, "layers": 2, **multimodal})
 
     base = save("base", heads=4)
     with pytest.raises(ValueError, match=r"model \S*other reads its weights as \{'multimodal_cfg.heads': 2\}, the "
@@ -3192,11 +3187,8 @@ def test_open_clip_timm_model_names_from_timm_s_hub_are_compared_by_their_archit
     from epmq.merge_checkpoint import _check_architectures
 
     def save(name, timm_model_name):
-        (tmp_path / name).mkdir()
-        model_cfg = {"embed_dim": 16, "vision_cfg": {"timm_model_name": timm_model_name},
-                     "text_cfg": {"width": 32, "heads": 4, "layers": 2}}
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        return tmp_path / name
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"timm_model_name": timm_model_name},
+                                     text_cfg={"width": 32, "heads": 4, "layers": 2})
 
     base = save("base", "vit_base_patch16_siglip_224")
     with warnings.catch_warnings():
@@ -3219,11 +3211,9 @@ def test_open_clip_checkpoints_attending_otherwise_are_refused(tmp_path):
     from epmq.merge_checkpoint import _check_architectures
 
     def save(name, vision=(), text=(), **towers):
-        (tmp_path / name).mkdir()
-        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, **dict(vision)},
-                     "text_cfg": {"width": 32, "heads": 4, "layers": 2, **dict(text)}, **towers}
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        return tmp_path / name
+        return _open_clip_checkpoint(tmp_path / name,
+                                     vision_cfg={"layers": 2, "width": 32, "head_width": 8, **dict(vision)},
+                                     text_cfg={"width": 32, "heads": 4, "layers": 2, **dict(text)}, **towers)
 
     base = save("base", vision={"attentional_pool": True, "attn_pooler_heads": 4})
     with pytest.raises(ValueError, match=r"\{'text_cfg.no_causal_mask': True\}, the base as "
@@ -3254,12 +3244,9 @@ def test_open_clip_checkpoints_of_another_gelu_or_norm_epsilon_are_refused_or_wa
     from epmq.merge_checkpoint import _check_architectures
 
     def save(name, **text):
-        (tmp_path / name).mkdir()
-        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8},
-                     "text_cfg": {"width": 32, "heads": 4, "layers": 2, **text},
-                     "multimodal_cfg": {"width": 32, "heads": 4, "layers": 2, **text}}
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        return tmp_path / name
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
+                                     text_cfg={"width": 32, "heads": 4, "layers": 2, **text},
+                                     multimodal_cfg={"width": 32, "heads": 4, "layers": 2, **text})
 
     base = save("base")
     with pytest.raises(ValueError, match=r"model \S*tanh reads its weights as \{'text_cfg.act_kwargs': "
@@ -3281,11 +3268,8 @@ def test_open_clip_resnet_image_towers_are_not_compared_by_gelu_or_norm_kwargs(t
     from epmq.merge_checkpoint import _check_architectures
 
     def save(name, **vision):
-        (tmp_path / name).mkdir()
-        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": [1, 1, 1, 1], "width": 8, **vision},
-                     "text_cfg": {"width": 32, "heads": 4, "layers": 2}}
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        return tmp_path / name
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": [1, 1, 1, 1], "width": 8, **vision},
+                                     text_cfg={"width": 32, "heads": 4, "layers": 2})
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -3300,11 +3284,9 @@ def test_open_clip_hf_text_towers_are_not_compared_by_fields_they_do_not_read(tm
     from epmq.merge_checkpoint import _check_architectures
 
     def save(name, **text):
-        (tmp_path / name).mkdir()
-        model_cfg = {"embed_dim": 16, "custom_text": True, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8},
-                     "text_cfg": {"hf_model_name": "roberta-base", "hf_pooler_type": "mean_pooler", **text}}
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        return tmp_path / name
+        text_cfg = {"hf_model_name": "roberta-base", "hf_pooler_type": "mean_pooler", **text}
+        return _open_clip_checkpoint(tmp_path / name, custom_text=True,
+                                     vision_cfg={"layers": 2, "width": 32, "head_width": 8}, text_cfg=text_cfg)
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -3346,11 +3328,9 @@ def test_open_clip_checkpoints_pooling_other_tokens_are_refused(tmp_path):
     last, a string attentional_pool pools none; a CLIP keeps no class token, and timm's and HF's towers pool
     by their own fields."""
     def save(name, vision=(), text=(), **top):
-        (tmp_path / name).mkdir()
-        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, **dict(vision)},
-                     "text_cfg": {"width": 32, "heads": 4, "layers": 2, **dict(text)}, **top}
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        return tmp_path / name
+        return _open_clip_checkpoint(tmp_path / name,
+                                     vision_cfg={"layers": 2, "width": 32, "head_width": 8, **dict(vision)},
+                                     text_cfg={"width": 32, "heads": 4, "layers": 2, **dict(text)}, **top)
 
     base = save("base")
     with pytest.raises(ValueError, match=r"\{'text_cfg.pool_type': 'last'\}, the base as "
@@ -3398,11 +3378,8 @@ def test_open_clip_checkpoints_on_hf_text_towers_built_otherwise_are_refused(tmp
     legacy names) as its repository's."""
 
     def save(name, **text):
-        (tmp_path / name).mkdir()
-        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8},
-                     "text_cfg": {"hf_model_name": "xlm-roberta-base", **text}, "custom_text": True}
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        return tmp_path / name
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
+                                     text_cfg={"hf_model_name": "xlm-roberta-base", **text}, custom_text=True)
 
     base = save("base")
     with pytest.raises(ValueError, match=r"\{'text_cfg.hf_pooler_type': 'cls_pooler'\}, the base as "
@@ -3528,11 +3505,8 @@ def test_open_clip_timm_model_names_of_a_local_directory_here_are_compared_by_it
     from epmq.merge_checkpoint import _check_architectures
 
     def save(name, timm_model_name):
-        (tmp_path / name).mkdir()
-        model_cfg = {"embed_dim": 16, "vision_cfg": {"timm_model_name": timm_model_name},
-                     "text_cfg": {"width": 32, "heads": 4, "layers": 2}}
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        return tmp_path / name
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"timm_model_name": timm_model_name},
+                                     text_cfg={"width": 32, "heads": 4, "layers": 2})
 
     def local(name, config):
         (tmp_path / name).mkdir()
@@ -3561,12 +3535,9 @@ def test_open_clip_timm_and_hf_towers_are_not_compared_by_transformer_sizes_they
     CLIPVisionCfg's, for open_clip's own transformer) build nothing, and two checkpoints giving others were
     refused as counting their layers or reading their weights otherwise."""
     def save(name, **sizes):
-        (tmp_path / name).mkdir()
-        model_cfg = {"embed_dim": 16, "custom_text": True,
-                     "vision_cfg": {"timm_model_name": "vit_base_patch16_siglip_224", **sizes},
-                     "text_cfg": {"hf_model_name": "xlm-roberta-base", **sizes}}
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        return tmp_path / name
+        return _open_clip_checkpoint(tmp_path / name, custom_text=True,
+                                     vision_cfg={"timm_model_name": "vit_base_patch16_siglip_224", **sizes},
+                                     text_cfg={"hf_model_name": "xlm-roberta-base", **sizes})
 
     _check_quietly(save("base", layers=12, heads=12, head_width=64), save("other", layers=24, heads=16, head_width=80))
 
@@ -3639,11 +3610,9 @@ def test_open_clip_towers_are_compared_by_block_options_they_read(tmp_path):
     may give; a timm image tower projects its features by its timm_proj and timm_proj_bias (adding weights or
     not), and a text tower appending a class token, built whole, masks the padding its pad_id says."""
     def save(name, vision=(), text=(), **top):
-        (tmp_path / name).mkdir()
-        model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, **dict(vision)},
-                     "text_cfg": {"width": 32, "heads": 4, "layers": 2, **dict(text)}, **top}
-        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
-        return tmp_path / name
+        return _open_clip_checkpoint(tmp_path / name,
+                                     vision_cfg={"layers": 2, "width": 32, "head_width": 8, **dict(vision)},
+                                     text_cfg={"width": 32, "heads": 4, "layers": 2, **dict(text)}, **top)
 
     resnet = {"layers": [1, 1, 1, 1], "width": 8}
     _check_quietly(save("resnet", resnet), save("resnet_qk", {**resnet, "qk_norm": True, "no_ln_pre": True}))
