@@ -20,6 +20,7 @@ import datetime
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -207,6 +208,7 @@ def _merge(args) -> int:
     from .mergekit_config import from_mergekit, is_mergekit
 
     config = _load_yaml(Path(args.config), MERGE_CONFIG)
+    notes = []
     if is_mergekit(config):
         # (its paths too: the translation below reads the models' config files)
         config = {k: _key_expanded(k, v) if k in MERGEKIT_PATH_KEYS else v for k, v in config.items()}
@@ -239,10 +241,15 @@ def _merge(args) -> int:
                                        "files_from")
                 if k in config}
         # (OUT is held by merge_checkpoints from before the models are read, as quantize_checkpoint holds it)
-        out = merge_checkpoints(config["method"], models, args.out, base=config.get("base"),
-                                params=config.get("params"), dtype=config.get("dtype"),
-                                max_shard_size=config.get("max_shard_size", "5GB"),
-                                device=args.device, progress=not args.quiet, **data)
+        with warnings.catch_warnings():
+            # (the translation read the models' tokenizers, and said how as notes: the merge reads them
+            # again, and said each a second time as a warning)
+            for note in notes:
+                warnings.filterwarnings("ignore", re.escape(str(note.message)) + r"\Z", note.category)
+            out = merge_checkpoints(config["method"], models, args.out, base=config.get("base"),
+                                    params=config.get("params"), dtype=config.get("dtype"),
+                                    max_shard_size=config.get("max_shard_size", "5GB"),
+                                    device=args.device, progress=not args.quiet, **data)
     except (ValueError, OSError) as e:  # (OSError: a disk that fills up, a directory not writable)
         raise CLIError(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") from e
     print(f"merged {len(models)} models with {config['method']} into {out} "

@@ -493,6 +493,27 @@ def test_a_mistyped_name_in_a_config_with_a_tokenizer_is_said_as_one(tmp_path, c
         assert "tokenizer_source" not in from_mergekit(dict(merged, base_model="ckpt/base", tokenizer_source=spelled))
 
 
+def test_a_tokenizer_read_as_saved_is_said_once_by_a_mergekit_merge(tmp_path, capsys, recwarn):
+    """A Qwen2 tokenizer saved as TokenizersBackend is read as saved, warned of (``checkpoint_tokenizer``):
+    the translation of tokenizer_source reads each model's, said as a note, and the merge read them
+    again, said a second time as a warning."""
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=False))
+    noise = torch.Generator().manual_seed(1)
+    for name in ("base", "e0", "e1"):
+        (model if name == "base" else perturb(model, noise, scale=0.05)).save_pretrained(tmp_path / name)
+        word_level_tokenizer(tmp_path / name, [f"t{i}" for i in range(8)])
+    config = dict(gta("task_arithmetic", base=str(tmp_path / "base")), tokenizer_source="union", dtype="float32",
+                  models=[{"model": str(tmp_path / f"e{k}"), "parameters": {"weight": 1.0}} for k in range(2)])
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(config))
+    assert main(["merge", str(tmp_path / "mk.yaml"), str(tmp_path / "out"), "--quiet"]) == 0
+    said = capsys.readouterr().err + "".join(f"{w.message}\n" for w in recwarn)
+    for name in ("base", "e0", "e1"):
+        assert said.count(f"AutoTokenizer loads the tokenizer of {tmp_path / name}, saved as") == 1, said
+
+
 def test_tokenizer_rows_of_a_text_encoder_and_decoder_model(tmp_path):
     """MusicGen's config holds a text encoder's config (T5's tokens in) and a decoder's (audio codes
     out): transformers' get_text_config() refuses to choose, and the tokenizer check ended in its
