@@ -2416,7 +2416,7 @@ def _check_read_before_changed(stack, task, called) -> None:
             f"{type(named[name]).__name__}), which a later block changes, and {how} as the later blocks left it; "
             f"the model called block {j} before they changed it, the walk calls each block again on its arguments "
             f"as all the blocks left them: have the blocks hand on what they change in a new object, or leave them "
-            f"out: layers=r'^(?!{re.escape(stack.prefix)}\\.)'")
+            f"out: {stack.left_out()}")
 
 
 def _same_output(first, again) -> bool:
