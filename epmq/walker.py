@@ -543,14 +543,19 @@ def _holds_tokens(cache) -> bool:
     """Whether a cache argument holds earlier tokens: a transformers ``Cache`` that has some (an empty
     one, or None, is what a first call gets), or a legacy one holding a token: the tuple of per-layer
     key and value tensors, or one layer's ``(key, value)`` (what GPT-J's, Bloom's and ChatGLM's models
-    hand each block, which went unseen). Keys and values have 3 dims or more ([batch, heads, tokens, head
-    dim], Bloom's [batch x heads, ...]): a tuple holding a tensor of fewer is no cache."""
+    hand each block, which went unseen), its tensors keys and values of 3 dims or more ([batch, heads,
+    tokens, head dim], Bloom's [batch x heads, ...]): ``_cache_shaped``."""
     if callable(getattr(cache, "get_seq_length", None)):
         return cache.get_seq_length() > 0
-    if not isinstance(cache, (tuple, list)):
-        return False
-    tensors = [t for t in tree_flatten(cache)[0] if isinstance(t, torch.Tensor)]
-    return all(t.dim() >= 3 for t in tensors) and any(t.numel() for t in tensors)
+    return _cache_shaped(cache) and any(isinstance(t, torch.Tensor) and t.numel() for t in tree_flatten(cache)[0])
+
+
+def _cache_shaped(value) -> bool:
+    """Whether a list or tuple (however nested) holds tensors as a cache does, none of fewer than 3 dims:
+    keys and values, a recurrent state (RWKV's [batch, hidden, layers], xLSTM's). One holding a tensor of
+    fewer is the block's own input under a cache's name (a modulation's (scale, shift))."""
+    return isinstance(value, (tuple, list)) and all(t.dim() >= 3 for t in tree_flatten(value)[0]
+                                                    if isinstance(t, torch.Tensor))
 
 
 def _config_of(module) -> Optional[dict]:
@@ -2128,9 +2133,10 @@ def _bind(block, args, kwargs):
 
 def _caches_in(named, signature) -> list:
     """The names of a block call's arguments that carry a generation cache (``_CACHE_KWARGS``), which
-    the walk calls the block without: a transformers Cache or another object, a list or tuple (a legacy
-    cache of per-layer keys and values); ``state`` only where it is a list or tuple of tensors, the
-    recurrent state RWKV's and xLSTM's models hand their blocks. Not a lone tensor, nor the value of a
+    the walk calls the block without: a transformers Cache or another object, a list or tuple shaped as
+    a cache (a legacy cache of keys and values: ``_cache_shaped``; a (scale, shift) under such a name went
+    to every call of the walk as None, without a word); ``state`` only where it is a list or tuple of
+    tensors, the recurrent state RWKV's and xLSTM's models hand their blocks. Not a lone tensor, nor the value of a
     parameter of ``signature`` (the block's forward) without a default, whatever its name: a cache is
     optional, None by default (every transformers block's is; calibration's rule for a model's inputs),
     and such an argument is the block's own input, which went to every call of the walk as None (a bare
@@ -2138,7 +2144,9 @@ def _caches_in(named, signature) -> list:
     required = {p.name for p in signature.parameters.values()
                 if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return [key for key in _CACHE_KWARGS if key in named and key not in required
-            and not isinstance(named[key], torch.Tensor) and (key != "state" or _recurrent_state(named[key]))]
+            and not isinstance(named[key], torch.Tensor)
+            and (not isinstance(named[key], (list, tuple)) or _cache_shaped(named[key]))
+            and (key != "state" or _recurrent_state(named[key]))]
 
 
 def _recurrent_state(value) -> bool:
@@ -2161,15 +2169,42 @@ def _refuse_filled_cache(stack, block, args, kwargs) -> None:
     for key in _caches_in(bound, signature):
         cache = bound[key]
         # (_caches_in's state, RWKV's recurrent one, is a list of tensors whether it holds tokens or not)
+        if key == "state" and not _starts_afresh(stack, block, args, kwargs, cache):
+            raise ValueError(
+                f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are handed a state (a {type(cache).__name__} "
+                f"of tensors) that block 0 returns other hidden states without: the walk calls the blocks without "
+                f"a recurrent state (RWKV's, which they write their tokens into), and cannot replay one that holds "
+                f"earlier tokens: give whole sequences without one; an input of the blocks' that is no recurrent "
+                f"state goes under another name")
         if key != "state" and _holds_tokens(cache):
-            held = (f" of {cache.get_seq_length()} tokens" if callable(getattr(cache, "get_seq_length", None))
-                    else "")
+            legacy = not callable(getattr(cache, "get_seq_length", None))
+            held = (f" (a {type(cache).__name__} of keys and values)" if legacy
+                    else f" of {cache.get_seq_length()} tokens")
             raise ValueError(
                 f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are handed a {key}{held} that the model "
                 f"filled before them (PI05's action expert attends to the KV cache its VLM filled with the prefix): "
                 f"the walk calls each block without a cache and cannot replay it, so their inputs would not be "
                 f"those of the model; leave them out (walk the other towers: the default walk, adapter= without "
-                f"the one taking them, or layers=), and they stay in full precision")
+                f"the one taking them, or layers=), and they stay in full precision"
+                + (f"; an input of the blocks' that is no cache goes under another name than {key}" if legacy else ""))
+
+
+def _starts_afresh(stack, block, args, kwargs, state) -> bool:
+    """Whether ``block`` called with ``args`` and ``kwargs`` returns the same hidden states handed a copy of
+    the recurrent ``state`` as without one (what the walk calls it with): a state as a model makes it for a
+    first call (RWKV's zeros), not one holding earlier tokens nor an input of the block's under that name.
+    (A copy: the block writes its tokens into it.)"""
+    hidden, named = _bind(block, args, kwargs)
+    leaves, spec = tree_flatten(state)
+    try:
+        without = block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden, **named)
+        given = block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden,
+                      **dict(named, state=tree_unflatten([t.clone() for t in leaves], spec)))
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:  # (the walk's own calls of the block say what fails)
+        return True
+    return _same_output(stack.adapter.hidden_of(without), stack.adapter.hidden_of(given))
 
 
 def _check_hidden(stack, hidden):

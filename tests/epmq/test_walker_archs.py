@@ -854,6 +854,33 @@ def test_rwkv_layers_rescaled_for_inference_are_packed_as_they_run(method, targe
     assert not [w for w in said if "is dropped" in str(w.message)]
 
 
+def test_an_rwkv_handed_its_state_of_earlier_tokens_is_refused(gen, monkeypatch):
+    """RWKV hands its blocks its recurrent state (a list of 5 tensors), which the walk calls them without:
+    a fresh one (a first call's zeros) changes nothing, but one of earlier tokens given with calibration
+    items (a generation's next tokens) was dropped as well, the blocks solved on inputs the model never
+    gives them, without a word. Refused, naming the state, the model untouched; without it (the model's
+    own fresh state) walked on a plain forward's inputs."""
+    from test_walker_models import hooked_inputs, walked_inputs
+
+    model = _rwkv(0).eval()
+    ids = [torch.randint(0, VOCAB, (1, 8), generator=gen) for _ in range(2)]
+    with torch.no_grad():
+        state = model(ids[0][:, :4], use_cache=True).state
+    items = [{"input_ids": i[:, 4:], "state": [s.clone() for s in state]} for i in ids]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"the blocks at 'rwkv\.blocks' \(auto\) are handed a state \(a list of "
+                                         r"tensors\) that block 0 returns other hidden states without"):
+        epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": items}, backend="torch", progress=False)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    target = "rwkv.blocks.0.attention.key"
+    hand = hooked_inputs(model, target, [{"input_ids": i} for i in ids])
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": [{"input_ids": i} for i in ids]},
+                        backend="torch", progress=False, layers=lambda name: name == target)
+    assert_same_statistics(seen, hand)
+
+
 def test_a_checkpoint_of_a_rescaled_rwkv_holds_its_weights_as_transformers_loads_them(gen, tmp_path):
     """RWKV's checkpoints hold its weights undivided: transformers' loader (a serving engine's)
     leaves layers_are_rescaled False and divides them on the first forward in eval mode. epmq

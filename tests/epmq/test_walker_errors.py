@@ -1291,8 +1291,8 @@ def test_one_layers_legacy_keys_and_values_of_earlier_tokens_are_named(adapter, 
                    epmq.Adapter("past", block_types=(PastReading,)))
     model = PastNet()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"the blocks at 'layers' \(\w+\) are handed a layer_past that the model "
-                                         r"filled before them"):
+    with pytest.raises(ValueError, match=r"the blocks at 'layers' \(\w+\) are handed a layer_past \(a tuple of "
+                                         r"keys and values\) that the model filled before them"):
         epmq.quantize_model(model, SPEC, calibration={"a": items}, **options)
     assert_untouched(model, before)
     model = PastNet(given=True)
@@ -2295,16 +2295,21 @@ class OptionalLayerPast(Modulated):
         return self.modulated(x, layer_past)
 
 
-class ModulatedNet(Net):
-    """Its blocks handed one scale of 3 (and a shift of 1, as a tuple) under the name ``by``."""
+class OptionalState(Modulated):
+    def forward(self, x, state=None):
+        return self.modulated(x, state)
 
-    def __init__(self, block_type, by, as_tuple):
+
+class ModulatedNet(Net):
+    """Its blocks handed one scale of 3 (and a shift of 1, as a tuple) under the name ``by``, of ``shape``."""
+
+    def __init__(self, block_type, by, as_tuple, shape=(16,)):
         super().__init__(block_type)
-        self.by, self.as_tuple = by, as_tuple
+        self.by, self.as_tuple, self.shape = by, as_tuple, shape
 
     def forward(self, x):
-        scale = torch.full((16,), 3.0)
-        modulation = (scale, torch.ones(16)) if self.as_tuple else scale
+        scale = torch.full(self.shape, 3.0)
+        modulation = (scale, torch.ones(self.shape)) if self.as_tuple else scale
         for layer in self.layers:
             x = layer(x, **{self.by: modulation})
         return x
@@ -2313,13 +2318,17 @@ class ModulatedNet(Net):
 @pytest.mark.parametrize("adapter", ["registered", "auto"])
 @pytest.mark.parametrize("block_type, by, as_tuple", [(RequiredState, "state", True), (RequiredCache, "cache", True),
                                                       (OptionalKvCache, "kv_cache", False),
-                                                      (OptionalLayerPast, "layer_past", False)])
+                                                      (OptionalLayerPast, "layer_past", False),
+                                                      (OptionalState, "state", True),
+                                                      (OptionalKvCache, "kv_cache", True),
+                                                      (OptionalLayerPast, "layer_past", True)])
 def test_a_block_input_under_a_cache_s_name_is_walked_as_given(block_type, by, as_tuple, adapter, gen, monkeypatch):
     """A block argument under a cache's name (cache, kv_cache, layer_past; state as a tuple of tensors, as
     RWKV's) was dropped whatever it held: a tensor the block reads, or a tuple its forward requires, went
     to every call of the walk as None, and a block taking None for none was solved on x where the model
-    runs it on x * 3 (+ 1), without a word. A lone tensor, and the value of a parameter without a default
-    (a cache is optional, as every transformers block's is), are the block's input: walked as given."""
+    runs it on x * 3 (+ 1), without a word. A lone tensor, the value of a parameter without a default
+    (a cache is optional, as every transformers block's is), and a tuple holding a tensor of fewer than 3
+    dims (keys and values, RWKV's state, have more) are the block's input: walked as given."""
     from test_walker_models import assert_same_statistics, hooked_inputs, walked_inputs
 
     items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
@@ -2330,6 +2339,29 @@ def test_a_block_input_under_a_cache_s_name_is_walked_as_given(block_type, by, a
                         adapter=epmq.adapters.AUTO if adapter == "auto" else
                         epmq.Adapter("modulated", block_types=(block_type,)), layers=lambda name: name == "layers.0.fc")
     assert_same_statistics(seen, hand)
+
+
+@pytest.mark.parametrize("adapter", ["registered", "auto"])
+@pytest.mark.parametrize("block_type, by, said", [
+    (OptionalState, "state", r"are handed a state \(a tuple of tensors\) that block 0 returns other hidden states "
+                             r"without: .*an input of the blocks' that is no recurrent state goes under another name"),
+    (OptionalKvCache, "kv_cache", r"are handed a kv_cache \(a tuple of keys and values\) that the model filled "
+                                  r"before them .*an input of the blocks' that is no cache goes under another name "
+                                  r"than kv_cache")])
+def test_a_block_input_under_a_cache_s_name_shaped_as_a_cache_is_refused(block_type, by, said, adapter, gen):
+    """A (scale, shift) of [1, 1, 16] under a cache's name, to a parameter of default None, is shaped as a
+    layer's keys and values or a recurrent state (RWKV's): dropped, and the block taking None for none was
+    solved on x where the model runs it on x * 3 + 1, without a word. Not to be told from a cache by its
+    shape, it is refused: a state, that the block returns other hidden states without; keys and values,
+    that they hold tokens. The model as it was."""
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    model = ModulatedNet(block_type, by, as_tuple=True, shape=(1, 1, 16))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"the blocks at 'layers' \(\w+\) " + said):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                            adapter=epmq.adapters.AUTO if adapter == "auto" else
+                            epmq.Adapter("modulated", block_types=(block_type,)))
+    assert_untouched(model, before)
 
 
 def _refused_then_walked_fresh(net_type, nest, gen, monkeypatch, said: str) -> None:
