@@ -28,6 +28,7 @@ from torch import nn
 
 from .._util import loading_bars, read_json_file
 from ..checkpoint_io import CheckpointReader, bind, key_renaming, tie_order
+from ..vocabulary import checkpoint_tokenizer
 from .checkpoints import load_into
 from .config import BenchConfig, BenchConfigError, check_has_vocabulary
 from .vision import ImagePrep, ZeroShotImageBench, prep_from_processor_config
@@ -136,12 +137,10 @@ class HFClipBench(ZeroShotImageBench):
         """The base's tokenizer, or model.tokenizer's, loaded once (the class names are read with it
         as the data is opened)."""
         if self._loaded_tokenizer is None:
-            from transformers import AutoTokenizer
-
             tok_source = self.config.model.tokenizer
             tok_dir = self.base_dir if tok_source is None else self._resolve(tok_source, "model.tokenizer", "tokenizer")
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+            try:  # (as saved: see checkpoint_tokenizer)
+                tokenizer = checkpoint_tokenizer(tok_dir)
             except Exception as e:
                 raise BenchConfigError(f"cannot load the tokenizer from {tok_dir}: {e}") from e
             self._loaded_tokenizer = check_has_vocabulary(tokenizer, tok_dir)

@@ -1056,3 +1056,27 @@ def test_class_names_are_read_as_the_models_tokenizer_reads_them(tiny, tmp_path)
     assert bench.data["alpha"].classnames == ["Cat", "cat", "dog"]
     heads = bench.heads["alpha"]
     assert not torch.allclose(heads[0], heads[1])
+
+
+def test_a_tokenizer_saved_from_its_file_is_read_as_saved(tiny, tmp_path):
+    """model.tokenizer saved as TokenizersBackend beside a Qwen2 config: transformers 5's AutoTokenizer
+    loads it as Qwen2Tokenizer, which reads the word-level tokenizer.json as byte-level BPE and drops
+    the space of "Cat ."; the class names' prompts were read so (the text bench reads it as saved)."""
+    import warnings
+
+    import transformers
+
+    root, config = tiny
+    named = json.loads(json.dumps(config))
+    save_cased_letters_tokenizer(tmp_path / "cased")
+    transformers.Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1).save_pretrained(tmp_path / "cased")
+    named["model"]["tokenizer"] = str(tmp_path / "cased")
+    named["tasks"][0]["templates"] = ["{} ."]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        bench = build_bench(named, base_dir=root, progress=False)
+        read = bench.read_class_names(["Cat ."])
+    saved = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path / "cased")
+    assert read == [tuple(saved("Cat .")["input_ids"])]
+    assert any("as Qwen2Tokenizer: a BPE model for its WordLevel; it is read as saved" in str(w.message) for w in said)
