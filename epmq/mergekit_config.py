@@ -49,10 +49,10 @@ SLERP's ``t`` may be what mergekit's best-known configs give it: a gradient over
 (``[0, 0.5, 0.3, 0.7, 1]``, interpolated linearly at layer ``i`` of ``N`` as ``i / (N - 1)``)
 and per-tensor filters (``[{filter: self_attn, value: ...}, {filter: mlp, value: ...}, {value:
 0.5}]``: the first whose filter is in the tensor's name), as mergekit evaluates them: a tensor's
-layer is the first number in its name, and tensors outside the layers (embeddings, final norm,
-head) take the value at 0. ``N`` is the count the base model's ``config.json`` states, and
-``slices:`` is read where it is the whole model: one slice whose every source spans layers 0 to
-``N``.
+layer is the number after its block list (``layers.3``, ``h.3``, ``block.3``, ...), and tensors
+outside the layers (embeddings, final norm, head) take the value at 0. ``N`` is the count the
+base model's ``config.json`` states, and ``slices:`` is read where it is the whole model: one
+slice whose every source spans layers 0 to ``N``.
 
 ``normalize: true`` on a method without a sign vote divides by the sum of the weights, which is
 ``weights`` divided by their sum. ``lambda`` defaults to 1 and ``density`` to 1, as mergekit's
@@ -231,13 +231,18 @@ def _value_at(value, x: float, where: str) -> float:
     return (1 - frac) * values[i0] + frac * values[i1]
 
 
-_LAYER = re.compile(r"\.(\d+)\.")
+# a tensor's layer: the number after the block list of transformers' (and mergekit's) layer names,
+# model.layers.{i}, transformer.h.{i}, encoder.layer.{i}, block.{i} (T5), blocks.{i}, resblocks.{i}; the
+# first such (T5's block.{i}.layer.{j}: j is a sublayer). The first number in the name only where none
+# is: in model.vision.0.layers.3 that is the tower's index, and layer 3 was read as layer 0.
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\.")
+_NUMBER = re.compile(r"\.(\d+)\.")
 
 
 class Schedule:
     """mergekit's value of a setting (a number, a gradient, filters) for each tensor name: a
-    tensor's layer is the first number in its name (layer ``i`` of ``num_layers`` sits at ``i /
-    (N - 1)`` of a gradient); tensors outside the layers are read at 0. Its repr is the setting
+    tensor's layer is the number after its block list (``_LAYER``; layer ``i`` of ``num_layers`` sits
+    at ``i / (N - 1)`` of a gradient); tensors outside the layers are read at 0. Its repr is the setting
     (what the merge recipe records)."""
 
     def __init__(self, setting, num_layers: int, where: str = "parameters.t"):
@@ -250,7 +255,7 @@ class Schedule:
     def __call__(self, name: str) -> float:
         for part, value in self.conditions:
             if part is None or part == "*" or part in name:
-                found = _LAYER.search(name)
+                found = _LAYER.search(name) or _NUMBER.search(name)
                 if found is None:
                     x = 0.0
                 else:

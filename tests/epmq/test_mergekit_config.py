@@ -337,6 +337,11 @@ def test_slerp_gradients_filters_and_whole_model_slices():
     four = Schedule([0.0, 0.3, 0.6, 0.9, 1.2], 4)
     assert four("model.layers.1.mlp.up_proj.weight") == pytest.approx(0.3 + 0.3 / 3)
     assert four("model.norm.weight") == 0.0
+    # a layer is the number after its block list, not the first in the name (a tower's, a sublayer's)
+    for name, layer in [("model.vision.0.layers.3.mlp.fc1.weight", 3), ("model.towers.1.h.2.attn.weight", 2),
+                        ("encoder.block.2.layer.1.DenseReluDense.wi.weight", 2), ("layers.2.mixer.in_proj.weight", 2),
+                        ("model.layers.1.block_sparse_moe.experts.3.w1.weight", 1)]:
+        assert four(name) == pytest.approx([0.0, 0.4, 0.8, 1.2][layer]), name
     with pytest.raises(ValueError, match="no filter matches tensor model.layers.0.input_layernorm.weight"):
         Schedule([{"filter": "mlp", "value": 0.3}], 4)("model.layers.0.input_layernorm.weight")
     with pytest.raises(ValueError, match="tensor model.layers.4.mlp.up_proj.weight is in layer 4, past the 4"):
