@@ -582,6 +582,8 @@ class CheckpointReader:
                     return known
                 # (a dtype the table does not name, e.g. one newer safetensors writes: the tensor
                 # says, read; a KeyError of its header's code refused a checkpoint torch reads)
+            elif isinstance(handle, dict):  # (tensors in memory, a module's or a state dict: no read)
+                return handle[key].dtype
             return _read_tensor(handle, key).dtype
 
     def quantized_with_scales(self, key: str, dtype: Optional[torch.dtype] = None) -> Optional[str]:
