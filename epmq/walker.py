@@ -60,10 +60,13 @@ what makes a Llama block's q/k/v and gate/up cost one Hessian each; results are 
 **Experts** are read lazily (``epmq.experts``): the walk holds the tensors of one group of one
 expert at a time (expert_path: one block of one expert, plus that expert's non-block tensors
 while its stream enters a stack), never K models. On the merged and fp paths each expert
-weight is read exactly once; the expert path re-reads an expert's block once per group
-(groups must be the outer loop, and holding K expert blocks would cost K times the memory),
-each pass before the last group's as far as it runs (``LAZY_EXPERT_BLOCKS``: a Llama block's
-MLP read twice, its down_proj once); the block of a single expert is read once.
+weight is read exactly once; on the expert path the first group's pass of each item runs the
+expert's block to its end, keeping the later groups' target inputs
+(``EXPERT_TARGET_INPUTS_KEPT_BYTES``), and each later group reads its own weights of the expert
+again (groups must be the outer loop, and holding K expert blocks would cost K times the
+memory); items past that budget run the block again for each group, each pass before the last
+group's as far as it runs (``LAZY_EXPERT_BLOCKS``: a Llama block's MLP read twice, its down_proj
+once); the block of a single expert is read once.
 There, E-PMQ reads them ahead of the walk in a background thread (``epmq.read_ahead``; into
 pinned memory for a GPU), in the order the block's groups will take them, up to
 ``EXPERT_READ_AHEAD_BYTES`` held at once: the file reads and the copies' staging overlap the
@@ -79,6 +82,7 @@ from the next (``epmq.resume``; bit-identical to an uninterrupted walk).
 from __future__ import annotations
 
 import ast
+import bisect
 import contextlib
 import copy
 import dataclasses
@@ -149,6 +153,12 @@ EXPERT_STATISTICS_BYTES = 8 << 30
 # module as the pass calls them (``_Walk._expert_block``), not the whole block. Off only to compare
 # against (the results are the same).
 LAZY_EXPERT_BLOCKS = True
+# Bytes of the expert path's target inputs kept on the walk's device for a block's later groups:
+# its first group's pass of each item runs the expert's block to its end, keeping every linear's
+# input, and the later groups take them instead of running it again, each as far as its own
+# linears (a Llama block's four groups: 1.8 passes an item, 1). Items past it (the one that crosses
+# it kept) are run again for each group. Results do not depend on it.
+EXPERT_TARGET_INPUTS_KEPT_BYTES = 1 << 30
 
 
 # --------------------------------------------------------------------------- report
@@ -3506,14 +3516,14 @@ class _Walk:
                     self._hold_unread(name, tensor)
                     raise
 
-    def _capture_target(self, target, *args):
+    def _capture_target(self, target, *args, **kwargs):
         """``_capture`` of the target block; one lazily read that fails with tensors unread (a block
         that uses a module's tensors before calling it: nn.MultiheadAttention's out_proj, or an
         expert tensor the walk refuses, whose read fails again here) is read whole and run again,
         and the rest of the walk reads expert blocks whole."""
         try:
             with self._placeholders if self._placeholders.held else nullcontext():
-                return self._capture(target, *args)
+                return self._capture(target, *args, **kwargs)
         except torch.OutOfMemoryError:
             raise
         except Exception:
@@ -3521,7 +3531,7 @@ class _Walk:
                 raise
         self._lazily = False
         self._read_unread(self._placeholders.held_as(_Unread))
-        return self._capture(target, *args)
+        return self._capture(target, *args, **kwargs)
 
     # ----------------------------------------------------------------- stack entry
 
@@ -3946,9 +3956,14 @@ class _Walk:
                 self.probed = None
             groups = self._chunked(block, prefix, groups, leader, stack.loops)
             self._plan_reads(prefix, groups)
+            t_out = {} if self.t is not None and groups else None
+            # (the expert path's targets do not change as the groups are solved: their inputs, taken
+            # by the first group's passes to the block's end, EXPERT_TARGET_INPUTS_KEPT_BYTES)
+            keep = self.targets == "expert_path" and stack.loops == 1 and len(groups) > 1
+            kept = {}  # (task, item) -> the later groups' linears -> their target inputs
             for g, group in enumerate(groups):
-                last = g == len(groups) - 1
-                t_out = self._solve_group(stack, block, template, prefix, group, leader, full_target=last)
+                self._solve_group(stack, block, template, prefix, group, leader, t_out, kept,
+                                  full_target=g == len(groups) - 1, later=groups[1:] if keep and g == 0 else None)
             if self.log is not None:
                 digest = self._block_digest(own, prefix, stack.chosen[i], self._reads)
                 self._previous = digest
@@ -4168,14 +4183,17 @@ class _Walk:
             sizes.append(source.dtype(key.fused if self._fused_in(source, key) else key).itemsize)
         return max(sizes)
 
-    def _capture(self, block, hidden, kwargs, rels, full, leader, mask=None, taken=None):
+    def _capture(self, block, hidden, kwargs, rels, full, leader, mask=None, taken=None, cuts=None):
         """Run ``block``; the inputs of the linears ``rels`` (tokens x features), and its output
         when ``full`` (otherwise the pass stops once every one of them has been called). A linear
         that shares its leader's input gets the leader's tensor (checked to be the same).
         ``mask``: the positions that are tokens (``Adapter.token_mask`` with their indices:
         ``_token_positions``), for inputs of that ``[B, L]`` shape. ``taken``: each linear's count
-        of captured calls, added to."""
+        of captured calls, added to. ``cuts``: groups of ``rels`` whose inputs one full pass takes,
+        each linear's calls up to where its group's own pass would have stopped."""
         calls = {rel: [] for rel in rels}  # (input, its version) of every call
+        at = {rel: [] for rel in rels}  # (each call's place among the pass's calls, for cuts)
+        called = itertools.count()
         inputs = {rel: [] for rel in rels}  # copies taken at the call (the block may write the
         # tensor in place afterwards)
         waiting = set(rels)
@@ -4184,6 +4202,7 @@ class _Walk:
             def fn(module, args, kw):
                 x = args[0] if args else kw["input"]
                 calls[rel].append((x, version(x)))
+                at[rel].append(next(called))
                 if leader[rel] == rel:
                     rows = _token_rows(x.detach(), mask)
                     same = rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
@@ -4204,6 +4223,14 @@ class _Walk:
         finally:
             for h in handles:
                 h.remove()
+        for group in cuts or ():
+            # (as the pass's own wait: a linear the probes did not call, 0, waits for a call)
+            needs = {rel: max(self.calls.get(rel, 1), 1) for rel in group}
+            if all(len(at[rel]) >= needs[rel] for rel in group):  # (else its pass ran to the end)
+                stop = max(at[rel][needs[rel] - 1] for rel in group)
+                for rel in group:
+                    k = bisect.bisect_right(at[rel], stop)
+                    calls[rel], inputs[rel] = calls[rel][:k], inputs[rel][:k]
         if taken is not None:
             for rel in rels:
                 taken[rel] = taken.get(rel, 0) + len(calls[rel])
@@ -4253,21 +4280,28 @@ class _Walk:
                          residual_precision=self.residual_precision, inputs_of=inputs_of,
                          side_stream=True)
 
-    def _solve_group(self, stack, block, template, prefix, group, leader, *, full_target):
-        """Statistics of the linears ``group`` over every task, then solve and swap them in.
-        Returns the target blocks' outputs when ``full_target`` (else None)."""
+    def _solve_group(self, stack, block, template, prefix, group, leader, t_out, kept, *, full_target, later=None):
+        """Statistics of the linears ``group`` over every task, then solve and swap them in. The
+        target blocks' outputs go into ``t_out`` (``(task, item) -> output``) where a pass runs
+        them to their end: ``full_target`` (the block's last group), or ``later``: the groups after
+        this one, whose target inputs its passes keep in ``kept`` (``(task, item) -> linear ->
+        input``) up to ``EXPERT_TARGET_INPUTS_KEPT_BYTES``; an item's kept there is not run again."""
         loops, adapter = stack.loops, stack.adapter
         linears = {rel: block.get_submodule(rel) for rel in group}
         stats = {}
         for rel in group:  # (a leader comes before the linears that share its input)
             stats[rel] = self._new_stats(linears[rel], None if leader[rel] == rel else stats[leader[rel]])
         n_tokens = dict.fromkeys(group, 0)
-        t_out = {} if (self.t is not None and full_target) else None
+        later_rels = [rel for rels in later or () for rel in rels]
+        held = 0  # (bytes of the target inputs kept)
         # LoRA experts of one base read its tensors once for the group (LoraExpert.low_rank)
         self._bases, self._base_prints = {}, {}
         for task, items in self.calibration.items():
-            # (a pass of a group before the last may stop before the block's end: read as far as it runs)
-            target = (self._target_block(template, prefix, task, lazily=not full_target)
+            # (a pass of a group before the last may stop before the block's end: read as far as it
+            # runs; none runs where every item's inputs were kept, which reads the group's weights)
+            whole = (later is not None and held < EXPERT_TARGET_INPUTS_KEPT_BYTES
+                     or full_target and any((task, n) not in kept for n in range(len(items))))
+            target = (self._target_block(template, prefix, task, lazily=not whole)
                       if self.t is not None else None)
             begun = set()  # a task begins at a linear with its first tokens there (MoE experts
             # may get none from a task)
@@ -4300,11 +4334,22 @@ class _Walk:
                         xs, output = self._capture(block, hidden, self.q.kwargs[task][n], group, again, leader,
                                                    self.q.masks[task][n], self._captured.setdefault((task, n), {}))
                     x_t = None
-                    if target is not None:
+                    mine = kept.get((task, n))
+                    if mine is not None:
+                        x_t = {rel: mine.pop(rel) for rel in group if rel in mine}
+                        if full_target:
+                            del kept[task, n]
+                    elif target is not None:
+                        keep = later is not None and held < EXPERT_TARGET_INPUTS_KEPT_BYTES
                         with _running(prefix, task, n, f"its target's pass (targets={self.targets!r})"):
-                            x_t, out = self._capture_target(target, t_hidden, self.t.kwargs[task][n], group,
-                                                            full_target or again, leader, self.t.masks[task][n])
-                        if t_out is not None and not again:
+                            x_t, out = self._capture_target(
+                                target, t_hidden, self.t.kwargs[task][n], group + later_rels if keep else group,
+                                full_target or again or keep, leader, self.t.masks[task][n],
+                                cuts=[group, *later] if keep else None)
+                        if keep:
+                            kept[task, n] = {rel: x_t.pop(rel) for rel in later_rels if rel in x_t}
+                            held += sum({id(x): x.nbytes for x in kept[task, n].values()}.values())
+                        if (full_target or keep) and not again:
                             t_out[task, n] = out
                             # (its input, read for the last time: held, every item's input and output
                             # were the stream twice over until the block's end hands the outputs on)
@@ -4372,7 +4417,6 @@ class _Walk:
             if empty:  # (left out of the layer's objective: they add nothing to it)
                 entry["tasks_with_zero_inputs"] = empty
             self.report.layers.append(entry)
-        return t_out
 
     def _solve(self, linear, stats, name, factors=None):
         # (the solver's refusals, a Hessian it cannot factor or scale, name no layer: this one's)

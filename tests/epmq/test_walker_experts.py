@@ -870,16 +870,19 @@ def test_an_expert_path_of_another_head_count_is_refused_by_quantize_model(tmp_p
                         experts={"a": str(tmp_path / "own")}, backend="torch", progress=False)
 
 
+@pytest.mark.parametrize("kept", [False, True])
 @pytest.mark.parametrize("reads_ahead", [False, True])
-def test_the_expert_path_reads_an_expert_block_as_far_as_each_group_runs_it(reads_ahead, gen, tmp_path,
+def test_the_expert_path_reads_an_expert_block_as_far_as_each_group_runs_it(reads_ahead, kept, gen, tmp_path,
                                                                                monkeypatch):
-    """The expert path runs each expert's block once per group of its linears, one expert block held
-    at a time, and read the whole block from its file each time: a Llama block's every tensor 4 times
+    """The expert path runs each expert's block once per group of its linears where the target
+    inputs are not kept (``kept``: EXPERT_TARGET_INPUTS_KEPT_BYTES), one expert block held at a
+    time, and read the whole block from its file each time: a Llama block's every tensor 4 times
     per expert, its MLP's (most of the bytes) too where the passes of the attention's groups stop
     before the MLP. A pass reads a module's tensors as it reaches it: down_proj once, the MLP's other
     tensors twice; the quantized model bit for bit the one of whole-block reads. A block whose
     forward reads a later module's weight before calling it (``reads_ahead``) is read whole, the same
-    model again."""
+    model again. Kept, the first group's pass reads the block whole and each later group its own
+    weights: 13 reads a block and expert where 26 and 36 were."""
     from collections import Counter
 
     import epmq.walker as walker
@@ -908,6 +911,8 @@ def test_the_expert_path_reads_an_expert_block_as_far_as_each_group_runs_it(read
         with monkeypatch.context() as m:
             m.setattr(walker, "LAZY_EXPERT_BLOCKS", lazily)
             m.setattr(checkpoint_io.CheckpointReader, "get", counted)
+            if not kept:
+                m.setattr(walker, "EXPERT_TARGET_INPUTS_KEPT_BYTES", 0)
             model = fam.merged()
             epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
                                 calibration=fam.calibration, experts=experts, backend="torch", progress=False)
@@ -917,7 +922,13 @@ def test_the_expert_path_reads_an_expert_block_as_far_as_each_group_runs_it(read
             if key.startswith("model.layers.1."):
                 per_tensor.setdefault(key.rpartition("layers.1.")[2], set()).add(n)
         assert len(per_tensor) == 9 and {n for (_, key), n in reads.items() if ".layers." not in key} == {1}
-        if lazily and not reads_ahead:
+        if lazily and kept:
+            assert per_tensor == {"input_layernorm.weight": {1}, "self_attn.q_proj.weight": {1},
+                                  "self_attn.k_proj.weight": {1}, "self_attn.v_proj.weight": {1},
+                                  "self_attn.o_proj.weight": {2}, "post_attention_layernorm.weight": {1},
+                                  "mlp.gate_proj.weight": {2}, "mlp.up_proj.weight": {2},
+                                  "mlp.down_proj.weight": {2}}
+        elif lazily and not reads_ahead:
             assert per_tensor == {"input_layernorm.weight": {4}, "self_attn.q_proj.weight": {4},
                                   "self_attn.k_proj.weight": {4}, "self_attn.v_proj.weight": {4},
                                   "self_attn.o_proj.weight": {3}, "post_attention_layernorm.weight": {2},
@@ -959,6 +970,115 @@ def test_the_expert_path_of_one_expert_reads_its_block_once(gen, tmp_path, monke
         models[lazily] = model.state_dict()
     for k, v in models[False].items():
         assert torch.equal(models[True][k], v), k
+
+
+def _expert_path_walk(model, blocks, calibration, experts, monkeypatch, kept_bytes, **options) -> tuple:
+    """A tiny E-PMQ expert-path walk of ``model`` with ``EXPERT_TARGET_INPUTS_KEPT_BYTES = kept_bytes``:
+    its state dict, each layer's statistics as solved (H_e, H_m, G_e and c_e), and the passes of
+    the expert blocks (calls of copies of ``blocks``, the model's: a hook of a block is copied with it)."""
+    import epmq.walker as walker
+
+    own = {id(b) for b in blocks}
+    passes = []
+    handles = [b.register_forward_pre_hook(lambda m, a: passes.append(1) if id(m) not in own else None)
+               for b in blocks]
+    solved = {}
+    finalize_ = epmq.stats.EPMQStats.finalize
+
+    def finalize(stats, join=True):
+        out = finalize_(stats, join)
+        solved[stats.task_names[0].partition(" at ")[2]] = (*out[:3], stats.c_e)
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(walker, "EXPERT_TARGET_INPUTS_KEPT_BYTES", kept_bytes)
+        m.setattr(epmq.stats.EPMQStats, "finalize", finalize)
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",
+                            calibration=calibration, experts=experts, backend="torch", progress=False, **options)
+    for h in handles:
+        h.remove()
+    return model.state_dict(), solved, len(passes)
+
+
+def _family_walk(fam, monkeypatch, kept_bytes) -> tuple:
+    model = fam.merged()
+    blocks = [b for _, tower in epmq.adapters.find_towers(model) for _, stack in tower for b in stack]
+    return _expert_path_walk(model, blocks, fam.calibration, fam.experts, monkeypatch, kept_bytes)
+
+
+def _assert_same_walks(walk, kept) -> None:
+    """Two ``_expert_path_walk``s' statistics and models bit for bit."""
+    (state, solved, _), (state_kept, solved_kept, _) = walk, kept
+    assert solved and solved_kept.keys() == solved.keys()
+    for layer, (H_e, H_m, G_e, c_e) in solved.items():
+        mine = solved_kept[layer]
+        assert torch.equal(mine[0], H_e) and torch.equal(mine[1], H_m) and torch.equal(mine[2], G_e), layer
+        assert mine[3] == c_e, layer
+    assert state_kept.keys() == state.keys() and all(torch.equal(state_kept[k], v) for k, v in state.items())
+
+
+def test_the_expert_path_runs_each_items_target_block_once(gen, monkeypatch):
+    """The expert path ran each expert's block once per group of its linears (each pass as far as
+    the group's linears: a Llama block's four groups, 1.8 block passes an item), though the target,
+    the expert's own block, does not change as the groups are solved: the first group's pass runs
+    it to its end, keeping every later group's inputs (EXPERT_TARGET_INPUTS_KEPT_BYTES), one pass
+    of an expert block per item and block; where they are not kept, one per group, as before."""
+    fam = Family("llama", gen)
+    items = sum(map(len, fam.calibration.values()))
+    blocks, groups = len(fam.merged().model.layers), 4  # (q/k/v, o, gate/up, down)
+    assert _family_walk(fam, monkeypatch, 1 << 30)[2] == blocks * items
+    assert _family_walk(fam, monkeypatch, 0)[2] == blocks * items * groups
+    # (the first item kept, crossing it; the others run for each group)
+    assert _family_walk(fam, monkeypatch, 1)[2] == blocks * (1 + (items - 1) * groups)
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5", "bert", "open_clip_clip"])
+def test_the_expert_paths_kept_target_inputs_give_the_statistics_of_a_pass_per_group(arch, gen, monkeypatch):
+    """The target inputs the first group's pass keeps for the later groups (T5's cross-attention
+    reading the encoder's states, open_clip's attention using out_proj's weight before calling it)
+    are those each group's own pass took: every layer's statistics bit for bit, and so the codes,
+    all items kept, some, or none."""
+    fam = Family(arch, gen)
+    walk = _family_walk(fam, monkeypatch, 0)
+    for kept_bytes in (1, 1 << 30):
+        _assert_same_walks(walk, _family_walk(fam, monkeypatch, kept_bytes))
+
+
+class _AgainOnPositive(torch.nn.Module):
+    """``a``, then ``b`` on its output, then ``a`` again on inputs of positive mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = x + self.a(x)
+        y = y + self.b(y)
+        return y + self.a(y) if bool(x.mean() > 0) else y
+
+
+def test_the_kept_target_inputs_of_a_linear_called_more_than_probed_stop_where_its_groups_pass_did(gen, monkeypatch):
+    """An item that calls ``a`` again after ``b`` (the probe, on each task's first item, saw one call):
+    ``a``'s group's own pass stopped at its first call, the pass run to the block's end takes both;
+    kept, ``a`` takes the calls its group's pass would have (else its targets' tokens are twice the
+    inputs'), the statistics bit for bit those of a pass per group."""
+    import copy
+
+    from test_walker_errors import Net
+
+    torch.manual_seed(0)
+    merged = Net(_AgainOnPositive)
+    expert = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in merged.state_dict().items()}
+    calibration = {"t": [torch.randn(4, 16, generator=gen) - 3, torch.randn(4, 16, generator=gen) + 3]}
+    walks = []
+    for kept_bytes in (0, 1 << 30):
+        model = copy.deepcopy(merged)
+        with warnings.catch_warnings():  # (a called twice on item 1, more than probed: said so)
+            warnings.simplefilter("ignore")
+            walks.append(_expert_path_walk(model, list(model.layers), calibration, {"t": expert}, monkeypatch,
+                                           kept_bytes, adapter=epmq.Adapter("again", block_types=(_AgainOnPositive,))))
+    _assert_same_walks(*walks)
+    assert walks[1][2] == 2 * 2  # (kept: a pass per item and block)
 
 
 def test_experts_with_heads_of_their_own_classes_are_walked_on_the_expert_path(gen):
@@ -1037,7 +1157,8 @@ def test_an_expert_block_read_as_each_pass_runs_it_gives_the_model_of_whole_read
     module is called: a block that used an unread tensor in an op that takes an empty one (torch.cat
     leaves a 1-D one out; a size-1 dimension broadcasts) would solve toward a silently wrong target.
     Experts saved as checkpoints, every quantized tensor the same bit for bit as with whole reads,
-    with fewer reads where the block runs each module it uses."""
+    with fewer reads where the block runs each module it uses. (The target inputs not kept: every
+    group's pass runs.)"""
     import copy
     from collections import Counter
 
@@ -1076,6 +1197,7 @@ def test_an_expert_block_read_as_each_pass_runs_it_gives_the_model_of_whole_read
         with monkeypatch.context() as m, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             m.setattr(walker, "LAZY_EXPERT_BLOCKS", lazily)
+            m.setattr(walker, "EXPERT_TARGET_INPUTS_KEPT_BYTES", 0)
             m.setattr(checkpoint_io.CheckpointReader, "get", counted)
             model = copy.deepcopy(base)
             epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets="expert_path",

@@ -337,8 +337,8 @@ def test_a_target_streams_inputs_are_let_go_as_its_outputs_are_made(targets, gen
     held = []  # per block: the other items' inputs alive as its last item's output is made
     capture = epmq.walker._Walk._capture
 
-    def spy(self, block, hidden, kwargs, rels, full, leader, mask=None, taken=None):
-        if full and not any(block is b for b in blocks):  # (the target block's last pass)
+    def spy(self, block, hidden, kwargs, rels, full, leader, mask=None, taken=None, cuts=None):
+        if full and not any(block is b for b in blocks):  # (the target block's pass to its end)
             if not state["left"]:
                 every = [h for items in self.t.hidden.values() for h in items]
                 state.update(refs=[weakref.ref(h) for h in every], left=len(every))
@@ -346,7 +346,7 @@ def test_a_target_streams_inputs_are_let_go_as_its_outputs_are_made(targets, gen
             if not state["left"]:
                 gc.collect()
                 held.append(sum(r() is not None and r() is not hidden for r in state["refs"]))
-        return capture(self, block, hidden, kwargs, rels, full, leader, mask, taken)
+        return capture(self, block, hidden, kwargs, rels, full, leader, mask, taken, cuts)
 
     monkeypatch.setattr(epmq.walker._Walk, "_capture", spy)
     epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets=targets,
