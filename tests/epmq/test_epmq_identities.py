@@ -246,15 +246,6 @@ def test_identity_2_large_weight_anchor_is_rtn(gen):
     assert (res.codes == ref.codes).float().mean() > 0.995
 
 
-def test_identity_3_single_expert_is_gptq_of_expert(gen):
-    W_m, W_k, H_k = draw(gen, K=1, n=400)
-    res = quant.epmq(W_m, W_k, H_k, SPEC, anchor=0.0, weight_anchor=0.0, percdamp=0.0)
-    ref = quant.gptq(W_k[0], H_k[0], SPEC, percdamp=0.0)
-    assert_target(res, H_k[0], W_m, W_k[0])
-    assert (res.codes == ref.codes).float().mean() > 0.995
-    assert_loss_is_gptqs_objective(res, SPEC, 1 / float(torch.trace(H_k[0].double())), H_k[0])
-
-
 # the grids the limits below must keep: act-order's (static and dynamic), symmetric, 2 and 8 bits,
 # and a group size that does not divide d_in = 48
 LIMIT_SPECS = [QuantSpec(bits=4, group_size=16, act_order=True),
@@ -283,16 +274,21 @@ def test_identity_2_large_anchor_keeps_act_order_and_the_grid(gen, spec):
 def test_identity_3_single_expert_with_an_anchor_is_gptq_of_the_blend(gen, spec, anchor):
     """K = 1, H_m = H_1 (the default), mu = 0: lam' = anchor a_1, so H = a_1 (1 + anchor) H_1 and
     W* = (W_1 + anchor W_m) / (1 + anchor): E-PMQ is GPTQ of that blend with H_1 (identity 3 at
-    anchor 0), in H_1's act-order, its loss (1 + anchor) a_1 times GPTQ's."""
+    anchor 0), in H_1's act-order, its loss (1 + anchor) a_1 times GPTQ's objective.
+
+    To float32's rounding: its target is the blend to within what float32 allows, and its codes
+    are those of GPTQ of that target with H_1 so scaled, bit for bit. (GPTQ of the blend rounded
+    to float32 is not: a target a few ulps away moves codes at rounding ties and the greedy path
+    after them, up to 9 of 1536 codes, EPMQ_TEST_SEED=200388 at 8 bits, 200761 at 3.)"""
     W_m, W_k, H_k = draw(gen, K=1, n=400)
     res = quant.epmq(W_m, W_k, H_k, spec, anchor=anchor, weight_anchor=0.0, percdamp=0.0)
     blend = (W_k[0].double() + anchor * W_m.double()) / (1 + anchor)
     assert_target(res, H_k[0], W_m, blend)
-    ref = quant.gptq(blend.float(), H_k[0], spec, percdamp=0.0)
+    a = 1 / float(torch.trace(H_k[0].double()))
+    ref = quant.gptq(res.target, (1 + anchor) * a * H_k[0].double(), spec, percdamp=0.0)
     if spec.act_order:
         assert torch.equal(res.perm, ref.perm)
-    assert (res.codes == ref.codes).float().mean() > 0.995
-    a = 1 / float(torch.trace(H_k[0].double()))
+    assert torch.equal(res.codes, ref.codes) and torch.equal(res.scales, ref.scales)
     assert res.info["lam_effective"] == pytest.approx(anchor * a, rel=1e-9)
     assert_loss_is_gptqs_objective(res, spec, (1 + anchor) * a, H_k[0])
 
