@@ -77,6 +77,19 @@ def storage_key(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t.dtype, tuple(t.shape), t.stride()
 
 
+# the block lists of transformers' (and mergekit's) layer names: model.layers.{i}, transformer.h.{i},
+# encoder.layer.{i}, block.{i} (T5), blocks.{i}, resblocks.{i}
+BLOCK_LISTS = ("layers", "layer", "h", "blocks", "block", "resblocks")
+
+
+def layer_part(parts) -> Optional[int]:
+    """Where in ``parts`` (a dotted name, split) its layer's number is: the first number after a
+    block list (T5's block.{i}.layer.{j}: j is a sublayer), else the first number; None where none
+    is. Not merely the first number: in model.vision.0.layers.3 that is the tower's index."""
+    numbers = [i for i, part in enumerate(parts) if part.isdigit()]
+    return next((i for i in numbers if i and parts[i - 1] in BLOCK_LISTS), numbers[0] if numbers else None)
+
+
 def device_of(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter (else buffer); the CPU for a module with neither."""
     for t in model.parameters():

@@ -37,7 +37,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ._util import storage_key, without_autocast
+from ._util import layer_part, storage_key, without_autocast
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -188,12 +188,14 @@ def _saved_converted(skeleton, modules) -> dict:
 def _maybe_converted(base, module, out_in, bound) -> list:
     """The tensors of ``base`` (a reader with no model to say its layout: a checkpoint's state
     dict) that may hold ``module``'s weight ``out_in`` converted (q, k and v as rows of one
-    tensor): matrices of its layer (its name up to the layer's number) that no adapted module
-    took, sharing a dimension with the weight, of another shape; none where the base holds
-    tensors under the module's parent (it names that module as the model does: the weight is
-    missing, not converted). PEFT's own tensors are left out."""
+    tensor): matrices of its layer (its name up to the layer's number, ``layer_part``'s: a tower's
+    index before it named every layer of the tower's) that no adapted module took, sharing a
+    dimension with the weight, of another shape; none where the base holds tensors under the
+    module's parent (it names that module as the model does: the weight is missing, not
+    converted). PEFT's own tensors are left out."""
     parts = module.split(".")
-    layer = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 2)
+    layer = layer_part(parts)
+    layer = len(parts) - 2 if layer is None else layer
     prefix, parent = ".".join(parts[:layer + 1]) + ".", ".".join(parts[:-1]) + "."
     keys = [k for k in base.keys() if k.startswith(prefix) and not any(
         peft in k for peft in (".lora_", ".base_layer.", ".modules_to_save.", ".original_module."))]

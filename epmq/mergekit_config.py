@@ -91,11 +91,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
+from ._util import layer_part
 from .checkpoint_io import json_files
 from .checks import check_number
 from .vocabulary import load_tokenizer
@@ -231,19 +231,13 @@ def _value_at(value, x: float, where: str) -> float:
     return (1 - frac) * values[i0] + frac * values[i1]
 
 
-# a tensor's layer: the number after the block list of transformers' (and mergekit's) layer names,
-# model.layers.{i}, transformer.h.{i}, encoder.layer.{i}, block.{i} (T5), blocks.{i}, resblocks.{i}; the
-# first such (T5's block.{i}.layer.{j}: j is a sublayer). The first number in the name only where none
-# is: in model.vision.0.layers.3 that is the tower's index, and layer 3 was read as layer 0.
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\.")
-_NUMBER = re.compile(r"\.(\d+)\.")
 
 
 class Schedule:
     """mergekit's value of a setting (a number, a gradient, filters) for each tensor name: a
-    tensor's layer is the number after its block list (``_LAYER``; layer ``i`` of ``num_layers`` sits
-    at ``i / (N - 1)`` of a gradient); tensors outside the layers are read at 0. Its repr is the setting
-    (what the merge recipe records)."""
+    tensor's layer is the number after its block list (``layer_part``; layer ``i`` of ``num_layers``
+    sits at ``i / (N - 1)`` of a gradient); tensors outside the layers are read at 0. Its repr is the
+    setting (what the merge recipe records)."""
 
     def __init__(self, setting, num_layers: int, where: str = "parameters.t"):
         self.setting, self.num_layers, self.where = setting, num_layers, where
@@ -255,11 +249,12 @@ class Schedule:
     def __call__(self, name: str) -> float:
         for part, value in self.conditions:
             if part is None or part == "*" or part in name:
-                found = _LAYER.search(name) or _NUMBER.search(name)
+                parts = name.split(".")[:-1]  # (a number last is no layer: a Sequential's own parameter)
+                found = layer_part(parts)
                 if found is None:
                     x = 0.0
                 else:
-                    layer = int(found.group(1))
+                    layer = int(parts[found])
                     if layer >= self.num_layers:
                         raise ValueError(f"{self.where}: tensor {name} is in layer {layer}, past the "
                                          f"{self.num_layers} layers the base's config.json states")
