@@ -620,8 +620,10 @@ def hold_run(directory, *, run: bool = True):
         yield
     finally:
         held = _HELD[key]
-        if made and held["holders"] == 1 and os.listdir(directory) == [RUN_LOCK_FILE]:
-            held["removed"] = directory / RUN_LOCK_FILE  # (unlinked while still held: no other takes it between)
+        # (a folder removed under the run, by hand: its own error said, and the hold let go)
+        with contextlib.suppress(OSError):
+            if made and held["holders"] == 1 and os.listdir(directory) == [RUN_LOCK_FILE]:
+                held["removed"] = directory / RUN_LOCK_FILE  # (unlinked while still held: no other takes it between)
         _unlock(key, walk=run)
         for folder in made if key not in _HELD else ():
             with contextlib.suppress(OSError):  # (not empty: the run wrote there, or another's files)

@@ -1341,3 +1341,18 @@ def test_a_walk_of_blocks_named_by_an_ordered_dict_resumes_and_names_them_when_r
     with pytest.raises(ValueError, match=r"linears walked then, not now: encoder\.layers\.encoder_layer_0\."
                                          r"self_attention\.k_proj"):
         epmq.quantize_model(copy.deepcopy(model), SPEC, **dict(options, layers="mlp"))
+
+
+def test_a_run_whose_new_output_folder_was_removed_under_it_ends_in_its_own_error(tmp_path):
+    """hold_run removes the output folder it made where the run wrote nothing, looking into it as the
+    run ends: a folder removed under the run (by hand) ended it in that look's FileNotFoundError, not
+    in the run's own error."""
+    import shutil
+
+    from epmq import resume
+
+    with pytest.raises(RuntimeError, match="the run's own"):
+        with resume.hold_run(tmp_path / "made" / "out"):
+            shutil.rmtree(tmp_path / "made")
+            raise RuntimeError("the run's own")
+    assert not resume._HELD
