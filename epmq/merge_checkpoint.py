@@ -1047,19 +1047,42 @@ def _timm_architecture(name: str) -> str:
     name of timm's own repositories (``hf-hub:timm/<architecture>.<tag>``, as timm names them), whose
     config.json timm builds by, the same; a local directory's (``local-dir:<directory>``) the architecture
     its config.json names, where it is here; another hub repository's name, or a directory's not here, as
-    it is written (its architecture is in its config.json alone, and a dot in it is no tag)."""
+    it is written (its architecture is in its config.json alone, and a dot in it is no tag;
+    ``_same_timm_model`` compares a directory's by its path)."""
     source, colon, model_id = name.partition(":")
     if not colon:
         return name.partition(".")[0]
     owner, slash, repo = model_id.partition("@")[0].partition("/")  # (@: a revision, as timm reads one)
     if source.lower() in ("hf-hub", "hf_hub") and owner == "timm" and slash:
         return repo.partition(".")[0]
-    config = Path(model_id) / "config.json"
-    if source == "local-dir" and config.is_file():
-        content = read_json_file(config)
+    directory = _timm_local_dir(name)
+    if directory is not None and (Path(directory) / "config.json").is_file():
+        content = read_json_file(Path(directory) / "config.json")
         if isinstance(content, dict) and isinstance(content.get("architecture"), str):
             return content["architecture"]
     return name
+
+
+def _timm_local_dir(name) -> Optional[str]:
+    """The directory a ``timm_model_name`` of ``local-dir:<directory>`` names (its prefix in any case, as
+    timm reads it), None for another name."""
+    source, colon, directory = name.partition(":") if isinstance(name, str) else ("", "", "")
+    return directory if colon and source.lower() == "local-dir" else None
+
+
+def _same_timm_model(mine, theirs) -> bool:
+    """Whether two ``_timm_architecture`` names build one timm model: alike, or one local directory that is
+    not here to say its architecture, however its path is spelled (``_same_path``)."""
+    mine_dir, theirs_dir = _timm_local_dir(mine), _timm_local_dir(theirs)
+    if mine_dir is not None and theirs_dir is not None:
+        return _same_path(mine_dir, theirs_dir)
+    return mine == theirs
+
+
+def _same_path(mine: str, theirs: str) -> bool:
+    """Whether two paths name one file or directory, however they are spelled: relative to the working
+    directory (as transformers and timm read them) or not, through links."""
+    return os.path.realpath(mine) == os.path.realpath(theirs)
 
 
 def _open_clip_config(content) -> dict:
@@ -1233,7 +1256,7 @@ def _same_hf_model(mine: str, theirs: str) -> bool:
     if not (isinstance(mine, str) and isinstance(theirs, str)):  # (no name: a config written wrong, as it is)
         return mine == theirs
     if _local_hf_model(mine) or _local_hf_model(theirs):
-        return _local_hf_model(mine) == _local_hf_model(theirs) and os.path.realpath(mine) == os.path.realpath(theirs)
+        return _local_hf_model(mine) == _local_hf_model(theirs) and _same_path(mine, theirs)
     return _hub_repository(mine) == _hub_repository(theirs)
 
 
@@ -1385,13 +1408,14 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
 # fields of READ_AS whose values read the weights alike, though they differ: open_clip's ls_init_value
 # initializes LayerScale, and init_logit_bias the logit bias, which any value builds (None: none), a
 # multimodal_cfg builds CoCa's decoder (None: none; its own fields compared as its tower's), its text
-# tower's proj_type any other than "none" is one linear projection, and a HF text tower's hf_model_name may
-# leave out the hub owner of a legacy name
+# tower's proj_type any other than "none" is one linear projection, a HF text tower's hf_model_name may
+# leave out the hub owner of a legacy name, and a local directory it or a timm_model_name names may be
+# spelled otherwise
 READ_ALIKE = {"ls_init_value": lambda mine, theirs: (mine is None) == (theirs is None),
               "init_logit_bias": lambda mine, theirs: (mine is None) == (theirs is None),
               "multimodal_cfg": lambda mine, theirs: (mine is None) == (theirs is None),
               "proj_type": lambda mine, theirs: (mine == "none") == (theirs == "none"),
-              "hf_model_name": _same_hf_model, "hf_tokenizer_name": _same_hf_model}
+              "hf_model_name": _same_hf_model, "hf_tokenizer_name": _same_hf_model, "timm_model_name": _same_timm_model}
 
 # fields of READ_AS (TOKENIZED_BY) whose values READ_ALIKE calls apart though they may be alike: why, in a refusal
 READ_APART = {"hf_model_name": _hf_models_apart, "hf_tokenizer_name": _hf_models_apart}

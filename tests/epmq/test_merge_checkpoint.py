@@ -3529,6 +3529,30 @@ def test_open_clip_timm_model_names_of_a_local_directory_here_are_compared_by_it
         _check_architectures(base, [save("broken", local("broken_timm", "{"))], ["broken"])
 
 
+def test_open_clip_timm_model_names_of_one_local_directory_spelled_otherwise_are_one_model(tmp_path, monkeypatch):
+    """open_clip's timm_model_name of a local directory not here (to say its architecture) was compared as
+    written: local-dir:./vit and local-dir:vit, relative and absolute, through a link, or its prefix in another
+    case (as timm reads it) were refused as other models. Paths are compared as timm reads them, from the
+    working directory, links resolved; another directory is refused, showing the name as written."""
+    def save(name, timm_model_name):
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"timm_model_name": timm_model_name},
+                                     text_cfg={"width": 32, "heads": 4, "layers": 2})
+
+    (tmp_path / "models" / "vit").mkdir(parents=True)  # (no config.json: its architecture unknown here)
+    (tmp_path / "vit_link").symlink_to(tmp_path / "models" / "vit")
+    monkeypatch.chdir(tmp_path)
+    base = save("base", "local-dir:models/vit")
+    for i, name in enumerate(("local-dir:./models/vit", f"local-dir:{tmp_path / 'models' / 'vit'}",
+                              "local-dir:models/../models/vit/", "local-dir:vit_link", "Local-Dir:models/vit")):
+        _check_quietly(base, save(f"same_{i}", name))
+    _check_quietly(save("gone_base", "local-dir:./gone"), save("gone", "local-dir:gone"))
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.timm_model_name': 'local-dir:./models'\}, the base as "
+                                         r"\{'vision_cfg.timm_model_name': 'local-dir:models/vit'\}"):
+        _check_quietly(base, save("parent", "local-dir:./models"))
+    with pytest.raises(ValueError, match=r"\{'vision_cfg.timm_model_name': 'vit_base_patch16_224'\}"):
+        _check_quietly(base, save("registry", "vit_base_patch16_224"))
+
+
 def test_open_clip_timm_and_hf_towers_are_not_compared_by_transformer_sizes_they_do_not_read(tmp_path):
     """An image tower naming a timm model and a text tower naming a HF model are built by that model
     alone: the layers, heads and head_width their vision_cfg or text_cfg may also give (CLIPTextCfg's,
