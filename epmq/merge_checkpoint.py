@@ -1053,8 +1053,9 @@ def _timm_architecture(name: str) -> str:
     if not colon:
         return name.partition(".")[0]
     owner, slash, repo = model_id.partition("@")[0].partition("/")  # (@: a revision, as timm reads one)
-    if source.lower() in ("hf-hub", "hf_hub") and owner == "timm" and slash:
-        return repo.partition(".")[0]
+    # (the hub's repository ids are in any case, timm's architectures in lower case)
+    if source.lower() in ("hf-hub", "hf_hub") and owner.lower() == "timm" and slash:
+        return repo.partition(".")[0].lower()
     directory = _timm_local_dir(name)
     if directory is not None and (Path(directory) / "config.json").is_file():
         content = read_json_file(Path(directory) / "config.json")
@@ -1244,20 +1245,22 @@ HUB_LEGACY_OWNERS = {name: owner for owner, names in (
 
 
 def _hub_repository(name: str) -> str:
-    """The hub repository a hub name reads: a legacy name's (``HUB_LEGACY_OWNERS``) under its owner."""
-    return f"{HUB_LEGACY_OWNERS[name]}/{name}" if name in HUB_LEGACY_OWNERS else name
+    """The hub repository a hub name reads: a legacy name's (``HUB_LEGACY_OWNERS``, in any case) under its owner."""
+    owner = HUB_LEGACY_OWNERS.get(name.lower())
+    return f"{owner}/{name}" if owner else name
 
 
 def _same_hf_model(mine: str, theirs: str) -> bool:
-    """Whether two ``_hf_model_repository`` names name one hub model: the same repository, a legacy name
-    its owner's alone (``HUB_LEGACY_OWNERS``). A local directory (a copy of any model) is known to be the
+    """Whether two ``_hf_model_repository`` names name one hub model: the same repository in any case (the
+    hub's repository ids are, as it reads Google-Bert/bert-base-uncased as google-bert/bert-base-uncased), a
+    legacy name its owner's alone (``HUB_LEGACY_OWNERS``). A local directory (a copy of any model) is known to be the
     same one as itself alone, however its path is spelled (relative to the working directory, as
     transformers reads it, or not; through links)."""
     if not (isinstance(mine, str) and isinstance(theirs, str)):  # (no name: a config written wrong, as it is)
         return mine == theirs
     if _local_hf_model(mine) or _local_hf_model(theirs):
         return _local_hf_model(mine) == _local_hf_model(theirs) and _same_path(mine, theirs)
-    return _hub_repository(mine) == _hub_repository(theirs)
+    return _hub_repository(mine).lower() == _hub_repository(theirs).lower()
 
 
 def _hf_models_apart(mine, theirs) -> Optional[str]:
@@ -1272,9 +1275,9 @@ def _hf_models_apart(mine, theirs) -> Optional[str]:
     if _local_hf_model(mine):
         return None
     legacy, owned = (mine, theirs) if "/" not in mine else (theirs, mine)
-    if "/" in legacy or owned.rpartition("/")[2] != legacy:
+    if "/" in legacy or owned.rpartition("/")[2].lower() != legacy.lower():
         return None
-    if legacy in HUB_LEGACY_OWNERS:
+    if legacy.lower() in HUB_LEGACY_OWNERS:
         return f"the hub reads {legacy!r} as {_hub_repository(legacy)!r}"
     return (f"{legacy!r} is a legacy hub name (no owner), which the hub redirects to the owner it moved under, "
             f"not known here (HUB_LEGACY_OWNERS): write that owner's name in both configs")

@@ -3497,6 +3497,24 @@ def test_open_clip_hf_legacy_names_are_the_repository_of_their_hub_owner_alone(t
         _check_quietly(save("unknown", "my-bert"), save("unknown_owned", "someone/my-bert"))
 
 
+def test_open_clip_hub_names_are_compared_in_any_case_as_the_hub_reads_them(tmp_path):
+    """The hub's repository ids are case-insensitive (it reads Google-Bert/bert-base-uncased as
+    google-bert/bert-base-uncased; huggingface_hub#2090): an open_clip hf_model_name, hf_tokenizer_name or
+    timm_model_name of timm's hub written in another case was refused as another model. Hub names are
+    compared in any case, a legacy name's owner found in any case; another owner's repository stays refused."""
+    def save(name, hf_model_name, timm_model_name="vit_base_patch16_siglip_224", **text):
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"timm_model_name": timm_model_name},
+                                     text_cfg={"hf_model_name": hf_model_name, **text}, custom_text=True)
+
+    base = save("base", "google-bert/bert-base-uncased", hf_tokenizer_name="FacebookAI/roberta-base")
+    _check_quietly(base, save("cased", "Google-Bert/BERT-base-uncased", hf_tokenizer_name="facebookai/Roberta-Base",
+                              timm_model_name="hf-hub:Timm/ViT_Base_Patch16_SigLIP_224.webli"))
+    _check_quietly(base, save("legacy", "BERT-Base-Uncased", hf_tokenizer_name="ROBERTA-base"))
+    with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 'Someone/BERT-base-uncased'\}, the base as "
+                                         r".*; the hub reads 'bert-base-uncased' as 'google-bert/bert-base-uncased'$"):
+        _check_quietly(save("legacy_base", "bert-base-uncased"), save("someone", "Someone/BERT-base-uncased"))
+
+
 def test_open_clip_timm_model_names_of_a_local_directory_here_are_compared_by_its_architecture(tmp_path):
     """open_clip's timm_model_name may name a local directory (local-dir:<directory>), which timm builds as
     the architecture its config.json names: compared as written, a checkpoint naming a copy of its twin's
