@@ -46,7 +46,7 @@ import torch
 
 from . import merge as merge_lib
 from ._util import check_json_file, loading_bars, read_json_file
-from .checkpoint import (MERGE_RECIPE_FILE, OPEN_CLIP_CONFIG_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes,
+from .checkpoint import (MERGE_RECIPE_FILE, OPEN_CLIP_CONFIG_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, _signature,
                          atomic_directory, check_output, is_quantized)
 from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, hub_reference,
                             json_files, key_renaming, loads_transposed, local_checkpoint, tie_order, weights_in)
@@ -1337,8 +1337,10 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
         if not is_lora_adapter(path) and is_quantized(path if path.is_dir() else path.parent):
             raise ValueError(f"{what} is a quantized checkpoint (quantization_config in its config.json, or a "
                              f"quantize_config.json): {'give' if experts else 'merge'} the full-precision models")
+    reference_path = None  # (a model in memory's config: no directory of files)
     if reference is None:
-        reference = _config(base_path if base_path is not None else model_paths[0])
+        reference_path = base_path if base_path is not None else model_paths[0]
+        reference = _config(reference_path)
     reference = _timm_read(reference)
     kind, towers = _model_type(reference)
     theirs = _layer_counts(reference)
@@ -1355,6 +1357,8 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
         if same[-1]:
             _check_layer_counts(mine, theirs, what_of(source), ref_name, goal)
             _check_reading(config, reference, what_of(source), ref_name, goal, experts, warn=warn)
+            if given is None and None not in (path, reference_path) and _reads_own_tokenizer(reference):
+                _check_tokenizer_files(path, reference_path, what_of(source), ref_name, goal)
         elif kind and other and other in towers:  # (a tower of the reference: its own config's counts)
             _check_layer_counts(_layer_counts(config, nested=False),
                                 _layer_counts(_tower_config(reference, other), nested=False),
@@ -1547,6 +1551,52 @@ def _ropes(config: dict, nested: bool) -> dict:
     """``{"rope_parameters": _rope}`` of ``config``'s ``_scopes``."""
     return {f"{scope}.rope_parameters".lstrip("."): rope for scope, c in _scopes(config, nested).items()
             if (rope := _rope(c)) is not None}
+
+
+# a HF tokenizer's files, as transformers and the tokenizers library save them (a vocabulary's, merges' or
+# SentencePiece model's by the names transformers' tokenizers give them)
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+                      "tokenizer.model")
+
+
+def _reads_own_tokenizer(config: dict) -> bool:
+    """Whether open_clip tokenizes a model of ``config`` loaded from its directory (local-dir:) by that
+    directory's tokenizer files: its text tower's tokenizer is a HF one (hf_tokenizer_name; open_clip's own BPE
+    reads no files), which get_tokenizer then loads from there, not from the name."""
+    return any(_text_tokenizer(config, ("hf_tokenizer_name",), nested=True).values())
+
+
+def _check_tokenizer_files(path: Path, reference_path: Path, what: str, ref_name: str, goal: str) -> None:
+    """A model tokenized by its directory's own files (``_reads_own_tokenizer``) beside a reference whose
+    files differ: the same hf_tokenizer_name in both configs, a fine-tune's own vocabulary in its directory
+    was merged in silence, the merged model then tokenizing its texts by the files copied to it. Refused
+    naming the files both directories hold whose contents differ, unless both load as one tokenizer (saved
+    otherwise: another transformers writes another tokenizer_config.json)."""
+    mine, theirs = (p if p.is_dir() else p.parent for p in (path, reference_path))
+    differ = [name for name in HF_TOKENIZER_FILES if (mine / name).is_file() and (theirs / name).is_file()
+              and _signature(mine / name) != _signature(theirs / name)]
+    if not differ or _tokenizes_alike(mine, theirs):
+        return
+    raise ValueError(f"{what} holds other tokenizer files than the {ref_name} (other contents of "
+                     f"{', '.join(differ)}): open_clip tokenizes a model loaded from its directory (local-dir:) "
+                     f"by that directory's own files, which its hf_tokenizer_name does not say, its embedding rows "
+                     f"then standing for other tokens: {goal.format('tokenizer')}")
+
+
+def _tokenizes_alike(mine: Path, theirs: Path) -> bool:
+    """Whether the tokenizers of two directories (``load_tokenizer``) read texts as the same tokens: the same
+    pipeline and vocabulary (its padding and truncation aside, which open_clip sets as it reads) and special
+    tokens. False where either does not load, or not as a tokenizers pipeline (a slow tokenizer's)."""
+    def reading(directory):
+        tokenizer = load_tokenizer(directory)
+        if getattr(tokenizer, "backend_tokenizer", None) is None:
+            return None
+        pipeline = json.loads(tokenizer.backend_tokenizer.to_str())
+        return {**pipeline, "padding": None, "truncation": None}, tokenizer.special_tokens_map
+
+    read = reading(mine)
+    return read is not None and read == reading(theirs)
 
 
 def _text_tokenizer(config: dict, fields: Sequence[str], nested: bool) -> dict:

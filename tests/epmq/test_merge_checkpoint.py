@@ -3816,6 +3816,44 @@ def test_open_clip_text_towers_of_other_tokenizers_are_refused(tmp_path):
                              ["xlm_long"])
 
 
+def _word_tokenizer(directory, words, **special):
+    """A tokenizer of one token a word (``words``, the first the unknown one) saved into ``directory``."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token=words[0], **special).save_pretrained(directory)
+
+
+def test_open_clip_models_tokenized_by_their_directories_other_tokenizer_files_are_refused(tmp_path):
+    """open_clip's get_tokenizer reads a HF tokenizer (hf_tokenizer_name) of a model loaded from its directory
+    (local-dir:) from that directory's files, not the name: a fine-tune holding another vocabulary under the
+    same hf_tokenizer_name was merged in silence, the merged model then tokenizing by the base's files. A file
+    both directories hold with other contents is refused, naming it, unless both load as one tokenizer (saved
+    otherwise); a file one lacks, or a text tower of open_clip's own BPE (which reads no files), is not."""
+    def save(name, words=("<unk>", "cat", "dog"), hf_tokenizer_name="someone/tok", **special):
+        path = _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
+                                     text_cfg={"width": 32, "heads": 4, "layers": 2,
+                                               "hf_tokenizer_name": hf_tokenizer_name})
+        if words:
+            _word_tokenizer(path, list(words), **special)
+        return path
+
+    base = save("base")
+    with pytest.raises(ValueError, match=r"model \S*swapped holds other tokenizer files than the base \(other "
+                                         r"contents of tokenizer\.json\): open_clip tokenizes a model loaded from "
+                                         r"its directory \(local-dir:\) by that directory's own files"):
+        _check_quietly(base, save("swapped", ("<unk>", "dog", "cat")))
+    with pytest.raises(ValueError, match=r"\(other contents of \S* ?tokenizer_config\.json\)"):  # (its pad token)
+        _check_quietly(base, save("padded", pad_token="dog"))
+    resaved = save("resaved", words=())  # (the base's tokenizer written otherwise: another JSON layout, option)
+    for name, option in (("tokenizer.json", {}), ("tokenizer_config.json", {"padding_side": "left"})):
+        (resaved / name).write_text(json.dumps({**json.loads((base / name).read_text()), **option}))
+    _check_quietly(base, resaved)
+    _check_quietly(base, save("without", words=()))
+    _check_quietly(save("bpe_base", hf_tokenizer_name=""), save("bpe", ("<unk>", "dog", "cat"), hf_tokenizer_name=""))
+
+
 def test_open_clip_vits_of_a_transposed_patch_grid_are_refused(tmp_path):
     """An open_clip ViT's position embeddings are one per patch of its image_size // patch_size grid: a
     rectangular image_size transposed ([16, 32] against [32, 16], the same patch) holds tensors of the same
