@@ -2123,6 +2123,35 @@ class TestCUDA:
         y = w4a16_matmul(x, qweight, scales, zeros, 32, path="wgmma")
         assert torch.equal(y, W)
 
+    @pytest.mark.parametrize("dtype,path,config,group_size,g_idx_kind", [
+        (torch.bfloat16, "splitk", 0, 128, None),  # pairs, scaled in the tile, swapped
+        (torch.bfloat16, "splitk", 8, 128, None),  # pairs, the scale after the dot
+        (torch.bfloat16, "splitk", 0, -1, None),  # one group: the scale after the loop
+        (torch.bfloat16, "gemm", 0, 128, None),  # codes one at a time, scaled in the tile
+        (torch.bfloat16, "gemm", 0, 128, "permuted"),  # gathered per row
+        (torch.float16, "splitk", 8, 128, None),
+    ], ids=["bf16-splitk-pairs", "bf16-splitk-after", "bf16-splitk-one-group", "bf16-gemm", "bf16-gemm-gather",
+            "fp16-splitk-after"])
+    def test_dot_paths_take_zero_points_past_the_bias_exactly(self, gen, dtype, path, config,
+                                                              group_size, g_idx_kind):
+        """The tensor-core dot kernel compiled (the interpreter forms bf16 in fp32, so only a card
+        shows it): ``(2^e + q) - (2^e + z)`` in bf16 put odd uint8 zero points from 129 a grid
+        step off for a whole group, fp16's int16 ones from 1025. WIDE_ZEROS forms ``q - z`` in
+        fp32: the identity's product is the weight ``(q - z) s`` rounded once (scales of the
+        activations' dtype, which the tile's scaling takes as they are), bit for bit."""
+        K, N = 256, 160
+        qweight, scales, _, g_idx = make_problem(gen, K, N, group_size, g_idx_kind, scales_dtype=dtype)
+        lo, hi, zeros_dtype = (129, 256, torch.uint8) if dtype == torch.bfloat16 else (1025, 2048, torch.int16)
+        zeros = torch.randint(lo, hi, scales.shape, generator=gen).to(zeros_dtype)
+        zeros[0, :8] = torch.arange(hi - 16, hi, 2).to(zeros_dtype) + 1  # (odd: never on an even grid)
+        W_once = dequantize_int4_weight(qweight, scales, zeros, group_size, g_idx).to(dtype).cuda()
+        qweight, scales, zeros = qweight.cuda(), scales.cuda(), zeros.cuda()
+        g_idx = g_idx.cuda() if g_idx is not None else None
+        x = torch.eye(K, dtype=dtype, device="cuda")
+        y = w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, path=path,
+                         config=AUTOTUNE_SPACE[path][config])
+        assert torch.equal(y, W_once), (y != W_once).sum()
+
     @pytest.mark.parametrize("dtype,group_size,scales_dtype", [
         (torch.float16, 128, torch.float16), (torch.bfloat16, -1, torch.float16),
         (torch.bfloat16, 128, torch.float16), (torch.bfloat16, 64, torch.bfloat16)])
