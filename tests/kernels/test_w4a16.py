@@ -292,6 +292,37 @@ def test_dot_launches_take_wide_zeros_outside_the_grid_alone(gen, monkeypatch):
         assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout[-600:] + proc.stderr[-3000:]
 
 
+def test_dot_launches_read_the_zero_points_once_and_never_in_a_capture(gen, monkeypatch):
+    """WIDE_ZEROS asks whether the zero points lie in the 4-bit grid, a read of the device (one
+    host sync): made once per weights, so repeated forwards (cached plans, new batch sizes) read
+    nothing more. Weights first seen inside a CUDA graph's capture (stood in for on the CPU) are
+    not read, which would break it: they take WIDE_ZEROS (exact for any zero points) in a plan
+    that is not kept, and once read outside, a later capture knows them."""
+    launches = Launches(W._w4a16_dot_kernel, run=False)
+    at = W._w4a16_dot_kernel.arg_names.index("WIDE_ZEROS")
+    monkeypatch.setattr(W, "_w4a16_dot_kernel", launches)
+    monkeypatch.setattr(W, "INTERPRETED", False)  # (bf16 stays bf16: WIDE_ZEROS is asked)
+    reads = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: reads.append(a[0].dtype) or aminmax(*a, **k))
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    entry = W._entry_for(qweight, scales, zeros, None, 32, 64, 40, 2)
+
+    def forward(M):
+        x = torch.randn(M, 64, generator=gen).to(torch.bfloat16)
+        w4a16_matmul(x, qweight, scales, zeros, 32, backend="triton")
+        return launches.calls[-1][0][at]
+
+    with monkeypatch.context() as capture:
+        capture.setattr(W, "_capturing", lambda device: True)
+        assert forward(4) is True and reads == [] and not entry.plans
+    assert [forward(M) for M in (4, 4, 4, 7, 7, 4)] == [False] * 6
+    assert len(reads) == 1 and len(entry.plans) == 2
+    with monkeypatch.context() as capture:
+        capture.setattr(W, "_capturing", lambda device: True)
+        assert forward(4) is False and len(reads) == 1
+
+
 def test_mma_launch_flags_match_the_tiles_it_reads():
     """EVEN drops every mask and ONE_GROUP reads one scale per slice: both must follow from the
     geometry, which the interpreter cannot check (it reads out of bounds without complaint, and
