@@ -84,10 +84,11 @@ BLOCK_LISTS = ("layers", "layer", "h", "blocks", "block", "resblocks")
 
 def layer_part(parts) -> Optional[int]:
     """Where in ``parts`` (a dotted name, split) its layer's number is: the first number after a
-    block list (T5's block.{i}.layer.{j}: j is a sublayer), else the first number; None where none
-    is. Not merely the first number: in model.vision.0.layers.3 that is the tower's index."""
-    numbers = [i for i, part in enumerate(parts) if part.isdigit()]
-    return next((i for i in numbers if i and parts[i - 1] in BLOCK_LISTS), numbers[0] if numbers else None)
+    block list (T5's block.{i}.layer.{j}: j is a sublayer); None where none is, a tensor outside the
+    layers (mergekit's architectures name every layer by such a list, all else is read outside them).
+    Not merely the first number: in model.vision.0.layers.3 that is the tower's index, and
+    model.vision.1.embeddings is no layer's."""
+    return next((i for i, part in enumerate(parts) if i and part.isdigit() and parts[i - 1] in BLOCK_LISTS), None)
 
 
 def device_of(model: nn.Module) -> torch.device:

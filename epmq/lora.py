@@ -195,7 +195,8 @@ def _maybe_converted(base, module, out_in, bound) -> list:
     converted). PEFT's own tensors are left out."""
     parts = module.split(".")
     layer = layer_part(parts)
-    layer = len(parts) - 2 if layer is None else layer
+    if layer is None:  # (layers in a list of another name, a Sequential's: its first number; else its parent)
+        layer = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 2)
     prefix, parent = ".".join(parts[:layer + 1]) + ".", ".".join(parts[:-1]) + "."
     keys = [k for k in base.keys() if k.startswith(prefix) and not any(
         peft in k for peft in (".lora_", ".base_layer.", ".modules_to_save.", ".original_module."))]

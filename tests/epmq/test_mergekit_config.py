@@ -342,6 +342,12 @@ def test_slerp_gradients_filters_and_whole_model_slices():
                         ("encoder.block.2.layer.1.DenseReluDense.wi.weight", 2), ("layers.2.mixer.in_proj.weight", 2),
                         ("model.layers.1.block_sparse_moe.experts.3.w1.weight", 1)]:
         assert four(name) == pytest.approx([0.0, 0.4, 0.8, 1.2][layer]), name
+    # ... and a number with no block list before it is no layer's: a tower's own tensors are outside the
+    # layers, read at 0 as mergekit reads every tensor its architecture names outside them (tower 5 of 4
+    # layers was refused as past them)
+    for name in ("model.vision.1.embeddings.patch.weight", "model.vision.5.post_layernorm.weight",
+                 "model.layers.2", "visual.proj.0.weight"):
+        assert four(name) == 0.0, name
     with pytest.raises(ValueError, match="no filter matches tensor model.layers.0.input_layernorm.weight"):
         Schedule([{"filter": "mlp", "value": 0.3}], 4)("model.layers.0.input_layernorm.weight")
     with pytest.raises(ValueError, match="tensor model.layers.4.mlp.up_proj.weight is in layer 4, past the 4"):
