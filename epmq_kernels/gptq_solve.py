@@ -126,10 +126,17 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
         # one on or above it, or an inf, solved as NaN weights; aminmax: NaN propagates, no
         # d_in^2 boolean copy; float8 has no aminmax: read as fp32, as the solvers read it)
         values = Hinv.detach() if Hinv.element_size() > 1 else Hinv.detach().float()
-        lo, hi = (float(v) for v in torch.aminmax(values))
+        extremes = torch.stack(torch.aminmax(values))
+        lo, hi = extremes.tolist()
         if not (math.isfinite(lo) and math.isfinite(hi)):
             what = "NaN" if math.isnan(lo) or math.isnan(hi) else "inf"
             raise ValueError(f"Hinv must be finite, it has {what} (a failed factorization of H^{{-1}}?)")
+        # Both solvers read Hinv in fp32, where an fp64 factor's 1e39 is inf (weights solved to NaN): the
+        # extremes are checked as read (rounding keeps the order: the fp32 matrix's extremes are these,
+        # rounded; no d_in^2 copy)
+        if not bool(extremes.float().isfinite().all()):
+            raise ValueError(f"Hinv holds {max(lo, hi, key=abs):g}, past float32's range, in which the solvers "
+                             f"read it (inf there): a nearly singular H, too little damping?")
         # GPTQ divides column j's error by Hinv[j, j], never 0 in the factor of an invertible
         # H^{-1}: a zero made the errors inf and the scales NaN (reference) or inf (kernel)
         zero = (values.diagonal() == 0).nonzero().flatten().tolist()

@@ -809,6 +809,24 @@ def test_a_hinv_that_is_not_finite_is_refused_as_such(gen, solve):
     assert torch.isfinite(want.Q).all()
 
 
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_an_fp64_hinv_past_fp32s_range_is_refused_naming_the_value(gen, solve):
+    """Both solvers read Hinv in fp32: an fp64 factor holding 1e39, finite, passed the finiteness
+    check and was solved as inf, to NaN weights, silently; refused, naming the value, wherever it lies."""
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    i, j = sorted(torch.randperm(32, generator=gen)[:2].tolist())
+    for (row, col), value in (((i, j), 1e39), ((j, j), -1e39), ((i, i), 5e38)):
+        bad = Hinv.double()
+        bad[row, col] = value
+        with pytest.raises(ValueError, match=re.escape(f"Hinv holds {value:g}, past float32's range")):
+            solve(W, bad, bits=4, sym=False, group_size=16)
+    # (fp32's largest, and the fp64 values that round to it, are finite as read)
+    edge = Hinv.double()
+    edge[j, j] = torch.finfo(torch.float32).max * (1 + 2.0**-25)
+    assert torch.isfinite(edge.float()).all()
+    assert torch.isfinite(solve(W, edge, bits=4, sym=False, group_size=16).Q).all()
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's arithmetic is torch's on the CPU")
 def test_interpreted_solve_is_bit_identical_to_the_reference(gen):
     """Interpreted, the kernel's arithmetic is the reference's operation for operation
