@@ -131,18 +131,19 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
         if not (math.isfinite(lo) and math.isfinite(hi)):
             what = "NaN" if math.isnan(lo) or math.isnan(hi) else "inf"
             raise ValueError(f"Hinv must be finite, it has {what} (a failed factorization of H^{{-1}}?)")
-        # Both solvers read Hinv in fp32, where an fp64 factor's 1e39 is inf (weights solved to NaN): the
-        # extremes are checked as read (rounding keeps the order: the fp32 matrix's extremes are these,
-        # rounded; no d_in^2 copy)
+        # Both solvers read Hinv in fp32, where an fp64 factor's 1e39 is inf (weights solved to NaN) and
+        # its 1e-50 a zero on the diagonal: the extremes and the diagonal are checked as read, in fp32
+        # (rounding keeps the order: the fp32 matrix's extremes are these, rounded; no d_in^2 copy)
         if not bool(extremes.float().isfinite().all()):
             raise ValueError(f"Hinv holds {max(lo, hi, key=abs):g}, past float32's range, in which the solvers "
                              f"read it (inf there): a nearly singular H, too little damping?")
         # GPTQ divides column j's error by Hinv[j, j], never 0 in the factor of an invertible
         # H^{-1}: a zero made the errors inf and the scales NaN (reference) or inf (kernel)
-        zero = (values.diagonal() == 0).nonzero().flatten().tolist()
+        zero = (values.diagonal().float() == 0).nonzero().flatten().tolist()
         if zero:
             more = f", and {len(zero) - 1} more" if len(zero) > 1 else ""
-            raise ValueError(f"Hinv has a zero on its diagonal at column {zero[0]} (processing order){more}: "
+            raise ValueError(f"Hinv has a zero on its diagonal at column {zero[0]} (processing order){more} "
+                             f"(in float32, as the solvers read it): "
                              f"the upper Cholesky factor of an invertible H^{{-1}} has none (a singular H^{{-1}}, "
                              f"or a column zeroed by hand?)")
     # The solver reads Hinv's upper triangle alone: the lower factor (torch.linalg.cholesky's

@@ -873,6 +873,12 @@ def test_a_zero_on_the_diagonal_of_hinv_is_refused_naming_its_column(gen, solve)
         for kw in (dict(group_size=16, blocksize=16), dict(grid, blocksize=8)):
             with pytest.raises(ValueError, match=rf"Hinv has a zero on its diagonal at {re.escape(said)}"):
                 solve(W, bad, bits=4, sym=False, **kw)
+    # ... and an fp64 factor's 1e-50, which is 0 in fp32, as the solvers read it (solved to NaN weights)
+    tiny = Hinv.double()
+    tiny[j, j] = 1e-50
+    with pytest.raises(ValueError, match=rf"Hinv has a zero on its diagonal at column {j} \(processing order\) "
+                                         rf"\(in float32, as the solvers read it\)"):
+        solve(W, tiny, bits=4, sym=False, group_size=16)
     # a negative diagonal (a row of the factor negated: the same H^{-1}) is taken, as the reference takes it
     flipped = Hinv.clone()
     flipped[j] = -flipped[j]
