@@ -1051,9 +1051,8 @@ def test_vlm_towers_once_left_in_full_precision_are_walked_by_default(name, gen,
 
 def epmq_tiny_fastvit(pretrained=False, **options):
     """timm's FastViT: three RepMixer stages (convolutions alone), then an attention stage of 2 blocks
-    (64 wide, 2 heads of 32), a 64 x 64 image to 2 x 2 features. Its convolutions drawn to keep the
-    features' scale (timm's and transformers' inits shrink them to ~1e-20 by the last stage) and its
-    layer scales at 1 (1e-5: the attention a rounding error of the features)."""
+    (64 wide, 2 heads of 32), a 64 x 64 image to 2 x 2 features. Its layer scales at 1 (1e-5: the
+    attention a rounding error of the features); ``_fastvit_scaled`` draws its weights."""
     from functools import partial
 
     from timm.models.fastvit import FastVit, RepConditionalPosEnc
@@ -1067,10 +1066,28 @@ def epmq_tiny_fastvit(pretrained=False, **options):
 
 
 def _fastvit_scaled(tower):
+    """The tiny FastViT's weights as a trained one's keep its features: convolutions at unit gain (timm's
+    and transformers' inits shrink the features to ~1e-20 by the last stage), linears too (timm's 0.02
+    leaves the attention a rounding error of the features), and its batch norms' statistics those of
+    random images. Fresh batch norms divide by 1: the features reached the attention at ~1e3, its
+    softmax a hard argmax whose near ties an 8-bit rounding turned (EPMQ_TEST_SEED=1182058594: the
+    last block's top two logits 129 apart of a spread of 15000, FastVLM's features 8.8% off), and the
+    final convolution's squeeze-excitation gates, saturated, switched whole channels."""
     for m in tower.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.normal_(m.weight, std=(2 / m.weight[0].numel()) ** 0.5)
-    return tower
+        elif isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+    momenta = {m: m.momentum for m in tower.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    for m in momenta:
+        m.reset_running_stats()
+        m.momentum = None  # (a cumulative average: this one batch's statistics)
+    tower.train()
+    with torch.no_grad():
+        tower(torch.randn(8, 3, 64, 64))
+    for m, momentum in momenta.items():
+        m.momentum = momentum
+    return tower.eval()
 
 
 def _register_fastvit():
@@ -1139,9 +1156,9 @@ def test_fastvit_attention_stages_are_walked_by_default(name, gen, tmp_path):
     assert linears(model, stages, epmq.QuantLinear) and not linears(model, stages, torch.nn.Linear)
     with torch.no_grad():
         y = features(test)
-    # (0.0268 at EPMQ_TEST_SEED=75401476, under 0.01 at others: the tiny FastViT's layer scales of 1
-    # carry a few large features through every stage)
-    assert (y - reference).norm() / reference.norm() < 0.05
+    # (measured 0.007-0.018 over 33 seeds, MobileCLIP 0.007-0.022 over 16; the stage's scales 2% too
+    # large, 0.056-0.097 and 0.049-0.084)
+    assert (y - reference).norm() / reference.norm() < 0.04
     epmq.save_quantized(model, tmp_path / "q")
     loaded = epmq.load_quantized(tmp_path / "q", None if name == "fastvlm" else build(seed=1)[0])
     with torch.no_grad():
