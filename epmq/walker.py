@@ -4345,7 +4345,9 @@ class _Walk:
                             x_t, out = self._capture_target(
                                 target, t_hidden, self.t.kwargs[task][n], group + later_rels if keep else group,
                                 full_target or again or keep, leader, self.t.masks[task][n],
-                                cuts=[group, *later] if keep else None)
+                                # (each linear's calls as far as the quantized pass took them: that
+                                # pass stops once its group is called, where this one may run on)
+                                cuts=None if again else [group, *later] if keep else [group])
                         if keep:
                             kept[task, n] = {rel: x_t.pop(rel) for rel in later_rels if rel in x_t}
                             held += sum({id(x): x.nbytes for x in kept[task, n].values()}.values())

@@ -1081,6 +1081,52 @@ def test_the_kept_target_inputs_of_a_linear_called_more_than_probed_stop_where_i
     assert walks[1][2] == 2 * 2  # (kept: a pass per item and block)
 
 
+class _LastAgainOnPositive(torch.nn.Module):
+    """``a``, then ``b`` on its output, then ``b`` again on inputs of positive mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = x + self.a(x)
+        y = y + self.b(y)
+        return y + self.b(y) if bool(x.mean() > 0) else y
+
+
+@pytest.mark.parametrize("targets", ["expert_path", "fp_path"])
+def test_the_last_groups_target_inputs_stop_where_its_quantized_pass_did(targets, gen, monkeypatch):
+    """An item that calls ``b``, the last group's, again (the probe saw one call): the quantized
+    pass stops at its first call, and the target's pass, run to the block's end for its output,
+    took both, refused as 'x_expert ... has 8 tokens, the inputs 4' (on the expert path only where
+    its inputs were not kept: EXPERT_TARGET_INPUTS_KEPT_BYTES decided); it takes the calls the
+    quantized pass took, the walk the same whatever was kept."""
+    import copy
+
+    from test_walker_errors import Net
+
+    torch.manual_seed(0)
+    merged = Net(_LastAgainOnPositive)
+    expert = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in merged.state_dict().items()}
+    calibration = {"t": [torch.randn(4, 16, generator=gen) - 3, torch.randn(4, 16, generator=gen) + 3]}
+    adapter = epmq.Adapter("again", block_types=(_LastAgainOnPositive,))
+    with warnings.catch_warnings():  # (b called twice on item 1, more than probed: said so)
+        warnings.simplefilter("ignore")
+        if targets == "fp_path":
+            model = copy.deepcopy(merged)
+            epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", targets=targets,
+                                calibration=calibration, experts={"t": expert}, backend="torch", progress=False,
+                                adapter=adapter)
+            assert {e["name"]: e["n_tokens"] for e in model.epmq_report.layers}["layers.0.b"] == 8
+            return
+        walks = []
+        for kept_bytes in (0, 1 << 30):
+            model = copy.deepcopy(merged)
+            walks.append(_expert_path_walk(model, list(model.layers), calibration, {"t": expert}, monkeypatch,
+                                           kept_bytes, adapter=adapter))
+    _assert_same_walks(*walks)
+
+
 def test_experts_with_heads_of_their_own_classes_are_walked_on_the_expert_path(gen):
     """Image classifiers fine-tuned on their own datasets (task arithmetic's setting) each hold a head
     of their own classes. The expert path refused them ('tensor classifier.weight has shape (10, 32),
