@@ -57,6 +57,8 @@ longer than ``MAX_CLIP_SECONDS`` (30) is cut to a window of it at a seeded place
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import importlib
 import inspect
 import io
@@ -1298,16 +1300,31 @@ def token_rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def keyed_seeds(keys: Iterable[str]) -> dict:
+    """``{key: seed}``: each key's CRC-32 (the seed runs have drawn with), but for keys whose CRC-32
+    another of ``keys`` shares: CRC-32 is linear, so two names of one length whose bits differ by a
+    pattern it maps to zero (``"plumless"``, ``"buckeroo"``) collide after any common prefix and
+    suffix, the run's seed included: at every seed their tasks drew one sample. Those take 64 bits
+    of BLAKE2b of the key instead, the top one set: no such seed is any key's CRC-32 (below 2**32).
+    A key's seed depends on the others only through that collision, not on their order."""
+    crcs = {key: zlib.crc32(key.encode()) for key in dict.fromkeys(keys)}  # (a key given twice is one key)
+    counts = collections.Counter(crcs.values())
+    return {key: crc if counts[crc] == 1 else
+            int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") | 1 << 63
+            for key, crc in crcs.items()}
+
+
 def task_seeds(seed: int, tasks: Iterable[str]) -> dict:
     """``{task: seed of its draw}``: of one task, ``seed`` itself (a single-task run
-    draws as it did); of several, each task's own, the CRC-32 of ``"{seed}/{task}"`` (as ``epmq run``'s
-    benches derive theirs). With one seed for all, two tasks calibrated from the same files
-    drew the same windows, images or pairs: their statistics were copies of one sample, not
-    independent ones. A task's seed depends on its name, not on the order of the tasks."""
+    draws as it did); of several, each task's own, the ``keyed_seeds`` seed of ``"{seed}/{task}"``
+    (as ``epmq run``'s benches derive theirs). With one seed for all, two tasks calibrated from
+    the same files drew the same windows, images or pairs: their statistics were copies of one
+    sample, not independent ones. A task's seed depends on its name, not on the order of the tasks."""
     tasks = list(tasks)
     if len(tasks) == 1:
         return {tasks[0]: seed}
-    return {task: zlib.crc32(f"{seed}/{task}".encode()) for task in tasks}
+    seeds = keyed_seeds(f"{seed}/{task}" for task in tasks)
+    return {task: seeds[f"{seed}/{task}"] for task in tasks}
 
 
 def _drawn(items, samples: int, batch_size: int, seed: int, what: str) -> List[list]:

@@ -5,12 +5,13 @@ import os
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
-from epmq.calibration import _drawn, text_windows, unpad
+from epmq.calibration import _drawn, task_seeds, text_windows, unpad
 
 
 def padded(lengths, L, side="right", pad=0, gen=None):
@@ -193,6 +194,22 @@ def test_drawn_items_follow_the_seed():
     items = list(range(100))
     assert _drawn(items, 10, 4, 1, "x") == _drawn(items, 10, 4, 1, "x")
     assert _drawn(items, 10, 4, 1, "x") != _drawn(items, 10, 4, 2, "x")
+
+
+def test_tasks_whose_names_collide_in_crc32_draw_apart_and_the_others_as_before(gen):
+    """A task's seed was the CRC-32 of "{seed}/{task}": linear, it gave "plumless" and "buckeroo"
+    one seed at every seed, so two such tasks reading the same files drew one sample. They now
+    draw their own; tasks that collide with none keep the CRC-32 seed their runs drew with."""
+    seed = int(torch.randint(0, 2 ** 31, (), generator=gen))
+    assert zlib.crc32(f"{seed}/plumless".encode()) == zlib.crc32(f"{seed}/buckeroo".encode())
+    seeds = task_seeds(seed, ["plumless", "math", "buckeroo"])
+    assert seeds == task_seeds(seed, ["buckeroo", "plumless", "math"])  # (still not the order's)
+    assert len(set(seeds.values())) == 3 and seeds["math"] == zlib.crc32(f"{seed}/math".encode())
+    items = list(range(1000))
+    assert _drawn(items, 8, 8, seeds["plumless"], "x") != _drawn(items, 8, 8, seeds["buckeroo"], "x")
+    apart = ("plumless", "math")
+    assert task_seeds(seed, apart) == {t: zlib.crc32(f"{seed}/{t}".encode()) for t in apart}
+    assert task_seeds(seed, ["plumless"]) == {"plumless": seed}
 
 
 def test_a_draws_seed_is_checked_as_the_quantizers_and_merges_check_it():
