@@ -15,25 +15,31 @@ Splits. ``train`` and ``test`` are dataset splits. ``val`` is the dataset split 
 ``splits.val``, or else a seeded hold-out of ``val_size`` training examples (the held-out
 examples are never used for calibration). Calibration examples are a seeded sample of the
 remaining training examples. ``eval.max_samples`` caps val/test by a seeded subsample. Every
-draw is a fixed function of the seed and the task's name.
+draw is a fixed function of the seed and the task's name (and, where its CRC-32 key collides with
+another task's of the bench, of that: ``generator``).
 """
 
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..calibration import _PLUGIN_IMAGE_SUFFIXES, IMAGE_SUFFIXES, image_tree, upright
+from ..calibration import _PLUGIN_IMAGE_SUFFIXES, IMAGE_SUFFIXES, image_tree, keyed_seeds, upright
 from .config import BenchConfigError, DataSpec, repeated_class_names
 
 
-def generator(seed: int, *parts: str) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32("/".join([str(seed), *parts]).encode()))
+def generator(seed: int, task: str, tasks: Sequence[str], *purpose: str) -> torch.Generator:
+    """The generator of ``task``'s draw ``purpose`` (its held-out val, calibration sample, a cap):
+    seeded by the CRC-32 of ``"{seed}/{task}/{purpose}"``, unless another of the bench's ``tasks``
+    shares it (``keyed_seeds``: one sample for two tasks of one source otherwise)."""
+    def key(name):
+        return "/".join([str(seed), name, *purpose])
+
+    return torch.Generator().manual_seed(keyed_seeds(map(key, {task, *tasks}))[key(task)])
 
 
 # --------------------------------------------------------------------------- sources
@@ -210,14 +216,16 @@ def _draw(n: int, k: Optional[int], gen: torch.Generator) -> List[int]:
 
 
 def make_task_data(name: str, sources: Dict[str, object], spec: DataSpec, *, seed: int, calib_samples: int,
-                   caps: Dict[str, Optional[int]], classnames=None, log: Callable = print) -> TaskData:
-    """Split ``sources`` (split name -> indexable source; ``val`` may be absent) as the module says."""
+                   caps: Dict[str, Optional[int]], tasks: Sequence[str], classnames=None,
+                   log: Callable = print) -> TaskData:
+    """Split ``sources`` (split name -> indexable source; ``val`` may be absent) as the module says;
+    ``tasks``: the bench's task names, whose draws differ from this one's (``generator``)."""
     what = f"task {name!r}"
     train = sources["train"]
     n_train = len(train)
     if n_train == 0:
         raise BenchConfigError(f"{what}: the train split ({spec.splits['train']}) is empty")
-    perm = torch.randperm(n_train, generator=generator(seed, name, "val")).tolist()
+    perm = torch.randperm(n_train, generator=generator(seed, name, tasks, "val")).tolist()
     if "val" in sources:
         val, pool = Split(sources["val"], list(range(len(sources["val"]))), "val"), sorted(perm)
     else:
@@ -234,13 +242,13 @@ def make_task_data(name: str, sources: Dict[str, object], spec: DataSpec, *, see
     if calib_samples > len(pool):
         log(f"[bench] task {name}: {len(pool)} training examples for calibration, fewer than the "
             f"{calib_samples} asked for: using all")
-    calib = [pool[i] for i in _draw(len(pool), calib_samples, generator(seed, name, "calibration"))]
+    calib = [pool[i] for i in _draw(len(pool), calib_samples, generator(seed, name, tasks, "calibration"))]
     test = Split(sources["test"], list(range(len(sources["test"]))), "test")
     splits = {"train": Split(train, pool, "train"), "val": val, "test": test}
     for s in ("val", "test"):
         cap = caps.get(s)
         if cap is not None and cap < len(splits[s]):
-            keep = _draw(len(splits[s]), cap, generator(seed, name, s, "cap"))
+            keep = _draw(len(splits[s]), cap, generator(seed, name, tasks, s, "cap"))
             splits[s] = Split(splits[s].source, [splits[s].indices[k] for k in keep], s)
     return TaskData(name=name, splits=splits, calibration=Split(train, calib, "calibration"), classnames=classnames)
 

@@ -187,7 +187,7 @@ class T5GlueBench(BenchBase):
             sources = open_text_sources(t.name, t.data, task.fields)
             self.data[t.name] = make_task_data(t.name, sources, t.data, seed=config.seed,
                                                calib_samples=config.calibration.samples,
-                                               caps=config.eval.max_samples, log=log)
+                                               caps=config.eval.max_samples, tasks=config.task_names, log=log)
             d = self.data[t.name]
             self.log(f"[bench] task {t.name}: {'regression' if task.regression else f'{len(task.answers)} answers'}, "
                      f"{t.data.describe()}; " + ", ".join(f"{s} {len(d.splits[s])}" for s in ("train", "val", "test")))

@@ -167,7 +167,7 @@ class ZeroShotImageBench(BenchBase):
             sources, names = open_image_sources(t.name, t.data, t.classnames, self.read_class_names)
             self.data[t.name] = make_task_data(
                 t.name, sources, t.data, seed=cfg.seed, calib_samples=cfg.calibration.samples,
-                caps=cfg.eval.max_samples, classnames=names, log=self.log,
+                caps=cfg.eval.max_samples, tasks=cfg.task_names, classnames=names, log=self.log,
             )
             d = self.data[t.name]
             self.log(f"[bench] task {t.name}: {len(names)} classes, {t.data.describe()}; "

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import zlib
 import importlib.util
 
 import pytest
@@ -248,15 +249,42 @@ def test_held_out_validation_and_eval_caps_are_seeded_draws(gen):
     spec = DataSpec(source="jsonl", splits={"train": "train", "test": "test"}, val_size=0.25)
     sources = {"train": list(range(14)), "test": list(range(100, 120))}
     seed = int(torch.randint(0, 1000, (1,), generator=gen))
-    td = make_task_data("t", sources, spec, seed=seed, calib_samples=4, caps={"val": None, "test": 5}, log=lambda m: None)
+    td = make_task_data("t", sources, spec, seed=seed, calib_samples=4, caps={"val": None, "test": 5}, tasks=["t"],
+                        log=lambda m: None)
     assert len(td.splits["val"]) == 4  # round(0.25 * 14)
     assert not set(td.splits["val"].indices) & set(td.splits["train"].indices)
     assert set(td.calibration.indices) <= set(td.splits["train"].indices)
-    kept = [make_task_data("t", sources, spec, seed=s, calib_samples=4, caps={"test": 5}, log=lambda m: None)
+    kept = [make_task_data("t", sources, spec, seed=s, calib_samples=4, caps={"test": 5}, tasks=["t"],
+                           log=lambda m: None)
             .splits["test"].indices for s in range(seed, seed + 4)]
     assert all(len(k) == 5 and k == sorted(k) for k in kept) and any(k != list(range(5)) for k in kept)
     assert readable("Cattleya__orchid_") == "Cattleya orchid"
     assert readable("/apartment_building/outdoor") == "apartment building outdoor"
+
+
+def test_bench_tasks_whose_names_collide_in_crc32_draw_apart_and_the_others_as_before(gen):
+    """A bench task's draws were seeded by the CRC-32 of "{seed}/{task}/{purpose}": "plumless" and
+    "buckeroo" share it at every seed, so two such tasks of one source held out one val split and
+    calibrated on one sample. They now draw their own; other tasks draw as they did."""
+    from epmq.benches.config import DataSpec
+    from epmq.benches.data import make_task_data
+
+    spec = DataSpec(source="jsonl", splits={"train": "train", "test": "test"}, val_size=0.25)
+    sources = {"train": list(range(200)), "test": list(range(1000, 1100))}
+    seed = int(torch.randint(0, 2 ** 31, (), generator=gen))
+    tasks = ["plumless", "buckeroo", "math"]
+
+    def drawn(task, tasks):
+        td = make_task_data(task, sources, spec, seed=seed, calib_samples=8, caps={"test": 10}, tasks=tasks,
+                            log=lambda m: None)
+        return {s: td.splits[s].indices for s in ("val", "test")} | {"calibration": td.calibration.indices}
+
+    plumless, buckeroo = drawn("plumless", tasks), drawn("buckeroo", tasks[::-1])
+    assert all(plumless[s] != buckeroo[s] for s in plumless)
+    assert plumless == drawn("plumless", tasks[::-1])  # (not the order's)
+    for task in ("plumless", "math"):  # (a task none collides with: the CRC-32 draws of before)
+        perm = torch.randperm(200, generator=torch.Generator().manual_seed(zlib.crc32(f"{seed}/{task}/val".encode())))
+        assert drawn(task, ["plumless", "math"])["val"] == sorted(perm[:50].tolist())
 
 
 def _class_folders(root, classes, per_class=2):
