@@ -484,6 +484,38 @@ def _flock(handle, refused, what: str, user: str) -> None:
                       f"{user} into it at the same time is not refused", stacklevel=3)
 
 
+# opens of a lock file before it is refused: each retry follows a holder letting go (racing
+# ones a few at most); a file system whose fstat and stat never agree would retry for ever
+_LOCK_TRIES = 20
+
+
+def _same_file(handle, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _open_locked(lock: Path, refused, what: str, user: str):
+    """``lock`` opened and locked (``_flock``; ``refused``, ``what`` and ``user`` as there), its
+    folder made where need be. A holder letting go removes the file, with the folder made for it
+    where nothing else is there: a handle opened before that locks a removed file in vain (another
+    would take the file at the path, both held), and an open after the folder went fails."""
+    for _ in range(_LOCK_TRIES):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = open(lock, "a+", encoding="utf-8")
+        except FileNotFoundError:  # (its folder removed since it was made)
+            continue
+        _flock(handle, refused, what, user)
+        if os.name == "nt" or _same_file(handle, lock):
+            return handle
+        handle.close()
+    raise ValueError(f"{what}: its lock file {lock} was replaced each time it was opened ({_LOCK_TRIES} times): "
+                     f"the file system does not keep a file's identity (os.fstat and os.stat disagree), so no "
+                     f"{user} into it can be held alone; use another disk")
+
+
 def _lock(directory: Path, walk: bool = True, kind=_WALK) -> str:
     """An exclusive lock on ``directory`` (created if need be) for this process, and in it for
     one walk at a time (``walk``; ``hold`` takes it around a walk without walking it);
@@ -499,8 +531,8 @@ def _lock(directory: Path, walk: bool = True, kind=_WALK) -> str:
     key = str(directory.resolve())
     held = _HELD.get(key)
     if held is None:
-        handle = open(directory / file, "a+", encoding="utf-8")
-        _flock(handle, lambda: _in_use(directory, kind), f"{what} {directory}", kind[2])
+        # (a run's holder letting go of a folder it made removes its lock file and the folder: hold_run)
+        handle = _open_locked(directory / file, lambda: _in_use(directory, kind), f"{what} {directory}", kind[2])
         _name_holder(handle)
         held = _HELD[key] = {"file": handle, "holders": 0, "walk": False}
     elif walk and held["walk"]:
@@ -546,18 +578,6 @@ def output_lock_file(directory) -> Path:
     return directory.with_name(f".{directory.name}.epmq-lock")
 
 
-# opens of an output's lock file before it is refused: each retry follows a holder letting go (racing
-# ones a few at most); a file system whose fstat and stat never agree would retry for ever
-_LOCK_TRIES = 20
-
-
-def _same_file(handle, path: Path) -> bool:
-    try:
-        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
-    except FileNotFoundError:
-        return False
-
-
 @contextlib.contextmanager
 def hold_output(directory, *, job: bool = True):
     """Hold the checkpoint directory ``directory`` for one write at a time: an ``epmq merge`` or
@@ -576,19 +596,8 @@ def hold_output(directory, *, job: bool = True):
     made = []
     if held is None:
         made = list(itertools.takewhile(lambda folder: not folder.exists(), (lock.parent, *lock.parent.parents)))
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(_LOCK_TRIES):
-            handle = open(lock, "a+", encoding="utf-8")
-            _flock(handle, lambda: _in_use(directory, kind, lock), f"output directory {directory}", kind[2])
-            # (a holder letting go removes the file: one opened before that is locked in vain)
-            if os.name == "nt" or _same_file(handle, lock):
-                break
-            handle.close()
-        else:
-            raise ValueError(f"output directory {directory}: its lock file {lock} was replaced each time it was "
-                             f"opened ({_LOCK_TRIES} times): the file system does not keep a file's identity "
-                             f"(os.fstat and os.stat disagree), so no write into it can be held alone; write the "
-                             f"checkpoint on another disk")
+        handle = _open_locked(lock, lambda: _in_use(directory, kind, lock), f"output directory {directory}",
+                              kind[2])
         _name_holder(handle)
         held = _HELD[key] = {"file": handle, "holders": 0, "walk": False, "removed": lock}
     elif job and held["walk"]:

@@ -1356,3 +1356,51 @@ def test_a_run_whose_new_output_folder_was_removed_under_it_ends_in_its_own_erro
             shutil.rmtree(tmp_path / "made")
             raise RuntimeError("the run's own")
     assert not resume._HELD
+
+
+@pytest.mark.skipif(os.name == "nt", reason="flock")
+def test_a_run_hold_opened_as_another_lets_its_new_folder_go_holds_the_lock_file_there(tmp_path, monkeypatch):
+    """hold_run removes the lock file of a folder it made where the run wrote nothing: another
+    process's hold that opened the file just before (its lock taken once the file was let go) held
+    the removed file, and a third, opening the file made at the path, ran beside it in the same
+    folder. It opens the file there again, and the third is refused."""
+    import fcntl
+
+    from epmq import resume
+
+    out = tmp_path / "out"
+    lock = out / resume.RUN_LOCK_FILE
+    with resume.hold_run(out):
+        stale = open(lock, "a+")  # (the other process's open, just before the holder lets go)
+    assert not out.exists()
+    opens = iter([stale])
+    monkeypatch.setattr(resume, "open", lambda *a, **k: next(opens, None) or open(*a, **k), raising=False)
+    try:
+        with resume.hold_run(out):
+            with open(lock, "a+") as third, pytest.raises(BlockingIOError):
+                fcntl.flock(third.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        stale.close()
+    assert not out.exists() and not resume._HELD
+
+
+def test_a_run_hold_whose_folder_goes_with_another_holders_let_go_makes_it_again(tmp_path, monkeypatch):
+    """A hold of a folder another hold made and removes as it lets go (its run wrote nothing),
+    taken between that folder's look and the open of its lock file, ended in FileNotFoundError: it
+    makes the folder again and holds it."""
+    from epmq import resume
+
+    out = tmp_path / "out"
+    out.mkdir()
+    gone = []
+
+    def open_after_the_other_let_go(path, *args, **kwargs):
+        if not gone:  # (the other hold's rmdir, just before this open)
+            out.rmdir()
+            gone.append(out)
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(resume, "open", open_after_the_other_let_go, raising=False)
+    with resume.hold_run(out):
+        assert (out / resume.RUN_LOCK_FILE).exists()
+    assert out.exists() and not resume._HELD  # (there before this hold looked: kept)
