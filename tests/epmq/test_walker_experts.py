@@ -1045,7 +1045,9 @@ def test_the_expert_paths_kept_target_inputs_give_the_statistics_of_a_pass_per_g
 
 
 class _AgainOnPositive(torch.nn.Module):
-    """``a``, then ``b`` on its output, then ``a`` again on inputs of positive mean."""
+    """``a``, then ``b`` on its output, then ``again`` (``a``) once more on inputs of positive mean."""
+
+    again = "a"
 
     def __init__(self):
         super().__init__()
@@ -1054,7 +1056,7 @@ class _AgainOnPositive(torch.nn.Module):
     def forward(self, x):
         y = x + self.a(x)
         y = y + self.b(y)
-        return y + self.a(y) if bool(x.mean() > 0) else y
+        return y + self.get_submodule(self.again)(y) if bool(x.mean() > 0) else y
 
 
 def test_the_kept_target_inputs_of_a_linear_called_more_than_probed_stop_where_its_groups_pass_did(gen, monkeypatch):
@@ -1081,17 +1083,10 @@ def test_the_kept_target_inputs_of_a_linear_called_more_than_probed_stop_where_i
     assert walks[1][2] == 2 * 2  # (kept: a pass per item and block)
 
 
-class _LastAgainOnPositive(torch.nn.Module):
-    """``a``, then ``b`` on its output, then ``b`` again on inputs of positive mean."""
+class _LastAgainOnPositive(_AgainOnPositive):
+    """``a``, then ``b`` on its output, then ``b``, the last group's, once more on inputs of positive mean."""
 
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
-
-    def forward(self, x):
-        y = x + self.a(x)
-        y = y + self.b(y)
-        return y + self.b(y) if bool(x.mean() > 0) else y
+    again = "b"
 
 
 @pytest.mark.parametrize("targets", ["expert_path", "fp_path"])
