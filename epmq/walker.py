@@ -159,6 +159,12 @@ LAZY_EXPERT_BLOCKS = True
 # linears (a Llama block's four groups: 1.8 passes an item, 1). Items past it (the one that crosses
 # it kept) are run again for each group. Results do not depend on it.
 EXPERT_TARGET_INPUTS_KEPT_BYTES = 1 << 30
+# Bytes of hidden states AUTO's check of blocks handed a shared object (``_check_read_before_changed``) keeps
+# on the device the model runs on, per task's item 0, until its last block ran: the input and output of
+# each block handed one (Gemma 4's every layer, its keys and values shared: 62 layers of 2048 tokens 5376
+# wide in bf16 held 2.7 GB there for the check alone). Past it they are held on the CPU (pinned for a
+# GPU), each moved back for its block's call again. Results do not depend on it.
+READ_CHECK_KEPT_BYTES = 256 << 20
 
 
 # --------------------------------------------------------------------------- report
@@ -2431,29 +2437,84 @@ def _holds_objects(value) -> bool:
             or hasattr(value, "__dict__") and not isinstance(value, _HELD_WHOLE))
 
 
+def _check_copy_device(tensor: torch.Tensor, kept: int) -> torch.device:
+    """Where ``_check_read_before_changed`` holds its copy of ``tensor``, ``kept`` bytes of its copies held
+    off the CPU so far: on the tensor's device within ``READ_CHECK_KEPT_BYTES``, else on the CPU."""
+    size = tensor.numel() * tensor.element_size()
+    return tensor.device if tensor.device.type == "cpu" or kept + size <= READ_CHECK_KEPT_BYTES \
+        else torch.device("cpu")
+
+
+class _CheckCopy:
+    """A copy of a block's hidden states ``_check_read_before_changed`` holds (``_check_copy_device``), the
+    device they were on, and the bytes of it held off the CPU; ``fresh``: a copy of its own back there (a
+    block may write its input in place)."""
+
+    def __init__(self, tensor: torch.Tensor, kept: int):
+        self.device = tensor.device
+        where = _check_copy_device(tensor, kept)
+        if where == tensor.device:
+            self.tensor = tensor.clone()
+        else:  # (pinned: its copy back needs no staging)
+            self.tensor = torch.empty_like(tensor, device=where, pin_memory=tensor.device.type == "cuda")
+            self.tensor.copy_(tensor)
+        self.device_bytes = 0 if where.type == "cpu" else tensor.numel() * tensor.element_size()
+
+    def fresh(self, own: bool = True) -> torch.Tensor:
+        return self.tensor.to(self.device, non_blocking=self.tensor.is_pinned(), copy=own)
+
+
+def _check_copy(now, value):
+    """``_check_read_before_changed``'s copy of ``value`` (a ``_CheckCopy`` of a tensor, else the value
+    itself), held off the CPU within ``READ_CHECK_KEPT_BYTES`` (``now["handed_bytes"]`` held so far)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    copy = _CheckCopy(value, now["handed_bytes"])
+    now["handed_bytes"] += copy.device_bytes
+    return copy
+
+
+def _check_input_copy(now, j, unwritten):
+    """``_check_copy`` of block ``j``'s input ``unwritten`` (a copy of it as the block was called), held once
+    where it holds what the block before returned, as that block returned it: that block's copy of its
+    output, which a model of blocks handed objects each (Gemma 4) holds for it. (Its values compared, not
+    the tensor: Gemma 4's first layer reusing earlier keys and values is handed another one, on the same
+    memory.)"""
+    before = now["handed"].get(j - 1)
+    if before is not None and isinstance(before[4], _CheckCopy) and isinstance(unwritten, torch.Tensor):
+        passed, then = now["passed"]
+        if (then is not None and version(passed) == then and unwritten.shape == passed.shape
+                and unwritten.dtype == passed.dtype and unwritten.device == passed.device
+                and torch.equal(unwritten, passed)):
+            return before[4]
+    return _check_copy(now, unwritten)
+
+
 def _check_read_before_changed(stack, task, called) -> None:
     """A ValueError where a block reads what a block after it changes in an object they are both handed (a
     flag that block 1 sets on a ``ctx`` block 0 reads): the model's call of the earlier block saw the object
     as given, the walk calls it again on what the later blocks left there (AUTO's stand-ins ran every
     block as they recorded the arguments), and solved it on other inputs than the model's without a word.
     ``called``: block -> its input, arguments, their ``_versions_of`` as its call left them and the hidden
-    states it returned, of the blocks handed objects on item 0 of ``task``; each whose arguments were
-    changed since is called once more, as the walk will call it (one that reads nothing changed returns the
-    same: Gemma 4's layers storing keys and values, each into the dict the others get)."""
+    states it returned (a tensor's as a ``_CheckCopy``), of the blocks handed objects on item 0 of ``task``;
+    each whose arguments were changed since is called once more, as the walk will call it (one that reads
+    nothing changed returns the same: Gemma 4's layers storing keys and values, each into the dict the others
+    get)."""
     for j, (block, hidden, named, left, first) in called.items():
         now = _versions_of(named)
         name = next((name for name in named if _changed(left[name], now[name])), None)
         if name is None:
             continue
         try:
-            again = block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden, **named)
+            again = block(hidden.fresh() if isinstance(hidden, _CheckCopy) else hidden, **named)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
             first_line = str(e).splitlines()[0][:300] if str(e) else ""
             how = f"fails when called again on it ({type(e).__name__}: {first_line})"
         else:
-            if _same_output(first, stack.adapter.hidden_of(again)):
+            if _same_output(first.fresh(own=False) if isinstance(first, _CheckCopy) else first,
+                            stack.adapter.hidden_of(again)):
                 continue
             how = "returns other hidden states when called again on it"
         raise ValueError(
@@ -3606,11 +3667,11 @@ class _Walk:
                             _check_called_again(stack, j, block, now["task"], unwritten, named, changed[0],
                                                 stack.adapter.hidden_of(output))
                     if probing and any(_holds_objects(v) for v in named.values()):
-                        first = stack.adapter.hidden_of(output)
-                        now["handed"][j] = (block, unwritten, named, _versions_of(named),
-                                            first.clone() if isinstance(first, torch.Tensor) else first)
+                        now["handed"][j] = (block, _check_input_copy(now, j, unwritten), named,
+                                            _versions_of(named), _check_copy(now, stack.adapter.hidden_of(output)))
                     if probing and j == last:
                         _check_read_before_changed(stack, now["task"], now["handed"])
+                        now.update(handed={}, handed_bytes=0)  # (the model's forward goes on: the copies let go)
                 else:
                     output = stack.adapter.passthrough_of(block, hidden)
                 if stack.adapter.runs_blocks:  # (its arguments as the block left them: _kept_depth)
@@ -3709,7 +3770,7 @@ class _Walk:
                         watch = stream is self.q and (n == 0 or bool(now.get("looping")))
                         now.update(task=task, n=n, kwargs=[None] * (last + 1), versions=[None] * (last + 1),
                                    hidden=None, next=0, started=False, watch=watch, past=False, called=None,
-                                   left={}, raised=None, handed={})
+                                   left={}, raised=None, handed={}, handed_bytes=0)
                         if watch:
                             now["again"] = {}
                         try:

@@ -3,8 +3,10 @@
 import ast
 import copy
 import dataclasses
+import gc
 import re
 import types
+import weakref
 
 import pytest
 import torch
@@ -2064,6 +2066,81 @@ def test_a_block_reading_what_a_later_block_sets_on_an_object_is_walked_as_the_m
     seen = walked_inputs(monkeypatch)
     epmq.quantize_model(model, SPEC, **options, layers=lambda name: name == "layers.0.fc")
     assert_same_statistics(seen, hand)
+
+
+class LateFlaggingDeepNet(nn.Module):
+    """``depth`` LateFlagged on one ``ctx``, reading nothing, the last flagging it; ``after`` called on the
+    output, past the blocks (the model's forward goes on after the walk's check of the last block)."""
+
+    def __init__(self, depth, after):
+        super().__init__()
+        self.layers = nn.ModuleList([LateFlagged() for _ in range(depth)])
+        for layer in self.layers:
+            layer.reads = False
+        self.layers[-1].flags = True
+        self.after = after
+
+    def forward(self, x):
+        ctx = types.SimpleNamespace()
+        for layer in self.layers:
+            x = layer(x, ctx=ctx)
+        self.after()
+        return x
+
+
+def test_the_check_of_blocks_reading_what_a_later_block_sets_holds_each_hidden_state_once_until_the_last_block(
+        gen, monkeypatch):
+    """AUTO's check of blocks handed an object a later block may change holds, on item 0, a copy of each
+    such block's input and output until the last block ran: every block's, each handed the object (Gemma 4's
+    layers, sharing keys and values: 2.7 GB on the GPU for 62 layers of 2048 tokens). A block's input is the
+    output of the block before it, held once (depth + 1 copies, not 2 x depth), and they are let go once the
+    check ran, not held while the model's forward goes on past the blocks (to its head's logits)."""
+    from epmq import walker
+
+    depth, seen, left, alive = 4, [], [], []
+    check = walker._check_read_before_changed
+
+    def counted(stack, task, called):
+        held = {id(copy): copy for block, hidden, named, versions, first in called.values() for copy in (hidden, first)}
+        seen.append(len(held))
+        left[:] = [weakref.ref(copy) for copy in held.values()]
+        return check(stack, task, called)
+
+    def after():  # (the walk lets what fails past the blocks pass: counted, asserted below)
+        if left:
+            gc.collect()
+            alive.append(sum(copy() is not None for copy in left))
+            left.clear()
+
+    monkeypatch.setattr(walker, "_check_read_before_changed", counted)
+    items = [torch.randn(4, 16, generator=gen) for _ in range(2)]
+    epmq.quantize_model(LateFlaggingDeepNet(depth, after), SPEC, method="gptq", calibration={"a": items},
+                        backend="torch", progress=False, adapter=epmq.adapters.AUTO)
+    assert (seen, alive) == ([depth + 1], [0])
+
+
+def test_the_check_of_blocks_reading_what_a_later_block_sets_holds_its_copies_on_the_cpu_past_its_budget(
+        monkeypatch):
+    """Its copies stay on the device the model runs on within READ_CHECK_KEPT_BYTES, those past it are held
+    on the CPU (moved back for a block called again); a model on the CPU holds them there whatever their
+    size. (On the meta device: a GPU's copies, counted alike.)"""
+    from epmq import walker
+
+    hidden = torch.empty(4, 16, device="meta")
+    size = hidden.numel() * hidden.element_size()
+    monkeypatch.setattr(walker, "READ_CHECK_KEPT_BYTES", 3 * size)
+    now = {"handed_bytes": 0}
+    copies = [walker._check_copy(now, hidden) for _ in range(3)]
+    assert [copy.tensor.device.type for copy in copies] == ["meta"] * 3
+    assert [copy.fresh().device.type for copy in copies] == ["meta"] * 3
+    assert now["handed_bytes"] == 3 * size
+    assert walker._check_copy_device(hidden, now["handed_bytes"]) == torch.device("cpu")
+    assert walker._check_copy_device(hidden, 2 * size + 1) == torch.device("cpu")
+    assert walker._check_copy_device(torch.empty(4, 16), 3 * size) == torch.device("cpu")
+    now = {"handed_bytes": 3 * size}
+    on_cpu = walker._check_copy(now, torch.ones(4, 16))
+    assert on_cpu.device_bytes == 0 and now["handed_bytes"] == 3 * size
+    assert torch.equal(on_cpu.fresh(), torch.ones(4, 16)) and on_cpu.fresh() is not on_cpu.tensor
 
 
 def test_a_block_called_again_is_held_to_its_hidden_states_rounding_feature_by_feature(gen):

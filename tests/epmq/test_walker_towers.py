@@ -2083,6 +2083,34 @@ def test_gemma3n_language_model_is_walked_from_text_beside_its_audio_tower(gen, 
                                      monkeypatch)
 
 
+def test_gemma4_layers_sharing_keys_and_values_hold_each_hidden_state_once_for_the_check_of_later_changes(
+        gen, monkeypatch):
+    """Every Gemma 4 layer is handed the dict of keys and values the others store theirs into: the walk's check
+    of blocks reading what a later block changes (``_check_read_before_changed``) holds, on item 0, a copy of
+    each layer's input and output until the last one ran (62 layers of 2048 tokens 5376 wide: 2.7 GB on the
+    GPU). Each layer's input is the layer before's output, held once: layers + 1 copies, the first layer
+    reusing earlier keys and values too, which is handed another tensor on that output's memory."""
+    from epmq import walker
+    from test_walker_models import VOCAB, _decoder
+
+    build = _decoder("Gemma4ForCausalLM", "Gemma4TextConfig", head_dim=8, global_head_dim=8, sliding_window=4,
+                     num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                     num_kv_shared_layers=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+                     pad_token_id=0, bos_token_id=0, eos_token_id=1)
+    seen, check = [], walker._check_read_before_changed
+
+    def counted(stack, task, called):
+        seen.append((sorted(called), len({id(copy) for block, hidden, named, versions, first in called.values()
+                                          for copy in (hidden, first)})))
+        return check(stack, task, called)
+
+    monkeypatch.setattr(walker, "_check_read_before_changed", counted)
+    items = [{"input_ids": torch.randint(3, VOCAB, (1, 8), generator=gen)} for _ in range(2)]
+    epmq.quantize_model(build().eval(), epmq.QuantSpec(bits=4, group_size=16), method="gptq",
+                        calibration={"a": items}, backend="torch", progress=False)
+    assert seen == [([0, 1, 2, 3], 5)]
+
+
 def test_gemma4_layers_reusing_earlier_keys_and_values_see_a_plain_forwards_inputs(gen, monkeypatch):
     """Gemma 4's last num_kv_shared_layers layers attend to the keys and values of earlier layers (E2B's and
     E4B's; WIDER's Gemma 4 shares none): the walk's statistics of a sharing layer's query and output
