@@ -2064,9 +2064,12 @@ def test_gemma3n_language_model_is_walked_from_text_beside_its_audio_tower(gen, 
         reference = model(**test).logits
     with pytest.warns(UserWarning, match=r"no adapter knows the blocks at model\.audio_tower\.conformer"):
         epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq",
-                            calibration={"a": [item() for _ in range(2)]}, progress=False)
-    with torch.no_grad():  # (this tiny model's logits move 0.3% under noise of 1e-3 of each weight's spread)
-        assert (model(**test).logits - reference).norm() / reference.norm() < 0.05
+                            calibration={"a": [item() for _ in range(8)]}, progress=False)
+    # (64 tokens, as many as the widest input, down_proj's: on 16, GPTQ moved weights along directions the
+    # calibration left unseen, the test item's logits 10.2% off at EPMQ_TEST_SEED=6, RTN's 1.1%; on 64
+    # measured 0.009-0.015 over 12 seeds, every scale 5% too large 0.038-0.050)
+    with torch.no_grad():
+        assert (model(**test).logits - reference).norm() / reference.norm() < 0.03
     stack = "model.language_model.layers"
     packed = {name.split(".", 4)[-1] for name in linears(model, stack, epmq.QuantLinear)}
     assert packed == {f"self_attn.{p}_proj" for p in "qkvo"} | {f"mlp.{p}_proj" for p in ("gate", "up", "down")} | {
