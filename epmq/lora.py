@@ -192,10 +192,12 @@ def _maybe_converted(base, module, out_in, bound) -> list:
     index before it named every layer of the tower's) that no adapted module took, sharing a
     dimension with the weight, of another shape; none where the base holds tensors under the
     module's parent (it names that module as the model does: the weight is missing, not
-    converted). PEFT's own tensors are left out."""
+    converted). A module outside any block list (a tower's own, model.vision.1.embeddings.q_proj)
+    is held by none of the layers of a list: their tensors are left out, as are PEFT's own."""
     parts = module.split(".")
     layer = layer_part(parts)
-    if layer is None:  # (layers in a list of another name, a Sequential's: its first number; else its parent)
+    outside = layer is None
+    if outside:  # (layers in a list of another name, a Sequential's: its first number; else its parent)
         layer = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 2)
     prefix, parent = ".".join(parts[:layer + 1]) + ".", ".".join(parts[:-1]) + "."
     keys = [k for k in base.keys() if k.startswith(prefix) and not any(
@@ -204,7 +206,7 @@ def _maybe_converted(base, module, out_in, bound) -> list:
         return []
     found = []
     for key in keys:
-        if key not in bound:
+        if key not in bound and not (outside and layer_part(key.split(".")) is not None):
             shape = tuple(base.shape(key))
             if len(shape) == 2 and shape not in (out_in, out_in[::-1]) and set(shape) & set(out_in):
                 found.append(key)

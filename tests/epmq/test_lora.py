@@ -1191,6 +1191,31 @@ def test_the_tensors_said_to_hold_a_missing_weight_are_of_its_own_layer_past_a_t
         epmq.LoraExpert(tmp_path / "adapter", base=base)
 
 
+def test_the_tensors_said_to_hold_a_towers_own_missing_weight_are_none_of_its_layers(tmp_path, gen):
+    """A base given as tensors, a LoRA on a tower's own module outside its layers
+    (model.vision.1.embeddings.q_proj): its search for the tensors that may hold the weight spanned the whole
+    tower, and the refusal said "its layer holds" the tower's layers' query_key_value. It names the tower's
+    own tensors alone, outside its layers; with none, the refusal says the weight is missing."""
+    from safetensors.torch import save_file
+
+    layers = {f"model.vision.1.layers.{i}.attention.query_key_value.weight": torch.randn(96, 32, generator=gen)
+              for i in range(2)}
+    module = "model.vision.1.embeddings.q_proj"
+    (tmp_path / "adapter").mkdir()
+    save_file({f"base_model.model.{module}.lora_A.weight": torch.randn(4, 32, generator=gen),
+               f"base_model.model.{module}.lora_B.weight": torch.randn(32, 4, generator=gen)},
+              str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    own = {"model.vision.1.attention.query_key_value.weight": torch.randn(96, 32, generator=gen)}
+    with pytest.raises(ValueError, match=r"its layer holds \['model\.vision\.1\.attention\.query_key_value\."
+                                         r"weight'\]: a checkpoint's tensors may hold"):
+        epmq.LoraExpert(tmp_path / "adapter", base={**layers, **own})
+    with pytest.raises(ValueError, match=r"has no weight, or none of the update's shape, for the adapted "
+                                         r"module\(s\) \['model\.vision\.1\.embeddings\.q_proj'\]"):
+        epmq.LoraExpert(tmp_path / "adapter", base=layers)
+
+
 def test_a_base_checkpoint_holding_an_adapted_linear_inside_a_converted_tensor_is_refused_by_name(tmp_path):
     """A LoRA adapter on q_proj of a model whose checkpoints hold q, k and v as rows of one tensor
     that transformers splits (and permutes) on loading (Step 3.7's vision tower:
