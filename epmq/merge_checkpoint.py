@@ -1049,13 +1049,11 @@ def _timm_architecture(name: str) -> str:
     its config.json names, where it is here; another hub repository's name, or a directory's not here, as
     it is written (its architecture is in its config.json alone, and a dot in it is no tag;
     ``_same_timm_model`` compares a directory's by its path)."""
-    source, colon, model_id = name.partition(":")
-    if not colon:
+    if ":" not in name:
         return name.partition(".")[0]
-    owner, slash, repo = model_id.partition("@")[0].partition("/")  # (@: a revision, as timm reads one)
-    # (the hub's repository ids are in any case, timm's architectures in lower case)
-    if source.lower() in ("hf-hub", "hf_hub") and owner.lower() == "timm" and slash:
-        return repo.partition(".")[0].lower()
+    hub = _timm_hub_model(name)
+    if hub is not None and hub[0].startswith("timm/"):  # (timm's architectures are in lower case)
+        return hub[0].removeprefix("timm/").partition(".")[0]
     directory = _timm_local_dir(name)
     if directory is not None and (Path(directory) / "config.json").is_file():
         content = read_json_file(Path(directory) / "config.json")
@@ -1071,12 +1069,28 @@ def _timm_local_dir(name) -> Optional[str]:
     return directory if colon and source.lower() == "local-dir" else None
 
 
+def _timm_hub_model(name) -> Optional[tuple]:
+    """The hub repository and revision (None where none is given) a ``timm_model_name`` of the hub names
+    (``hf-hub:<repository>@<revision>``, its prefix in any case, or the ``hf_hub:`` timm reads as it), the
+    repository in lower case: the hub reads its ids in any case (huggingface_hub#2090), a revision it does
+    not. None for another name."""
+    source, colon, model_id = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if not colon or source.lower() not in ("hf-hub", "hf_hub"):
+        return None
+    repository, at, revision = model_id.partition("@")  # (@: a revision, as timm reads one)
+    return repository.lower(), revision if at else None
+
+
 def _same_timm_model(mine, theirs) -> bool:
-    """Whether two ``_timm_architecture`` names build one timm model: alike, or one local directory that is
-    not here to say its architecture, however its path is spelled (``_same_path``)."""
+    """Whether two ``_timm_architecture`` names build one timm model: alike, one hub repository at one revision
+    however its name and prefix are cased (``_timm_hub_model``), or one local directory that is not here to say
+    its architecture, however its path is spelled (``_same_path``)."""
     mine_dir, theirs_dir = _timm_local_dir(mine), _timm_local_dir(theirs)
     if mine_dir is not None and theirs_dir is not None:
         return _same_path(mine_dir, theirs_dir)
+    mine_hub = _timm_hub_model(mine)
+    if mine_hub is not None:
+        return mine_hub == _timm_hub_model(theirs)
     return mine == theirs
 
 

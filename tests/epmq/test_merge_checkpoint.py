@@ -3515,6 +3515,29 @@ def test_open_clip_hub_names_are_compared_in_any_case_as_the_hub_reads_them(tmp_
         _check_quietly(save("legacy_base", "bert-base-uncased"), save("someone", "Someone/BERT-base-uncased"))
 
 
+def test_open_clip_timm_model_names_of_another_owners_hub_repository_are_compared_as_timm_and_the_hub_read_them(
+        tmp_path):
+    """A timm_model_name of another owner's hub repository (its architecture in its config.json alone) was
+    compared as written: hf-hub:Someone/Model and hf-hub:someone/model (one repository: the hub reads ids in any
+    case, huggingface_hub#2090), or its prefix as hf_hub: (which timm reads as hf-hub:), were refused as other
+    models. The repository is compared in any case, the prefix as timm reads it; a revision (after @) stays in
+    its own case, and another repository or revision is refused."""
+    def save(name, timm_model_name):
+        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"timm_model_name": timm_model_name},
+                                     text_cfg={"width": 32, "heads": 4, "layers": 2})
+
+    written = "hf-hub:someone/vit-finetuned.v2@Release"
+    base = save("base", written)
+    for i, name in enumerate(("hf-hub:Someone/ViT-Finetuned.v2@Release", "hf_hub:someone/vit-finetuned.v2@Release",
+                              "HF_Hub:SOMEONE/vit-finetuned.V2@Release")):
+        _check_quietly(base, save(f"same_{i}", name))
+    for i, name in enumerate(("hf-hub:someone/vit-finetuned.v2@release", "hf-hub:someone/vit-finetuned.v3@Release",
+                              "hf-hub:other/vit-finetuned.v2@Release", "local-dir:someone/vit-finetuned.v2@Release")):
+        with pytest.raises(ValueError, match=rf"\{{'vision_cfg.timm_model_name': '{re.escape(name)}'\}}, the base as "
+                                             rf"\{{'vision_cfg.timm_model_name': '{re.escape(written)}'"):
+            _check_quietly(base, save(f"other_{i}", name))
+
+
 def test_open_clip_timm_model_names_of_a_local_directory_here_are_compared_by_its_architecture(tmp_path):
     """open_clip's timm_model_name may name a local directory (local-dir:<directory>), which timm builds as
     the architecture its config.json names: compared as written, a checkpoint naming a copy of its twin's
