@@ -156,8 +156,8 @@ LAZY_EXPERT_BLOCKS = True
 # Bytes of the expert path's target inputs kept on the walk's device for a block's later groups:
 # its first group's pass of each item runs the expert's block to its end, keeping every linear's
 # input, and the later groups take them instead of running it again, each as far as its own
-# linears (a Llama block's four groups: 1.8 passes an item, 1). Items past it (the one that crosses
-# it kept) are run again for each group. Results do not depend on it.
+# linears (a Llama block's four groups: 1.8 passes an item, 1). An item whose inputs would cross it
+# is not kept, nor any after it: they are run again for each group. Results do not depend on it.
 EXPERT_TARGET_INPUTS_KEPT_BYTES = 1 << 30
 # Bytes of hidden states AUTO's check of blocks handed a shared object (``_check_read_before_changed``) keeps
 # on the device the model runs on, per task's item 0, until its last block ran: the input and output of
@@ -4354,14 +4354,15 @@ class _Walk:
             stats[rel] = self._new_stats(linears[rel], None if leader[rel] == rel else stats[leader[rel]])
         n_tokens = dict.fromkeys(group, 0)
         later_rels = [rel for rels in later or () for rel in rels]
-        held = 0  # (bytes of the target inputs kept)
+        # (bytes the target inputs kept may still take: an item's that would cross it are let go, and
+        # no later item is tried, each try a pass to the block's end)
+        room = EXPERT_TARGET_INPUTS_KEPT_BYTES if later is not None else 0
         # LoRA experts of one base read its tensors once for the group (LoraExpert.low_rank)
         self._bases, self._base_prints = {}, {}
         for task, items in self.calibration.items():
             # (a pass of a group before the last may stop before the block's end: read as far as it
             # runs; none runs where every item's inputs were kept, which reads the group's weights)
-            whole = (later is not None and held < EXPERT_TARGET_INPUTS_KEPT_BYTES
-                     or full_target and any((task, n) not in kept for n in range(len(items))))
+            whole = room > 0 or full_target and any((task, n) not in kept for n in range(len(items)))
             target = (self._target_block(template, prefix, task, lazily=not whole)
                       if self.t is not None else None)
             begun = set()  # a task begins at a linear with its first tokens there (MoE experts
@@ -4401,7 +4402,7 @@ class _Walk:
                         if full_target:
                             del kept[task, n]
                     elif target is not None:
-                        keep = later is not None and held < EXPERT_TARGET_INPUTS_KEPT_BYTES
+                        keep = room > 0
                         with _running(prefix, task, n, f"its target's pass (targets={self.targets!r})"):
                             x_t, out = self._capture_target(
                                 target, t_hidden, self.t.kwargs[task][n], group + later_rels if keep else group,
@@ -4410,8 +4411,12 @@ class _Walk:
                                 # pass stops once its group is called, where this one may run on)
                                 cuts=None if again else [group, *later] if keep else [group])
                         if keep:
-                            kept[task, n] = {rel: x_t.pop(rel) for rel in later_rels if rel in x_t}
-                            held += sum({id(x): x.nbytes for x in kept[task, n].values()}.values())
+                            theirs = {rel: x_t.pop(rel) for rel in later_rels if rel in x_t}
+                            size = sum({id(x): x.nbytes for x in theirs.values()}.values())
+                            keep = size <= room
+                            room = room - size if keep else 0
+                            if keep:
+                                kept[task, n] = theirs
                         if (full_target or keep) and not again:
                             t_out[task, n] = out
                             # (its input, read for the last time: held, every item's input and output

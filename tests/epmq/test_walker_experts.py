@@ -1026,10 +1026,23 @@ def test_the_expert_path_runs_each_items_target_block_once(gen, monkeypatch):
     fam = Family("llama", gen)
     items = sum(map(len, fam.calibration.values()))
     blocks, groups = len(fam.merged().model.layers), 4  # (q/k/v, o, gate/up, down)
-    assert _family_walk(fam, monkeypatch, 1 << 30)[2] == blocks * items
+    sizes = []  # (each kept pass's later inputs, bytes)
+    capture = epmq.walker._Walk._capture
+
+    def spy(self, *args, cuts=None, **kwargs):
+        xs, output = capture(self, *args, cuts=cuts, **kwargs)
+        if cuts and len(cuts) > 1:
+            sizes.append(sum({id(xs[rel]): xs[rel].nbytes for rels in cuts[1:] for rel in rels}.values()))
+        return xs, output
+
+    with monkeypatch.context() as m:
+        m.setattr(epmq.walker._Walk, "_capture", spy)
+        assert _family_walk(fam, monkeypatch, 1 << 30)[2] == blocks * items
     assert _family_walk(fam, monkeypatch, 0)[2] == blocks * items * groups
-    # (the first item kept, crossing it; the others run for each group)
-    assert _family_walk(fam, monkeypatch, 1)[2] == blocks * (1 + (items - 1) * groups)
+    # (the first item kept, the others past the budget run for each group; an item that would cross it
+    # is not kept: the budget bounds what is held)
+    assert _family_walk(fam, monkeypatch, sizes[0])[2] == blocks * (1 + (items - 1) * groups)
+    assert _family_walk(fam, monkeypatch, sizes[0] - 1)[2] == blocks * items * groups
 
 
 @pytest.mark.parametrize("arch", ["llama", "t5", "bert", "open_clip_clip"])
@@ -1037,7 +1050,7 @@ def test_the_expert_paths_kept_target_inputs_give_the_statistics_of_a_pass_per_g
     """The target inputs the first group's pass keeps for the later groups (T5's cross-attention
     reading the encoder's states, open_clip's attention using out_proj's weight before calling it)
     are those each group's own pass took: every layer's statistics bit for bit, and so the codes,
-    all items kept, some, or none."""
+    all items kept, or none (the first item's, past the budget, let go after its pass)."""
     fam = Family(arch, gen)
     walk = _family_walk(fam, monkeypatch, 0)
     for kept_bytes in (1, 1 << 30):
