@@ -138,8 +138,19 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
             raise ValueError(f"Hinv holds {max(lo, hi, key=abs):g}, past float32's range, in which the solvers "
                              f"read it (inf there): a nearly singular H, too little damping?")
         # GPTQ divides column j's error by Hinv[j, j], never 0 in the factor of an invertible
-        # H^{-1}: a zero made the errors inf and the scales NaN (reference) or inf (kernel)
-        zero = (values.diagonal().float() == 0).nonzero().flatten().tolist()
+        # H^{-1}: a zero made the errors inf and the scales NaN (reference) or inf (kernel).
+        # Nor subnormal in fp32: Hinv[j, j]^2 >= 1 / H~[j, j], so one below 1.18e-38 factors an H~
+        # past 7e75, and (w - q) / 1e-40 overflowed the errors to inf, the weights to NaN, silently
+        diag = values.diagonal().float()
+        small = (diag.abs() < torch.finfo(torch.float32).tiny).nonzero().flatten().tolist()
+        small = dict(zip(small, diag[small].tolist())) if small else {}
+        zero = [j for j, value in small.items() if value == 0]
+        if small and not zero:
+            (j, value), more = next(iter(small.items())), f", and {len(small) - 1} more" if len(small) > 1 else ""
+            raise ValueError(f"Hinv has {value:g} on its diagonal at column {j} (processing order){more}, below "
+                             f"float32's normal range (1.18e-38) as the solvers read it: GPTQ divides each column's "
+                             f"error by it, to inf. As Hinv[j, j]^2 >= 1 / H~[j, j], it factors an H~ whose diagonal "
+                             f"is past 7e75: scale H into float32's range")
         if zero:
             more = f", and {len(zero) - 1} more" if len(zero) > 1 else ""
             raise ValueError(f"Hinv has a zero on its diagonal at column {zero[0]} (processing order){more} "

@@ -887,6 +887,26 @@ def test_a_zero_on_the_diagonal_of_hinv_is_refused_naming_its_column(gen, solve)
 
 
 @pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_a_subnormal_on_the_diagonal_of_hinv_is_refused_naming_its_column(gen, solve):
+    """A subnormal Hinv[j, j] in fp32 (1e-40) passed the zero check, and dividing column j's error by
+    it overflowed to inf: NaN weights, silently. No factor of an H~ in fp32's range has one
+    (Hinv[j, j]^2 >= 1 / H~[j, j]): refused, naming the first such column and how many more."""
+    d_out, d_in = 5, 37
+    W, _, Hinv, H = make_problem(gen, d_out, d_in)
+    j = int(torch.randint(1, d_in - 1, (1,), generator=gen))
+    smallest = float(torch.finfo(torch.float32).smallest_normal)
+    for factor, columns, value, said in ((Hinv.clone(), [j], 1e-40, f"column {j} (processing order), below"),
+                                         (Hinv.clone(), [d_in - 1, j], -1e-40, f"column {j} (processing order), and 1"),
+                                         (Hinv.double(), [j], smallest * (1 - 2.0**-20), f"column {j} "),
+                                         (Hinv.clone(), [0], 1e-45, "column 0 ")):
+        factor[columns, columns] = value
+        read = float(torch.tensor(value).float())  # (as the solvers read it)
+        with pytest.raises(ValueError, match=rf"Hinv has {re.escape(f'{read:g}')} on its diagonal at "
+                                             rf"{re.escape(said)}.*float32's normal range"):
+            solve(W, factor, bits=4, sym=False, group_size=16, blocksize=16)
+
+
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
 def test_complex_operands_are_refused_by_name(gen, solve):
     """A complex W, R or Hinv was solved as its real part, silently (torch's warning at most, none
     from the kernel): refused, naming the tensor."""
