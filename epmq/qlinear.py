@@ -451,17 +451,7 @@ class QuantLinear(nn.Module):
         # scale past float16's range became inf and a float g_idx some group, and the loaded buffers
         # could no longer tell a corrupt or mismatched checkpoint; a layer refused is left as it was
         given = {name: state_dict[prefix + name] for name in self._buffers if prefix + name in state_dict}
-        multiplier = self.weight_multiplier
-        said = state_dict.get(prefix + "weight_multiplier")  # (state dicts epmq wrote before it kept it out)
-        problems = []
-        if said is not None:
-            if not (isinstance(said, torch.Tensor) and said.numel() == 1 and said.is_floating_point()
-                    and not said.is_meta and all_finite(said)):
-                problems.append(f"weight_multiplier must be one finite float, got {said!r}")
-            else:
-                multiplier = float(said)
-        problems = problems or self._state_problems(
-            given, assign=local_metadata.get("assign_to_params_buffers", False), multiplier=multiplier)
+        problems = self._state_problems(given, assign=local_metadata.get("assign_to_params_buffers", False))
         if problems:
             error_msgs.extend(prefix + problem for problem in problems)
             return
@@ -473,9 +463,11 @@ class QuantLinear(nn.Module):
                                           unexpected_keys, error_msgs)
         finally:
             del vars(self)["_loading"]
-        if prefix + "weight_multiplier" in unexpected_keys:  # (not a buffer: the layer's number)
+        # (state dicts epmq wrote before it kept the multiplier out hold it beside the undivided weights: the
+        # layer keeps its own, as RWKV's layers_are_rescaled is its model's, where taking it divided a fresh
+        # RWKV's layers again at its first forward in eval mode)
+        if prefix + "weight_multiplier" in unexpected_keys:
             unexpected_keys.remove(prefix + "weight_multiplier")
-        self.weight_multiplier = multiplier
         self._derived = {}
         # assigned, a g_idx keeps the file's integers (int64 in some writers' files): the layout's
         # int32, as a copy into the buffer and load_quantized give it, and as save_quantized writes it

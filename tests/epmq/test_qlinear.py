@@ -296,8 +296,8 @@ def test_a_weight_multiplier_stays_with_the_layer_out_of_its_state_dict(gen):
     """A layer's weight_multiplier (RWKV's division of it) was in its state dict where it was not 1: a strict
     loader of the gptq layout's tensors (another tool's layer) reported it as unexpected. The state dict
     holds the layout's tensors alone, the weight before the division, and a load keeps the layer's multiplier,
-    as RWKV keeps its layers_are_rescaled; one given by a state dict epmq wrote before is taken, and one that
-    is not one finite number is refused by name."""
+    as RWKV keeps its layers_are_rescaled, also where a state dict epmq wrote before holds one (taken, it
+    divided a fresh RWKV's layers again at its first forward in eval mode)."""
     layer = epmq.QuantLinear.from_result(solve(SPECS[0], gen))
     x = torch.randn(5, 64, generator=gen)
     layer.weight.div_(2 ** 12)
@@ -316,12 +316,8 @@ def test_a_weight_multiplier_stays_with_the_layer_out_of_its_state_dict(gen):
     assert fresh.weight_multiplier == 1 and torch.equal(fresh(x), layer(x) * 2 ** 12)
     layer.load_state_dict(dict(state, scales=state["scales"] * 2))  # (the layer's own division kept)
     assert layer.weight_multiplier == 2 ** -12 and torch.equal(layer.dequantize(), fresh.dequantize() / 2 ** 11)
-    fresh.load_state_dict(dict(state, weight_multiplier=torch.tensor(2 ** -12, dtype=torch.float64)))
-    assert fresh.weight_multiplier == 2 ** -12 and torch.equal(fresh(x) * 2, layer(x))
-    for bad in (torch.tensor(float("nan")), torch.ones(2), torch.tensor(1)):
-        with pytest.raises(RuntimeError, match=r"weight_multiplier must be one finite float"):
-            fresh.load_state_dict(dict(state, weight_multiplier=bad))
-        assert fresh.weight_multiplier == 2 ** -12
+    fresh.load_state_dict(dict(state, weight_multiplier=torch.tensor(2 ** -12, dtype=torch.float64)))  # (strict)
+    assert fresh.weight_multiplier == 1 and torch.equal(fresh(x), layer(x) * 2 ** 11)
 
 
 def test_scaling_the_weight_past_the_layers_dtype_is_refused(gen):

@@ -978,7 +978,8 @@ def test_a_packed_rwkvs_state_dict_holds_its_weights_undivided_whichever_model_t
     """A packed RWKV run in eval mode held its division in its layers' state dicts (weight_multiplier): a
     strict loader of the gptq layout found unexpected keys, and a model that had not run took the division
     and divided again at its first forward (2 ** k off). The state dict holds the layout's tensors alone,
-    the weights undivided as RWKV's checkpoints hold them: a fresh model and one that ran both take it."""
+    the weights undivided as RWKV's checkpoints hold them: a fresh model and one that ran both take it, and
+    one an older epmq wrote, whose multipliers they leave to the model's own division."""
     torch.manual_seed(0)
     model, item = _rwkv(2).eval(), wider_input("ids", gen)
     epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="rtn", progress=False)
@@ -986,9 +987,13 @@ def test_a_packed_rwkvs_state_dict_holds_its_weights_undivided_whichever_model_t
     epmq.save_quantized(model, tmp_path / "ckpt")
     state = {name: t.clone() for name, t in model.state_dict().items()}
     assert not [name for name in state if name.endswith("weight_multiplier")]
-    for taker in (epmq.load_quantized(tmp_path / "ckpt"), model):
-        taker.load_state_dict(state)  # (strict)
-        torch.testing.assert_close(output(taker.eval(), item), want, rtol=0, atol=0)
+    older = dict(state, **{f"{name}.weight_multiplier": torch.tensor(m.weight_multiplier, dtype=torch.float64)
+                           for name, m in model.named_modules() if isinstance(m, epmq.QuantLinear)})
+    assert any(t.item() != 1 for name, t in older.items() if name.endswith("weight_multiplier"))
+    for given in (state, older):
+        for taker in (epmq.load_quantized(tmp_path / "ckpt"), model):
+            taker.load_state_dict(given)  # (strict)
+            torch.testing.assert_close(output(taker.eval(), item), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
