@@ -1170,21 +1170,26 @@ def test_an_adapter_on_a_base_checkpoints_state_dict_holding_its_modules_convert
     assert "model.layers.0.self_attn.q_proj.weight" in epmq.LoraExpert(tmp_path / "adapter", base=loaded).keys()
 
 
+def _q_proj_adapter(directory, module, gen):
+    """A rank-4 PEFT LoRA of the 32 -> 32 q_proj ``module`` written into ``directory``."""
+    from safetensors.torch import save_file
+
+    directory.mkdir()
+    save_file({f"base_model.model.{module}.lora_A.weight": torch.randn(4, 32, generator=gen),
+               f"base_model.model.{module}.lora_B.weight": torch.randn(32, 4, generator=gen)},
+              str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+
+
 def test_the_tensors_said_to_hold_a_missing_weight_are_of_its_own_layer_past_a_towers_index(tmp_path, gen):
     """A base given as tensors whose layers are named past a tower's index (model.vision.0.layers.1):
     the layer was taken to end at that index, and the refusal said of layer 1's q_proj that "its
     layer holds" layer 0's query_key_value. It names layer 1's tensors alone."""
-    from safetensors.torch import save_file
-
     base = {f"model.vision.0.layers.{i}.{name}.weight": torch.randn(shape, generator=gen)
             for i in range(2) for name, shape in (("attention.query_key_value", (96, 32)), ("mlp.fc1", (64, 32)))}
     module = "model.vision.0.layers.1.self_attn.q_proj"
-    (tmp_path / "adapter").mkdir()
-    save_file({f"base_model.model.{module}.lora_A.weight": torch.randn(4, 32, generator=gen),
-               f"base_model.model.{module}.lora_B.weight": torch.randn(32, 4, generator=gen)},
-              str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    _q_proj_adapter(tmp_path / "adapter", module, gen)
     with pytest.raises(ValueError, match=r"its layer holds \['model\.vision\.0\.layers\.1\.attention\."
                                          r"query_key_value\.weight', 'model\.vision\.0\.layers\.1\.mlp\.fc1\."
                                          r"weight'\]: a checkpoint's tensors may hold"):
@@ -1196,17 +1201,10 @@ def test_the_tensors_said_to_hold_a_towers_own_missing_weight_are_none_of_its_la
     (model.vision.1.embeddings.q_proj): its search for the tensors that may hold the weight spanned the whole
     tower, and the refusal said "its layer holds" the tower's layers' query_key_value. It names the tower's
     own tensors alone, outside its layers; with none, the refusal says the weight is missing."""
-    from safetensors.torch import save_file
-
     layers = {f"model.vision.1.layers.{i}.attention.query_key_value.weight": torch.randn(96, 32, generator=gen)
               for i in range(2)}
     module = "model.vision.1.embeddings.q_proj"
-    (tmp_path / "adapter").mkdir()
-    save_file({f"base_model.model.{module}.lora_A.weight": torch.randn(4, 32, generator=gen),
-               f"base_model.model.{module}.lora_B.weight": torch.randn(32, 4, generator=gen)},
-              str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    _q_proj_adapter(tmp_path / "adapter", module, gen)
     own = {"model.vision.1.attention.query_key_value.weight": torch.randn(96, 32, generator=gen)}
     with pytest.raises(ValueError, match=r"its layer holds \['model\.vision\.1\.attention\.query_key_value\."
                                          r"weight'\]: a checkpoint's tensors may hold"):
