@@ -1,5 +1,6 @@
 """Merging checkpoints on disk: epmq.merge_checkpoints and ``epmq merge``."""
 
+import functools
 import io
 import json
 import re
@@ -3404,9 +3405,7 @@ def test_open_clip_hf_text_towers_of_local_directories_are_compared_by_their_pat
     built from a copy of another model (or a hub model's) was merged in silence. It is compared by its
     path (a copy of any model: only the same directory is known to be the same model), and a directory
     named as a hub repository is no legacy name of it."""
-    def save(name, hf_model_name):
-        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
-                                     text_cfg={"hf_model_name": hf_model_name}, custom_text=True)
+    save = functools.partial(_hf_text_tower_checkpoint, tmp_path)
 
     for copy in ("roberta", "xlm-roberta-base"):
         (tmp_path / "models" / copy).mkdir(parents=True)
@@ -3428,9 +3427,7 @@ def test_open_clip_hf_text_towers_of_one_local_directory_spelled_otherwise_are_o
     relative and absolute, or through a link was refused as another model's. Paths are compared as
     transformers reads them, from the working directory, links resolved; a local copy beside the hub name of
     the model it may hold stays refused, saying why."""
-    def save(name, hf_model_name):
-        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
-                                     text_cfg={"hf_model_name": hf_model_name}, custom_text=True)
+    save = functools.partial(_hf_text_tower_checkpoint, tmp_path)
 
     (tmp_path / "models" / "xlm").mkdir(parents=True)
     (tmp_path / "xlm-roberta-base").symlink_to(tmp_path / "models" / "xlm")
@@ -3453,9 +3450,7 @@ def test_open_clip_hf_text_towers_of_two_owners_repositories_are_refused(tmp_pat
     hub's legacy names, which leave it out): two owners' models of one name (a fine-tune published as
     someone/xlm-roberta-base) were one text tower. Named with owners they are compared whole; a legacy
     name without one is its repository's under the owner the hub moved it to."""
-    def save(name, hf_model_name):
-        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
-                                     text_cfg={"hf_model_name": hf_model_name}, custom_text=True)
+    save = functools.partial(_hf_text_tower_checkpoint, tmp_path)
 
     base = save("base", "FacebookAI/xlm-roberta-base")
     with pytest.raises(ValueError, match=r"\{'text_cfg.hf_model_name': 'someone/xlm-roberta-base'\}, the base as "
@@ -3478,9 +3473,7 @@ def test_open_clip_hf_legacy_names_are_the_repository_of_their_hub_owner_alone(t
     of the canonical model. The hub redirects a legacy name to the one owner it moved under: that owner's
     repository alone is the same model, and a legacy name whose owner is not known here is refused beside an
     owner's repository of its name, saying why."""
-    def save(name, hf_model_name):
-        return _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
-                                     text_cfg={"hf_model_name": hf_model_name}, custom_text=True)
+    save = functools.partial(_hf_text_tower_checkpoint, tmp_path)
 
     legacy = save("legacy", "bert-base-uncased")
     _check_quietly(legacy, save("owned", "google-bert/bert-base-uncased"))
@@ -3779,6 +3772,12 @@ def _open_clip_checkpoint(path, **model_cfg):
     path.mkdir()
     (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 16, **model_cfg}}))
     return path
+
+
+def _hf_text_tower_checkpoint(root, name, hf_model_name):
+    """``root / name``: a tiny open_clip checkpoint whose text tower is the HF model ``hf_model_name``."""
+    return _open_clip_checkpoint(root / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
+                                 text_cfg={"hf_model_name": hf_model_name}, custom_text=True)
 
 
 def test_open_clip_quick_gelu_is_not_compared_where_no_tower_is_built_with_it(tmp_path):
