@@ -197,6 +197,51 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
             raise ValueError(f"a static grid's zeros must be integers in [0, {maxq}] for {bits} bits")
 
 
+def check_solved(out: SolveOut, W: torch.Tensor, R: Optional[torch.Tensor], starts: list) -> SolveOut:
+    """``out`` of ``W`` (``+ R``, blocks from ``starts``), checked to be a solve that did not overflow
+    float32; the cause named if it did.
+
+    A finite Hinv can still overflow the solve: each column's error ``(w - q) / Hinv[j, j]`` is fed
+    forward times ``Hinv[j, k]``, and 3.4e38 there (a nearly singular H) made an update inf and the
+    weights after it NaN, silently. Q is checked, not the grid: ``Q = (q - zero) * scale`` is finite
+    only where its group's grid is, and the kernel's grid of a NaN group can stay finite (its min and
+    max drop NaN). On a static grid an inf target is clamped to a finite Q, so the errors are checked
+    too: ``err_sq`` is NaN where one overflowed, and inf where only their squares pass fp32 (errors
+    past 1.8e19, whose loss ``epmq.quant`` measures instead: taken). One sync, no copy of Q.
+    """
+    Q = out.Q
+    if Q.numel() == 0 or Q.is_meta:
+        return out
+    q_lo, q_hi, e_lo, e_hi = torch.cat([torch.stack(torch.aminmax(t)) for t in (Q, out.err_sq)]).tolist()
+    if math.isfinite(q_lo) and math.isfinite(q_hi) and not (math.isnan(e_lo) or math.isnan(e_hi)):
+        return out
+    # (the error's path: the target as the solvers read it, in fp32, where W + R may overflow too)
+    operands = [("W", W.float())]
+    if R is not None:
+        operands += [("R", R.float()), ("W + R", W.float() + R.float())]
+    for name, t in operands + [(None, Q)]:
+        bad = ~t.isfinite()
+        if bool(bad.any()):
+            break
+    else:  # (Q finite: an error overflowed on a static grid, in a block whose err_sq is NaN)
+        block = int(out.err_sq.isnan().any(0).nonzero()[0])
+        end = starts[block + 1] if block + 1 < len(starts) else Q.shape[1]
+        raise ValueError(f"the solve overflowed float32: its errors are inf in columns {starts[block]} to {end - 1} "
+                         f"(processing order), from a finite W and Hinv. " + _OVERFLOW_CAUSE)
+    column = int(bad.any(0).nonzero()[0])
+    what = "NaN" if bool(t[:, column].isnan().any()) else "inf"
+    if name is not None:
+        raise ValueError(f"{name} has {what} at column {column} (processing order; in float32, as the solvers read "
+                         f"it): the weights solved from it are not finite")
+    raise ValueError(f"the solve overflowed float32: its weights are first {what} at column {column} (processing "
+                     f"order), from a finite W and Hinv. " + _OVERFLOW_CAUSE)
+
+
+_OVERFLOW_CAUSE = ("Each column's error (w - q) / Hinv[j, j] is fed forward times Hinv[j, k], and Hinv holds "
+                   "entries too large against its diagonal for float32: a nearly singular H, too little damping "
+                   "(raise percdamp)?")
+
+
 @torch.no_grad()  # (no derivative: an nn.Parameter is solved as its values, as by the kernel)
 def gptq_solve_reference(
     W: torch.Tensor,
@@ -216,6 +261,7 @@ def gptq_solve_reference(
     # (numpy's, as Python's: what the kernel is specialised on)
     bits, sym, group_size, blocksize = int(bits), bool(sym), int(group_size), int(blocksize)
     maxq = 2**bits - 1
+    given = W
     W = W.float().clone() if R is None else W.float() + R.float()
     Hinv = Hinv.float().contiguous()  # (as the kernel reads it: CPU products' sums follow the layout)
     d_out, d_in = W.shape
@@ -260,10 +306,11 @@ def gptq_solve_reference(
             Err1t[i] = err
         Q[:, i1:i2] = Q1t.T
         codes[:, i1:i2] = codes1t.T
-        err_sq[:, b] = (Err1t * Err1t).sum(0)
+        # (Err1t - Err1t: 0 for a finite error, NaN for one that overflowed, as in the kernel: check_solved)
+        err_sq[:, b] = (Err1t * Err1t + (Err1t - Err1t)).sum(0)
         with ieee_fp32_matmul():  # (whatever the caller set for TF32, as the kernel's launcher)
             W[:, i2:] -= Err1t.T.contiguous() @ Hinv[i1:i2, i2:]
-    return SolveOut(Q, codes, scales, zeros, err_sq)
+    return check_solved(SolveOut(Q, codes, scales, zeros, err_sq), given, R, starts)
 
 
 
@@ -428,7 +475,9 @@ def _gptq_block_kernel(
         tl.store(codes + row_off + j, q.to(tl.int32), mask=row_ok)
         tl.store(Q + row_off + j, Qj, mask=row_ok)
         tl.store(Err + rows64 * nb + i, err, mask=row_ok)
-        err_sq = err_sq + err * err
+        # err - err is 0 for a finite error and NaN for one that overflowed to inf: err_sq then tells
+        # a solve that overflowed (NaN) from errors whose squares alone pass fp32 (inf; check_solved)
+        err_sq = err_sq + (err * err + (err - err))
         Wt = Wt - err[:, None] * h[None, :]
         h = h_next
         d = d_next
@@ -653,7 +702,7 @@ def gptq_solve_triton(
                 _target_minus_update_kernel[(triton.cdiv(d_out * (d_in - i2), BLOCK),)](
                     W, R, P, work, d_out * (d_in - i2), d_in - i2, i2, d_in, BLOCK=BLOCK
                 )
-    return SolveOut(Q, codes, scales, zeros, err_sq)
+    return check_solved(SolveOut(Q, codes, scales, zeros, err_sq), W, R, starts)
 
 
 def gptq_solve(W, Hinv, *, backend: str = "torch", **kwargs) -> SolveOut:

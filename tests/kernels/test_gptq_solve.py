@@ -840,20 +840,58 @@ def test_interpreted_solve_is_bit_identical_to_the_reference(gen):
         assert torch.equal(out.codes, ref.codes) and torch.equal(out.Q, ref.Q)
 
 
-def test_a_nan_stays_nan_as_in_the_reference(gen):
-    """A NaN target gives NaN weights, as torch.clamp keeps NaN in the reference: never a
-    valid-looking code 0 (Triton's maximum drops NaN by default)."""
-    W, _, Hinv, H = make_problem(gen, 8, 32)
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_a_target_that_is_not_finite_is_refused_naming_it(gen, solve):
+    """A NaN target solved to NaN weights and was returned as such; refused now, naming the operand
+    and its first such column, the last column's too (whose error feeds nothing: on a static grid a
+    clamp that dropped NaN would leave a finite Q there, the error NaN)."""
+    d_out, d_in = 8, 32
+    W, R, Hinv, H = make_problem(gen, d_out, d_in, with_R=True)
     grid = static_grid(W, 4, False, 16)
-    W = W.clone()
-    W[0, 3] = float("nan")
-    ref = gptq_solve_reference(W, Hinv, bits=4, sym=False, **grid)
-    out = gptq_solve_triton(W, Hinv, bits=4, sym=False, **grid)
-    assert torch.equal(torch.isnan(out.Q), torch.isnan(ref.Q)) and bool(torch.isnan(ref.Q).any())
-    # (dynamic groups: the kernel's min/max of a group drop a NaN that torch's keep, so its
-    # grid stays finite; the NaN column and the row after it are NaN all the same)
-    out = gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16)
-    assert bool(torch.isnan(out.Q[0, 3:]).all())
+    nan, inf, fp32_max = float("nan"), float("inf"), torch.finfo(torch.float32).max
+    for where, (row, col), value, said in (("W", (0, 3), nan, "W has NaN at column 3"),
+                                           ("W", (d_out - 1, d_in - 1), nan, f"W has NaN at column {d_in - 1}"),
+                                           ("R", (2, 5), inf, "R has inf at column 5"),
+                                           ("W R", (2, 5), fp32_max, r"W \+ R has inf at column 5"),
+                                           ("W", (1, 7), 1e39, "W has inf at column 7")):
+        operands = dict(W=W.double(), R=R.clone())  # (an fp64 W: its 1e39 is inf as the solvers read it)
+        for name in where.split():
+            operands[name][row, col] = value
+        for kw in (grid, dict(group_size=16)):
+            with pytest.raises(ValueError, match=rf"^{said} \(processing order; in float32"):
+                solve(operands["W"], Hinv, R=operands["R"], bits=4, sym=False, blocksize=16, **kw)
+
+
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_a_solve_that_overflows_is_refused_naming_its_first_column(gen, solve):
+    """A finite Hinv can still overflow the solve: fp32's largest above the diagonal, times a
+    column's error, was inf in the update and the weights after it NaN, silently (the kernel's
+    dynamic grid finite), or on a static grid clamped to finite weights, the errors inf. Refused,
+    naming the first column of weights that is not finite, or the block whose errors overflowed."""
+    d_out, d_in = 8, 32
+    W, _, Hinv, H = make_problem(gen, d_out, d_in)
+    grid = static_grid(W, 4, False, 16)
+    fp32_max = torch.finfo(torch.float32).max
+    i, k = sorted(torch.randperm(d_in, generator=gen)[:2].tolist())
+    bad = Hinv.clone()
+    bad[i, k] = fp32_max
+    bad[i, i] *= 2.0**-40  # (column i's error then far past 1, for every grid: its update overflows)
+    for kw in (grid, dict(group_size=16), dict(group_size=4)):
+        with pytest.raises(ValueError, match=r"^the solve overflowed float32: its (weights are first (NaN|inf) at "
+                                             r"column|errors are inf in columns \d+ to) (\d+) \(processing "
+                                             r"order\), from a finite W and Hinv") as e:
+            solve(W, bad, bits=4, sym=False, blocksize=16, **kw)
+        # (no column up to i: they were solved before its error overflowed)
+        assert int(re.search(r"(\d+) \(processing order\)", str(e.value))[1]) > i
+    # the last two columns, a static grid: column d_in - 1 is inf, clamped to a finite Q; its error inf
+    far, edge = W.clone(), Hinv.clone()
+    far[:, d_in - 2] = 100.0  # (off the grid, which clamps it: an error far above 1)
+    edge[d_in - 2, d_in - 1] = fp32_max
+    with pytest.raises(ValueError, match=rf"its errors are inf in columns 16 to {d_in - 1} \(processing order\)"):
+        solve(far, edge, bits=4, sym=False, blocksize=16, **grid)
+    # errors past 1.8e19 square to inf in err_sq, with finite weights: returned (epmq.quant measures that loss)
+    out = solve(W * 1e20, Hinv, bits=4, sym=False, blocksize=16, group_size=16)
+    assert torch.isfinite(out.Q).all() and not torch.isfinite(out.err_sq).all()
 
 
 @pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
