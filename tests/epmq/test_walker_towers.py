@@ -990,8 +990,8 @@ _IMAGE_TOKENS = {"florence2": 5, "qianfan_ocr": 1}
 _IMAGE_BOUNDS = {"ovis2_5": (290, 291)}  # (the tokens an image's must lie between)
 
 
-def quantize_leaving_no_tower(model, item, near=None, routed=False):
-    """GPTQ at 8 bits on two tasks of two items each, warning of no stack left in full precision;
+def quantize_leaving_no_tower(model, item, near=None, routed=False, per_task=2):
+    """GPTQ at 8 bits on two tasks of ``per_task`` items each, warning of no stack left in full precision;
     the logits of the item ``near`` within 2% of the float model's (``routed``, an MoE: the median
     token's: a token whose router's top k is a near tie takes other experts under any 8-bit change,
     EPMQ_TEST_SEED=922943218 one of tiny Aria's in layer 0, its logits 4.7% apart and the whole 2.0%,
@@ -1002,8 +1002,7 @@ def quantize_leaving_no_tower(model, item, near=None, routed=False):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq",
-                            calibration={"a": [item() for _ in range(2)], "b": [item() for _ in range(2)]},
-                            progress=False)
+                            calibration={task: [item() for _ in range(per_task)] for task in "ab"}, progress=False)
     left = [str(w.message) for w in caught if "full precision" in str(w.message)]
     assert not left, left
     if near is not None:
@@ -1433,7 +1432,11 @@ def test_fun_asr_nano_audio_tower_and_adaptor_are_walked_beside_its_language_mod
         reference = model(**test).logits
         other_audio = model(**dict(test, input_features=torch.randn(1, 6, 8, generator=gen))).logits
     assert (other_audio - reference).norm() > 0.02 * reference.norm()
-    quantize_leaving_no_tower(model, lambda: fun_asr_nano_item(gen))
+    # (6 items a task, 72 audio frames and 144 tokens, past the widest input, 64: on 2, 24 frames and 48
+    # tokens, GPTQ moved weights along directions the calibration left unseen, the test item's logits
+    # 2.3% off at EPMQ_TEST_SEED=79203, 0.4-0.9% at 17 others; on 6 measured 0.003-0.007 over 13 seeds,
+    # every scale 5% too large 0.051-0.073)
+    quantize_leaving_no_tower(model, lambda: fun_asr_nano_item(gen), per_task=6)
     with torch.no_grad():
         assert (model(**test).logits - reference).norm() / reference.norm() < 0.02
     assert_both_towers_walked_and_served(
