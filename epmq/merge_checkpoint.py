@@ -1070,15 +1070,15 @@ def _timm_local_dir(name) -> Optional[str]:
 
 
 def _timm_hub_model(name) -> Optional[tuple]:
-    """The hub repository and revision (None where none is given) a ``timm_model_name`` of the hub names
-    (``hf-hub:<repository>@<revision>``, its prefix in any case, or the ``hf_hub:`` timm reads as it), the
-    repository in lower case: the hub reads its ids in any case (huggingface_hub#2090), a revision it does
-    not. None for another name."""
+    """The hub repository and revision a ``timm_model_name`` of the hub names (``hf-hub:<repository>@<revision>``,
+    its prefix in any case, or the ``hf_hub:`` timm reads as it), the repository in lower case: the hub reads
+    its ids in any case (huggingface_hub#2090), a revision it does not; none given, the hub's default branch,
+    "main", which timm downloads then. None for another name."""
     source, colon, model_id = name.partition(":") if isinstance(name, str) else ("", "", "")
     if not colon or source.lower() not in ("hf-hub", "hf_hub"):
         return None
     repository, at, revision = model_id.partition("@")  # (@: a revision, as timm reads one)
-    return repository.lower(), revision if at else None
+    return repository.lower(), revision if at else "main"
 
 
 def _same_timm_model(mine, theirs) -> bool:

@@ -3514,7 +3514,7 @@ def test_open_clip_timm_model_names_of_another_owners_hub_repository_are_compare
     compared as written: hf-hub:Someone/Model and hf-hub:someone/model (one repository: the hub reads ids in any
     case, huggingface_hub#2090), or its prefix as hf_hub: (which timm reads as hf-hub:), were refused as other
     models. The repository is compared in any case, the prefix as timm reads it; a revision (after @) stays in
-    its own case, and another repository or revision is refused."""
+    its own case (none given: the hub's default branch, main), and another repository or revision is refused."""
     def save(name, timm_model_name):
         return _open_clip_checkpoint(tmp_path / name, vision_cfg={"timm_model_name": timm_model_name},
                                      text_cfg={"width": 32, "heads": 4, "layers": 2})
@@ -3524,6 +3524,8 @@ def test_open_clip_timm_model_names_of_another_owners_hub_repository_are_compare
     for i, name in enumerate(("hf-hub:Someone/ViT-Finetuned.v2@Release", "hf_hub:someone/vit-finetuned.v2@Release",
                               "HF_Hub:SOMEONE/vit-finetuned.V2@Release")):
         _check_quietly(base, save(f"same_{i}", name))
+    _check_quietly(save("default", "hf-hub:someone/vit-finetuned.v2"),
+                   save("main", "hf-hub:Someone/vit-finetuned.v2@main"))
     for i, name in enumerate(("hf-hub:someone/vit-finetuned.v2@release", "hf-hub:someone/vit-finetuned.v3@Release",
                               "hf-hub:other/vit-finetuned.v2@Release", "local-dir:someone/vit-finetuned.v2@Release")):
         with pytest.raises(ValueError, match=rf"\{{'vision_cfg.timm_model_name': '{re.escape(name)}'\}}, the base as "
