@@ -2416,8 +2416,7 @@ def _check_called_again(stack, i, block, task, hidden, named, name, first) -> No
     except Exception as e:
         # (it ran on these arguments as the model gave them; failing on what its call left there, it
         # is the change that fails, which the block's own error, noted as this call's, did not say)
-        first_line = str(e).splitlines()[0][:300] if str(e) else ""
-        how = f"and fails when called again on what that call left there ({type(e).__name__}: {first_line})"
+        how = f"and fails when called again on what that call left there ({_error_said(e)})"
         raise ValueError(_unreplayable(stack, i, task, name, named, how)) from e
     twice = _versions_of(named, count=torch.clone)
     changed = [name for name in named if not _same_contents(once[name], twice[name])]
@@ -2426,6 +2425,12 @@ def _check_called_again(stack, i, block, task, hidden, named, name, first) -> No
     if not _same_output(first, stack.adapter.hidden_of(again)):
         raise ValueError(_unreplayable(stack, i, task, name, named, "and returns other hidden states when called "
                                                                    "again on what that call left there"))
+
+
+def _error_said(e: BaseException) -> str:
+    """An error in one line, as the walk's refusals quote a block's or the model's: its type and the first
+    300 characters of its message's first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
 def _holds_objects(value) -> bool:
@@ -2510,8 +2515,7 @@ def _check_read_before_changed(stack, task, called) -> None:
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
-            first_line = str(e).splitlines()[0][:300] if str(e) else ""
-            how = f"fails when called again on it ({type(e).__name__}: {first_line})"
+            how = f"fails when called again on it ({_error_said(e)})"
         else:
             if _same_output(first.fresh(own=False) if isinstance(first, _CheckCopy) else first,
                             stack.adapter.hidden_of(again)):
@@ -2591,7 +2595,6 @@ def _run_block(stack, j, block, hidden, named, ran_on=None):
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, IndexError, TypeError, NotImplementedError, AttributeError) as e:
-        first_line = str(e).splitlines()[0][:300] if str(e) else ""
         # (called alike on an item before, or handed just what the model gave it, no cache taken nor a
         # TypeError of the walk's calling it by name: not a block the walk cannot call, but its own error;
         # an input under a cache's name that the walk keeps, _caches_in's, is what the model gave it)
@@ -2599,9 +2602,9 @@ def _run_block(stack, j, block, hidden, named, ran_on=None):
         as_given = not isinstance(e, TypeError) and not taken and "use_cache" not in named
         if ran_on is not None or as_given:
             how = f"having run on {ran_on}" if ran_on is not None else "called with the model's own arguments"
-            raise ValueError(f"block {j} at {stack.prefix!r} raised on this calibration item ({type(e).__name__}: "
-                             f"{first_line}), {how}: an error of the block's own on this input") from e
-        wrong = f"block {j} fails when called as the model called it ({type(e).__name__}: {first_line})"
+            raise ValueError(f"block {j} at {stack.prefix!r} raised on this calibration item ({_error_said(e)}), "
+                             f"{how}: an error of the block's own on this input") from e
+        wrong = f"block {j} fails when called as the model called it ({_error_said(e)})"
     if wrong:
         raise ValueError(f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are not blocks the walker can "
                          f"quantize one by one: {wrong}; register an adapter for this family "
@@ -2638,11 +2641,10 @@ def _refuse_stand_in(stack, called, error, taken: Optional[str] = None):
     given = stack.adapter.passthrough_of(block, hidden)
     # (more outputs than the stand-in's: what the model takes of them after the block is missing)
     if isinstance(real, (tuple, list)) and len(real) > (len(given) if isinstance(given, (tuple, list)) else 1):
-        first_line = str(error).splitlines()[0][:300] if str(error) else ""
         raise StandInError(
             f"the blocks at {stack.prefix!r} ({stack.adapter.name}) return {kind(real)} (block {j}: "
             f"{type(block).__name__}) where the adapter's stand-ins return {kind(given)}, and the model "
-            + (f"took {taken} out of that" if taken else f"failed on that ({type(error).__name__}: {first_line})")
+            + (f"took {taken} out of that" if taken else f"failed on that ({_error_said(error)})")
             + ": give the adapter a passthrough_of returning what they return (and a next_kwargs handing on what a "
               "later block takes of it, as epmq.adapters.WAVLM's position bias), or walk them with "
               "epmq.adapters.AUTO, which runs them") from error
@@ -3790,8 +3792,7 @@ class _Walk:
                                 # a misspelt input's name before any block: the model's own error,
                                 # named as the calibration's; a block's ValueErrors are epmq's own)
                                 raise ValueError(f"calibration[{task!r}] item {n}: the model cannot run it "
-                                                 f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
-                                                 f"{_meta_hint(self.model, e)}") from e
+                                                 f"({_error_said(e)}){_meta_hint(self.model, e)}") from e
                             else:
                                 if e is not now["raised"]:  # (the model's own code between the blocks)
                                     where = (f"after block {stack.names[now['called'][0]]!r}" if now["called"]
@@ -4122,7 +4123,7 @@ class _Walk:
                     if not first:  # (an error of the block's, noted)
                         raise
                     raise ValueError(f"calibration[{task!r}] item 0: the block {prefix!r} cannot run on its "
-                                     f"input ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+                                     f"input ({_error_said(e)})") from e
                 self.writes_input |= before is not None and version(probe) != before
                 for rel in rels:
                     calls[rel] = max(calls.get(rel, 0), len(reads.get(rel, ())) - counted[rel])
