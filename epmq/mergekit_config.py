@@ -231,8 +231,6 @@ def _value_at(value, x: float, where: str) -> float:
     return (1 - frac) * values[i0] + frac * values[i1]
 
 
-
-
 class Schedule:
     """mergekit's value of a setting (a number, a gradient, filters) for each tensor name: a
     tensor's layer is the number after its block list (``layer_part``; layer ``i`` of ``num_layers``
