@@ -19,9 +19,9 @@ Where the two may differ, and why:
 
 - a weight on a rounding tie (float32 noise decides; the symmetric grid puts each group's most
   negative weight exactly on one); the error feedback then carries the difference along the row;
-- per output channel with dead columns (features that never fire): the reference fits the
-  grid before it zeroes them, so their weights widen it; ours fits every grid to the live
-  columns (and rounds the dead ones on it), as the reference itself does for groups;
+- groups with dead columns (features that never fire): the reference fits a group's grid
+  after it zeroes them (per output channel, before: there the grids agree); ours fits every
+  grid with them, as RTN does, and rounds them on it rather than storing 0;
 - dynamic groups smaller than the block (64 here, blocks of 128): the reference fits the grid of a group
   that starts inside a block to weights that lack the updates of the block's earlier columns;
   ours fits it to the updated weights, what the unblocked column loop sees.

@@ -59,13 +59,10 @@ def gptq_paper(W, H, spec: QuantSpec, percdamp=0.01):
     H = H + damp * torch.eye(d_in, dtype=H.dtype)
     gs = d_in if spec.group_size == -1 else spec.group_size
     static = spec.group_size == -1 or spec.static_groups
-    # grids are fitted to the live columns: a dead column's weights count as 0 there, unless the
-    # whole group is dead (then to its own weights, as RTN would)
-    def fitted(block, dead_block):
-        return grid64(block if dead_block.all() else block.masked_fill(dead_block, 0.0), spec.bits, spec.sym)
-
+    # grids are fitted to every column of the group, dead ones too (as RTN's: a dead column must
+    # not be clamped where its input fires after calibration)
     if static:  # parameters of each stored-order group from the original weights
-        params = [fitted(W[:, g : g + gs], dead[g : g + gs]) for g in range(0, d_in, gs)]
+        params = [grid64(W[:, g : g + gs], spec.bits, spec.sym) for g in range(0, d_in, gs)]
     W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W)
@@ -74,7 +71,7 @@ def gptq_paper(W, H, spec: QuantSpec, percdamp=0.01):
         if static:
             scale, zero = params[int(perm[j]) // gs]
         elif j % gs == 0:
-            scale, zero = fitted(W[:, j : j + gs], dead[j : j + gs])
+            scale, zero = grid64(W[:, j : j + gs], spec.bits, spec.sym)
         Q[:, j] = round64(W[:, j], scale, zero, spec.bits)
         gap[:, j] = tie_gap(W[:, j], scale)
         err = (W[:, j] - Q[:, j]) / U[j, j]
@@ -196,24 +193,31 @@ def test_loss_on_a_hessian_of_low_rank(gen, bits, percdamp):
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(bits=8, group_size=-1), QuantSpec(bits=3, group_size=16),
+                                  QuantSpec(bits=2, group_size=32, sym=True),
+                                  QuantSpec(bits=4, group_size=16, act_order=True),
                                   QuantSpec(bits=4, group_size=16, act_order=True, static_groups=True)], ids=str)
-def test_dead_columns_are_rounded_on_the_live_grid(gen, spec):
-    """A dead column (never fired in calibration) takes no error from the live ones and does not
-    widen their grid: the grid is the one found with it at 0, and its weights are W itself
-    rounded (and clamped) on that grid."""
+@pytest.mark.parametrize("method", ["gptq", "epmq"])
+def test_dead_columns_are_never_worse_than_rtn(gen, spec, method):
+    """A dead column (its input never fired in calibration) takes no error from the live ones,
+    but where the unit fires later its weight counts: its group's grid is fitted with it, as
+    RTN's is, and it is rounded to nearest on that grid, never clamped to a grid of the live
+    columns alone (which was off by up to all of the weight). A static grid is RTN's own."""
     W, H = random_problem(gen, dead=5)
     dead = torch.diagonal(H) == 0
     W[:, dead] *= 50  # far outside the live columns' range
-    res = quant.gptq(W, H, spec)
+    if method == "gptq":
+        res = quant.gptq(W, H, spec)
+    else:
+        res = quant.epmq(W, [W + 0.1 * torch.randn(W.shape, generator=gen)], [H], spec)
     assert res.dead_columns == 5
-    alive = quant.gptq(W.masked_fill(dead, 0.0), H, spec)
-    torch.testing.assert_close(res.weight[:, ~dead], alive.weight[:, ~dead], rtol=0, atol=0)
-    torch.testing.assert_close(res.scales, alive.scales, rtol=0, atol=0)
     g = res.g_idx.long()[dead]
-    scale, zero = res.scales[:, g], res.zeros[:, g]
-    expected = (torch.clamp(torch.round(W[:, dead] / scale) + zero, 0, spec.maxq) - zero) * scale
-    torch.testing.assert_close(res.weight[:, dead], expected, rtol=0, atol=0)
-    assert (res.weight[:, dead].abs() < W[:, dead].abs()).any()  # clamped: the grid stayed narrow
+    scale, zero, target = res.scales[:, g], res.zeros[:, g], res.target[:, dead]
+    nearest = (torch.clamp(torch.round(target / scale) + zero, 0, spec.maxq) - zero) * scale
+    assert torch.equal(res.weight[:, dead], nearest)
+    assert bool(((res.weight[:, dead] - target).abs() <= scale * (0.5 + 1e-6)).all())  # the grid covers it
+    if spec.group_size == -1 or spec.static_groups:
+        rtn = quant.rtn(res.target, spec)
+        assert torch.equal(res.scales, rtn.scales) and torch.equal(res.weight[:, dead], rtn.weight[:, dead])
 
 
 SPECS_DEAD = [QuantSpec(bits=4, group_size=16), QuantSpec(bits=4, group_size=-1),
