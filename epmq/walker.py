@@ -2169,11 +2169,13 @@ def _recurrent_state(value) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in value)
 
 
-def _refuse_filled_cache(stack, block, args, kwargs) -> None:
+def _refuse_filled_cache(stack, block, args, kwargs, task, n) -> None:
     """Refuse ``stack`` where the model hands its first block a cache holding tokens (PI05's action
     expert attends to the KV cache its VLM filled with the prefix): the walk calls every block
     without a cache, so their attention would miss those tokens, the masks made for them would not
-    fit (torch's bare shape error deep inside) or, where they did, the statistics would be wrong."""
+    fit (torch's bare shape error deep inside) or, where they did, the statistics would be wrong.
+    Named by calibration[``task``] item ``n``: a state comes with some items alone (RWKV's, of a
+    generation's earlier tokens, given by the user), and the refusal named none of them."""
     signature = inspect.signature(block.forward)
     try:
         bound = signature.bind(*args, **kwargs).arguments
@@ -2187,21 +2189,21 @@ def _refuse_filled_cache(stack, block, args, kwargs) -> None:
         # (_caches_in's state, RWKV's recurrent one, is a list of tensors whether it holds tokens or not)
         if key == "state" and not _starts_afresh(stack, block, args, kwargs, cache):
             raise ValueError(
-                f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are handed a state (a {type(cache).__name__} "
-                f"of tensors) that block 0 returns other hidden states without: the walk calls the blocks without "
-                f"a recurrent state (RWKV's, which they write their tokens into), and cannot replay one that holds "
-                f"earlier tokens: give whole sequences without one; an input of the blocks' that is no recurrent "
-                f"state goes under another name")
+                f"calibration[{task!r}] item {n}: the blocks at {stack.prefix!r} ({stack.adapter.name}) are handed a "
+                f"state (a {type(cache).__name__} of tensors) that block 0 returns other hidden states without: the "
+                f"walk calls the blocks without a recurrent state (RWKV's, which they write their tokens into), and "
+                f"cannot replay one that holds earlier tokens: give whole sequences without one; an input of the "
+                f"blocks' that is no recurrent state goes under another name")
         if key != "state" and _holds_tokens(cache):
             legacy = not callable(getattr(cache, "get_seq_length", None))
             held = (f" (a {type(cache).__name__} of keys and values)" if legacy
                     else f" of {cache.get_seq_length()} tokens")
             raise ValueError(
-                f"the blocks at {stack.prefix!r} ({stack.adapter.name}) are handed a {key}{held} that the model "
-                f"filled before them (PI05's action expert attends to the KV cache its VLM filled with the prefix): "
-                f"the walk calls each block without a cache and cannot replay it, so their inputs would not be "
-                f"those of the model; leave them out (walk the other towers: the default walk, adapter= without "
-                f"the one taking them, or layers=), and they stay in full precision"
+                f"calibration[{task!r}] item {n}: the blocks at {stack.prefix!r} ({stack.adapter.name}) are handed "
+                f"a {key}{held} that the model filled before them (PI05's action expert attends to the KV cache its "
+                f"VLM filled with the prefix): the walk calls each block without a cache and cannot replay it, so "
+                f"their inputs would not be those of the model; leave them out (walk the other towers: the default "
+                f"walk, adapter= without the one taking them, or layers=), and they stay in full precision"
                 + (f"; an input of the blocks' that is no cache goes under another name than {key}" if legacy else ""))
 
 
@@ -3607,7 +3609,7 @@ class _Walk:
         def recorder(j, block):
             def fn(*args, **kwargs):
                 if j == 0 and not now["past"]:
-                    _refuse_filled_cache(stack, block, args, kwargs)
+                    _refuse_filled_cache(stack, block, args, kwargs, now["task"], now["n"])
                 hidden, named = _bind(block, args, kwargs)
                 named = self._expert_values(named)
                 if now["past"]:  # (called again after the last block: weights shared across depth)

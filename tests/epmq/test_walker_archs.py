@@ -881,6 +881,23 @@ def test_an_rwkv_handed_its_state_of_earlier_tokens_is_refused(gen, monkeypatch)
     assert_same_statistics(seen, hand)
 
 
+def test_an_rwkv_state_given_with_one_item_alone_is_refused_naming_that_item(gen):
+    """The refusal of a state of earlier tokens is made item by item (each item's own state, block 0 run
+    with and without it), but named no item: with one among many calibration items carrying a state, the
+    user was not told which. Named by task and item, the model untouched."""
+    model = _rwkv(0).eval()
+    ids = [torch.randint(0, VOCAB, (1, 8), generator=gen) for _ in range(2)]
+    with torch.no_grad():
+        state = model(ids[0][:, :4], use_cache=True).state
+    items = [{"input_ids": ids[0]}, {"input_ids": ids[1][:, 4:], "state": [s.clone() for s in state]}]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^calibration\['a'\] item 1: the blocks at 'rwkv\.blocks' \(auto\) are "
+                                         r"handed a state \(a list of tensors\)"):
+        epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": items}, backend="torch", progress=False)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_a_checkpoint_of_a_rescaled_rwkv_holds_its_weights_as_transformers_loads_them(gen, tmp_path):
     """RWKV's checkpoints hold its weights undivided: transformers' loader (a serving engine's)
     leaves layers_are_rescaled False and divides them on the first forward in eval mode. epmq
