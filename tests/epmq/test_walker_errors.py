@@ -431,6 +431,37 @@ def test_calibration_that_misses_a_tower(gen):
     assert all(layer["name"].startswith("visual.") for layer in model.epmq_report.layers)
 
 
+
+def test_a_later_sample_that_misses_a_tower_leaves_the_model_and_experts_as_they_were(gen, monkeypatch):
+    """Which towers calibration reaches is checked up front on each task's first sample alone: a later one
+    (an image without its text) is refused by the probes at the text tower's entry, once the image tower's
+    blocks are solved and packed. The model is rolled back, not left with its image tower quantized: its
+    linears, their weights and every tensor as they were, its outputs the same, no report; the experts
+    untouched."""
+    fam = Family("open_clip_clip", gen, n_samples=2)
+    calibration = {t: [items[0], {"image": items[1]["image"]}] for t, items in fam.calibration.items()}
+    model = fam.merged()
+    before, experts = snapshot(model), {t: snapshot(e) for t, e in fam.experts.items()}
+    item = fam.calibration[next(iter(fam.calibration))][0]
+    want = output(model, item)
+    solved = []
+    real = quant.epmq_from_stats
+
+    def counted(*args, **kwargs):
+        solved.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quant, "epmq_from_stats", counted)
+    with pytest.raises(ValueError, match=r"calibration sample 1 of task '\w+' never reaches the blocks at "
+                                         r"'transformer\.resblocks'"):
+        quantize(fam, model, calibration=calibration)
+    assert solved  # (the image tower's blocks were solved before the refusal)
+    assert_untouched(model, before)
+    assert not hasattr(model, "epmq_report")
+    torch.testing.assert_close(output(model, item), want, rtol=0, atol=0)
+    for task, expert in fam.experts.items():
+        assert_untouched(expert, experts[task])
+
 class Net(nn.Module):
     """Two blocks of ``block_type`` in a ModuleList, called in turn."""
 
