@@ -192,21 +192,27 @@ def _maybe_converted(base, module, out_in, bound) -> list:
     index before it named every layer of the tower's) that no adapted module took, sharing a
     dimension with the weight, of another shape; none where the base holds tensors under the
     module's parent (it names that module as the model does: the weight is missing, not
-    converted). A module outside any block list (a tower's own, model.vision.1.embeddings.q_proj)
-    is held by none of the layers of a list: their tensors are left out, as are PEFT's own."""
+    converted). A module outside any block list is in the list its last number is of (a
+    Sequential's layer, model.vision.1.encoder.3.q_proj: the tower's index before it names the
+    whole tower), or is a tower's own (model.vision.1.embeddings.q_proj): held by no layer of a list
+    nested below that number, whose tensors are left out, as are PEFT's own."""
     parts = module.split(".")
     layer = layer_part(parts)
     outside = layer is None
-    if outside:  # (layers in a list of another name, a Sequential's: its first number; else its parent)
-        layer = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 2)
+    if outside:  # (its innermost list's number, of its parents' names; else its parent)
+        layer = max((i for i, part in enumerate(parts[:-1]) if part.isdigit()), default=len(parts) - 2)
     prefix, parent = ".".join(parts[:layer + 1]) + ".", ".".join(parts[:-1]) + "."
     keys = [k for k in base.keys() if k.startswith(prefix) and not any(
         peft in k for peft in (".lora_", ".base_layer.", ".modules_to_save.", ".original_module."))]
     if any(k.startswith(parent) for k in keys):
         return []
+
+    def nested(key):  # (a number below the module's last: a list's layer, holding none of its weights)
+        return any(part.isdigit() for part in key[len(prefix):].split(".")[:-1])
+
     found = []
     for key in keys:
-        if key not in bound and not (outside and layer_part(key.split(".")) is not None):
+        if key not in bound and not (outside and nested(key)):
             shape = tuple(base.shape(key))
             if len(shape) == 2 and shape not in (out_in, out_in[::-1]) and set(shape) & set(out_in):
                 found.append(key)

@@ -1214,6 +1214,24 @@ def test_the_tensors_said_to_hold_a_towers_own_missing_weight_are_none_of_its_la
         epmq.LoraExpert(tmp_path / "adapter", base=layers)
 
 
+def test_the_tensors_said_to_hold_a_missing_weight_are_of_its_own_sequential_layer_in_a_tower(tmp_path, gen):
+    """A base given as tensors whose tower holds its layers in a Sequential (model.vision.1.encoder.1, no block
+    list's name): the tower's index was taken for the layer's number, and the refusal said of layer 1's q_proj
+    that "its layer holds" layer 0's query_key_value and the tower's own pool's qkv. It names layer 1's
+    tensors alone; a LoRA on the tower's own module, none of the Sequential's layers'."""
+    base = {f"model.vision.1.encoder.{i}.attention.query_key_value.weight": torch.randn(96, 32, generator=gen)
+            for i in range(2)}
+    base["model.vision.1.pool.qkv.weight"] = torch.randn(96, 32, generator=gen)
+    _q_proj_adapter(tmp_path / "layer", "model.vision.1.encoder.1.self_attn.q_proj", gen)
+    with pytest.raises(ValueError, match=r"its layer holds \['model\.vision\.1\.encoder\.1\.attention\."
+                                         r"query_key_value\.weight'\]: a checkpoint's tensors may hold"):
+        epmq.LoraExpert(tmp_path / "layer", base=base)
+    _q_proj_adapter(tmp_path / "own", "model.vision.1.embeddings.q_proj", gen)
+    with pytest.raises(ValueError, match=r"its layer holds \['model\.vision\.1\.pool\.qkv\.weight'\]: "
+                                         r"a checkpoint's tensors may hold"):
+        epmq.LoraExpert(tmp_path / "own", base=base)
+
+
 def test_a_base_checkpoint_holding_an_adapted_linear_inside_a_converted_tensor_is_refused_by_name(tmp_path):
     """A LoRA adapter on q_proj of a model whose checkpoints hold q, k and v as rows of one tensor
     that transformers splits (and permutes) on loading (Step 3.7's vision tower:
