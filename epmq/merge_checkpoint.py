@@ -1581,21 +1581,43 @@ def _reads_own_tokenizer(config: dict) -> bool:
     return any(_text_tokenizer(config, ("hf_tokenizer_name",), nested=True).values())
 
 
+def _tokenizer_home(path: Path) -> Path:
+    """The directory whose tokenizer files tokenize the texts of the model at ``path``: its own; a LoRA
+    adapter's where it saves some (tokens added in training), else its named base's, which it was trained
+    on (the hub's config and tokenizer snapshot of a hub id, as ``_config`` reads it)."""
+    directory = path if path.is_dir() else path.parent
+    named = named_base(directory) if is_lora_adapter(directory) else None
+    if named is None or any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
+        return directory
+    try:
+        return json_files(named, revision=named_revision(directory))
+    except CheckpointError:
+        return directory  # (what reads the adapter's base says why it cannot)
+
+
 def _check_tokenizer_files(path: Path, reference_path: Path, what: str, ref_name: str, goal: str) -> None:
-    """A model tokenized by its directory's own files (``_reads_own_tokenizer``) beside a reference whose
-    files differ: the same hf_tokenizer_name in both configs, a fine-tune's own vocabulary in its directory
-    was merged in silence, the merged model then tokenizing its texts by the files copied to it. Refused
-    naming the files both directories hold whose contents differ, unless both load as one tokenizer (saved
-    otherwise: another transformers writes another tokenizer_config.json)."""
-    mine, theirs = (p if p.is_dir() else p.parent for p in (path, reference_path))
-    differ = [name for name in HF_TOKENIZER_FILES if (mine / name).is_file() and (theirs / name).is_file()
-              and _signature(mine / name) != _signature(theirs / name)]
-    if not differ or _tokenizes_alike(mine, theirs):
+    """A model tokenized by its directory's own files (``_reads_own_tokenizer``; a LoRA adapter's, or its
+    base's: ``_tokenizer_home``) beside a reference whose files differ: the same hf_tokenizer_name in both
+    configs, a fine-tune's own vocabulary in its directory was merged in silence, the merged model then
+    tokenizing its texts by the files copied to it. Refused naming the files both directories hold whose
+    contents differ and those one holds alone (an added_tokens.json: tokens added in training), unless both
+    load as one tokenizer (saved otherwise: another transformers writes another tokenizer_config.json, a
+    slow tokenizer's vocab.json beside a tokenizer.json). A directory holding no tokenizer file says nothing
+    of its tokens (open_clip cannot load it by local-dir:), and files of no tokenizer (a README) none."""
+    mine, theirs = _tokenizer_home(path), _tokenizer_home(reference_path)
+    held = [[name for name in HF_TOKENIZER_FILES if (d / name).is_file()] for d in (mine, theirs)]
+    if not all(held):
         return
-    raise ValueError(f"{what} holds other tokenizer files than the {ref_name} (other contents of "
-                     f"{', '.join(differ)}): open_clip tokenizes a model loaded from its directory (local-dir:) "
-                     f"by that directory's own files, which its hf_tokenizer_name does not say, its embedding rows "
-                     f"then standing for other tokens: {goal.format('tokenizer')}")
+    differ = [name for name in held[0] if name in held[1] and _signature(mine / name) != _signature(theirs / name)]
+    alone = [(name, f"{what}'s alone") for name in held[0] if name not in held[1]] + [
+        (name, f"the {ref_name}'s alone") for name in held[1] if name not in held[0]]
+    if not (differ or alone) or _tokenizes_alike(mine, theirs):
+        return
+    said = [f"other contents of {', '.join(differ)}"] * bool(differ) + [f"{name}: {who}" for name, who in alone]
+    raise ValueError(f"{what} holds other tokenizer files than the {ref_name} ({'; '.join(said)}): open_clip "
+                     f"tokenizes a model loaded from its directory (local-dir:) by that directory's own files, which "
+                     f"its hf_tokenizer_name does not say, its embedding rows then standing for other tokens: "
+                     f"{goal.format('tokenizer')}")
 
 
 def _tokenizes_alike(mine: Path, theirs: Path) -> bool:

@@ -3878,6 +3878,52 @@ def test_open_clip_models_tokenized_by_their_directories_other_tokenizer_files_a
     _check_quietly(save("bpe_base", hf_tokenizer_name=""), save("bpe", ("<unk>", "dog", "cat"), hf_tokenizer_name=""))
 
 
+def test_open_clip_models_tokenized_by_files_one_directory_holds_alone_or_by_a_lora_adapters_are_refused(tmp_path):
+    """Only the tokenizer files both directories held were compared: a fine-tune saving the base's files and an
+    added_tokens.json (tokens added in training, which transformers reads into the tokenizer) was merged in
+    silence, as was a LoRA adapter holding its own tokenizer, or one without files (tokenized by its base's)
+    beside a model of another vocabulary. A file one holds alone is refused, naming it and whose it is, where
+    the two do not load as one tokenizer; one that changes nothing (a special_tokens_map.json restating the
+    unknown token), or a README, is not."""
+    def save(name, words=("<unk>", "cat", "dog")):
+        text = {"width": 32, "heads": 4, "layers": 2, "hf_tokenizer_name": "someone/tok"}
+        path = _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
+                                     text_cfg=text)
+        if words:
+            _word_tokenizer(path, list(words))
+        return path
+
+    def adapter(name, base, words=()):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                              "base_model_name_or_path": str(base)}))
+        if words:
+            _word_tokenizer(path, list(words))
+        return path
+
+    base = save("base")
+    added = save("added")
+    (added / "added_tokens.json").write_text(json.dumps({"<new>": 3}))
+    with pytest.raises(ValueError, match=r"model added holds other tokenizer files than the base \(added_tokens\.json: "
+                                         r"model added's alone\): open_clip tokenizes"):
+        _check_quietly(base, added)
+    with pytest.raises(ValueError, match=r"model base holds other tokenizer files than the base \(added_tokens\.json: "
+                                         r"the base's alone\)"):
+        _check_quietly(added, base)
+    plain = save("plain")
+    (plain / "special_tokens_map.json").write_text(json.dumps({"unk_token": "<unk>"}))
+    (plain / "README.md").write_text("a fine-tune\n")
+    _check_quietly(base, plain)
+    with pytest.raises(ValueError, match=r"model own holds other tokenizer files than the base \(other contents of "
+                                         r"tokenizer\.json\)"):
+        _check_quietly(base, adapter("own", base, ("<unk>", "cat", "dog", "<new>")))
+    _check_quietly(base, adapter("bare", base))
+    with pytest.raises(ValueError, match=r"model swapped holds other tokenizer files than the base \(other contents "
+                                         r"of tokenizer\.json\)"):
+        _check_quietly(adapter("on_base", base), save("swapped", ("<unk>", "dog", "cat")))
+
+
 def test_open_clip_vits_of_a_transposed_patch_grid_are_refused(tmp_path):
     """An open_clip ViT's position embeddings are one per patch of its image_size // patch_size grid: a
     rectangular image_size transposed ([16, 32] against [32, 16], the same patch) holds tensors of the same
