@@ -2153,6 +2153,13 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
             # may give as many groups of them, 16 where the rule says 20 for 48 inputs)
             info["group_size"] = _group_size_of(name, old.in_features, tensors[f"{name}.scales"].shape[0],
                                                 {**qconfig, **_dynamic_override(qconfig, name)}.get("group_size", -1))
+        if isinstance(old, QuantLinear):
+            # (a model quantized or loaded before: its layers were said to differ from a linear of their own
+            # shape, "QuantLinear(in_features=32, out_features=32, ...) in the model, the checkpoint has a 32->32
+            # linear", naming no cause)
+            raise ValueError(f"{name!r} is packed already in the model given ({old}): load_quantized fills a fresh, "
+                             f"unquantized instance of the checkpoint's architecture, or builds one from its "
+                             f"{HF_CONFIG_FILE} with model=None")
         shape = (info["in_features"], info["out_features"])
         if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != shape:
             raise ValueError(

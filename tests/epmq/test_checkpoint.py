@@ -124,6 +124,20 @@ def test_load_rejects_another_architecture(gen, tmp_path):
         epmq.load_quantized(tmp_path, fam.fresh())
 
 
+def test_a_model_quantized_already_is_refused_as_packed_not_as_another_shape(gen, tmp_path):
+    """A model whose layers are packed (quantized, or loaded before) was refused as if the checkpoint's layer
+    were of another shape: "QuantLinear(in_features=32, out_features=32, ...) in the model, the checkpoint has a
+    32->32 linear". Said of the packed layer, with the fresh model or model=None to load into."""
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    for packed in (model, epmq.load_quantized(tmp_path / "q")):
+        with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.q_proj' is packed already in the "
+                                             r"model given \(QuantLinear\(.*\)\): .*fresh, unquantized.*model=None"):
+            epmq.load_quantized(tmp_path / "q", packed)
+    loaded = epmq.load_quantized(tmp_path / "q", fam.fresh())
+    torch.testing.assert_close(output(loaded, fam.test_item), output(model, fam.test_item), rtol=0, atol=0)
+
+
 def test_a_device_it_cannot_load_onto_is_named_not_the_checkpoint(gen, tmp_path):
     """device="cuda" without a GPU was reported as 'cannot read .../model.safetensors: RuntimeError:
     Found no NVIDIA driver', the checkpoint blamed; a misspelt device was torch's bare RuntimeError.
