@@ -191,8 +191,15 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
         if d_in and (int(col_group.min()) < 0 or int(col_group.max()) >= scales.shape[1]):
             raise ValueError(f"col_group out of range [0, {scales.shape[1]})")
         maxq = 2**bits - 1
-        if not bool(torch.isfinite(scales).all() and (scales > 0).all()):
-            raise ValueError("a static grid's scales must be finite and positive")
+        # (checked as read, in fp32: an fp64 scale of 1e-50 is 0 there, every weight solved to 0 silently,
+        # and one of 1e39 inf, refused as an overflow blamed on Hinv)
+        read = scales.float()
+        bad = ~(torch.isfinite(read) & (read > 0))
+        if bool(bad.any()):
+            given, as_read = scales[bad][0].item(), read[bad][0].item()
+            said = f"{given:g}" if as_read == given or math.isnan(given) else f"{given:g} ({as_read:g} in float32)"
+            raise ValueError(f"a static grid's scales must be finite and positive in float32, as the solvers read "
+                             f"them, got {said}")
         if not bool(((zeros >= 0) & (zeros <= maxq) & (zeros == torch.round(zeros))).all()):
             raise ValueError(f"a static grid's zeros must be integers in [0, {maxq}] for {bits} bits")
 

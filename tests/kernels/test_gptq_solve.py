@@ -827,6 +827,27 @@ def test_an_fp64_hinv_past_fp32s_range_is_refused_naming_the_value(gen, solve):
     assert torch.isfinite(solve(W, edge, bits=4, sym=False, group_size=16).Q).all()
 
 
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_fp64_static_scales_past_fp32s_range_are_refused_naming_the_value(gen, solve):
+    """Both solvers read a static grid's scales in fp32: an fp64 scale of 1e-50, positive, passed the
+    check and was read as 0, every weight of its group solved to 0 with finite errors, silently; one of
+    1e39 was read as inf and refused as an overflow blamed on Hinv. Refused, naming the value as given
+    and as read."""
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    grid = static_grid(W, 4, False, 16)
+    row, group = int(torch.randint(8, (1,), generator=gen)), int(torch.randint(2, (1,), generator=gen))
+    for value, read in ((1e-50, "0"), (1e39, "inf"), (-1e-50, "-0")):
+        scales = grid["scales"].double()
+        scales[row, group] = value
+        with pytest.raises(ValueError, match=re.escape(f"scales must be finite and positive in float32, as the "
+                                                       f"solvers read them, got {value:g} ({read} in float32)")):
+            solve(W, Hinv, bits=4, sym=False, **{**grid, "scales": scales})
+    # (fp32's least normal, given in fp64, is a scale as read)
+    scales = grid["scales"].double()
+    scales[row, group] = torch.finfo(torch.float32).tiny
+    assert torch.isfinite(solve(W, Hinv, bits=4, sym=False, **{**grid, "scales": scales}).Q).all()
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's arithmetic is torch's on the CPU")
 def test_interpreted_solve_is_bit_identical_to_the_reference(gen):
     """Interpreted, the kernel's arithmetic is the reference's operation for operation
