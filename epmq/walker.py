@@ -2733,6 +2733,28 @@ def _token_rows(x: torch.Tensor, positions) -> torch.Tensor:
     return x[tuple(i.to(x.device) for i in positions[1])]
 
 
+def _held_bytes(values, device=None) -> int:
+    """Bytes of the tensors in ``values`` (nested as a block's arguments are) on ``device`` (any:
+    None), each storage once (T5's encoder states are in every decoder block's arguments)."""
+    storages = {}
+    for t, _ in _structure_and_leaves(values, lambda t: None, _OBJECTS_DEEP)[1]:
+        if isinstance(t, torch.Tensor) and (device is None or _same_device(t.device, device)):
+            storage = t.untyped_storage()
+            storages[t.device, storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether ``a`` is ``b``, where an index left out ("cuda") is the current one."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _gib(size: int) -> str:
+    """``size`` bytes for a person: in GiB, MiB or KiB, whichever reads from 0.1."""
+    unit = next((u for u in (30, 20) if size >= 2**u / 10), 10)
+    return f"{size / 2**unit:.1f} {dict([(30, 'GiB'), (20, 'MiB'), (10, 'KiB')])[unit]}"
+
+
 def _to_device(item, device, moved=None):
     """``item`` (tensors, nested in dicts, lists, tuples) on ``device``; a tensor that appears
     more than once (T5's encoder states, in every decoder block's kwargs) is moved once."""
@@ -2865,6 +2887,7 @@ class _Walk:
         self.stats_backend = quant.resolve_backend(backend, self.device)
         self.residual_precision = residual_precision
         self.writes_input = False  # whether the current block writes its input in place
+        self._solving = None  # (prefix, linears, leader) of the group whose statistics are held
         self.calls = {}  # per linear of the current block: its calls in one pass (the probes' most)
         # earlier stacks whose blocks the model calls among a later stack's (CoCa's decoder calls
         # a self-attention and a cross-attention block of two lists in turn): they run their own
@@ -3937,24 +3960,79 @@ class _Walk:
 
         total = sum(len(s.blocks) for s in self.stacks)
         label = self.method if self.t is None else f"{self.method} ({self.targets})"
-        with tqdm(total=total, desc=label, unit="block", disable=not progress) as bar:
-            for s, stack in enumerate(self.stacks):
-                for stream in filter(None, (self.q, self.t)):
-                    self._enter(s, stream)
-                for i, block in enumerate(stack.blocks):
-                    bar.set_postfix_str(stack.names[i])
-                    self._block(s, i, block)
-                    bar.update()
-                self._forget_outside()
-                for stream in filter(None, (self.q, self.t)):
-                    # (read by a later stack of its family alone, whose replayers return them, and by
-                    # the rounds: a tower of another family is run by the model, and its outputs for
-                    # every item were held on the walk's device through the rest of the walk)
-                    if stack.rounds > 1 or any(_one_family(stack, later, stream is self.q)
-                                               for later in self.stacks[s + 1:]):
-                        stream.finals[s] = {task: list(h) for task, h in stream.hidden.items()}
-                if stack.rounds > 1:
-                    self._more_rounds(s)
+        where = None  # (stack, block) being walked, block None while entering the stack: for _memory_note
+        try:
+            with tqdm(total=total, desc=label, unit="block", disable=not progress) as bar:
+                for s, stack in enumerate(self.stacks):
+                    where = s, None
+                    for stream in filter(None, (self.q, self.t)):
+                        self._enter(s, stream)
+                    for i, block in enumerate(stack.blocks):
+                        where = s, i
+                        bar.set_postfix_str(stack.names[i])
+                        self._block(s, i, block)
+                        bar.update()
+                    where = None  # (later rounds of its blocks: not said, each block's share is not told)
+                    self._forget_outside()
+                    for stream in filter(None, (self.q, self.t)):
+                        # (read by a later stack of its family alone, whose replayers return them, and by
+                        # the rounds: a tower of another family is run by the model, and its outputs for
+                        # every item were held on the walk's device through the rest of the walk)
+                        if stack.rounds > 1 or any(_one_family(stack, later, stream is self.q)
+                                                   for later in self.stacks[s + 1:]):
+                            stream.finals[s] = {task: list(h) for task, h in stream.hidden.items()}
+                    if stack.rounds > 1:
+                        self._more_rounds(s)
+        except torch.OutOfMemoryError as error:
+            # (torch's message names one allocation: not what filled the device, nor what shrinks it)
+            note = None if where is None else self._memory_note(*where)
+            if note is not None:
+                error.add_note(note)
+            raise
+
+    def _memory_note(self, s, i) -> Optional[str]:
+        """What the walk held on its device when it ran out of memory in stack ``s``'s block ``i``
+        (None: entering the stack), each part with the setting that shrinks it; None where it
+        cannot be told (the note must not replace the error it explains)."""
+        try:
+            stack, device = self.stacks[s], self.device
+            streams = [stream for stream in (self.q, self.t) if stream is not None]
+            items = sum(len(items) for items in self.calibration.values())
+            inputs = _held_bytes([[st.hidden, st.kwargs, st.recorded, st.finals] for st in streams], device)
+            held = [f"{_gib(inputs)} of the calibration's hidden states and block arguments ({items} item(s) of "
+                    f"{len(self.calibration)} task(s)"
+                    + (f", twice: the {self.t.name} targets' too" if self.t is not None else "")
+                    + "), which fewer or shorter calibration items shrink (epmq quantize: samples, seq_len; "
+                      "smaller batches, batch_size, lower a block pass's own peak)"]
+            if self.offload and i is not None:  # (the block, back off the device by now, was there)
+                held.append(f"{_gib(_held_bytes([list(stack.blocks[i].state_dict().values())]))} of the block's "
+                            f"weights")
+            elif not self.offload:
+                weights = _held_bytes([list(self.model.state_dict(keep_vars=True).values())], device)
+                held.append(f"{_gib(weights)} of the model's weights, which the model kept in CPU memory and "
+                            f"quantize_model's device={device.type!r} bring to one block at a time (epmq quantize "
+                            f"does so)" if device.type != "cpu" else f"{_gib(weights)} of the model's weights")
+            if self._solving is not None:
+                prefix, linears, leader = self._solving
+                size = sum(self._stats_bytes(linear, leader[rel] == rel, f"{prefix}.{rel}.weight")
+                           for rel, linear in linears.items())
+                names = ", ".join(list(linears)[:3]) + (", ..." if len(linears) > 3 else "")
+                if not self.true_sequential:
+                    fewer = ", which true_sequential=True holds one dependency group at a time"
+                elif stack.loops == 1 and len(set(leader[rel] for rel in linears)) > 1:  # (_chunked's cuts)
+                    fewer = (f", which a smaller epmq.walker.EXPERT_STATISTICS_BYTES (now "
+                             f"{_gib(EXPERT_STATISTICS_BYTES)}) cuts into chunks of linears, solved one after another")
+                else:
+                    fewer = ""
+                held.append(f"{_gib(size)} of the statistics of the {len(linears)} linear(s) being solved "
+                            f"({names}; in {str(self.stats_dtype).removeprefix('torch.')}, growing with their widths, "
+                            f"not with the calibration){fewer}")
+            block = f"block {stack.names[i]!r}" if i is not None else f"the model's forward up to {stack.prefix!r}"
+            return (f"(out of memory on {device} in {block}, the walk holding there " + "; ".join(held)
+                    + ("; or quantize on the CPU, in its memory (slower): quantize_model's device='cpu', "
+                       "epmq quantize's default)" if device.type != "cpu" else ")"))
+        except Exception:
+            return None
 
     def _more_rounds(self, s):
         """What a group run in rounds hands on (``_Stack.rounds``; the target streams were
@@ -4352,6 +4430,7 @@ class _Walk:
         input``) up to ``EXPERT_TARGET_INPUTS_KEPT_BYTES``; an item's kept there is not run again."""
         loops, adapter = stack.loops, stack.adapter
         linears = {rel: block.get_submodule(rel) for rel in group}
+        self._solving = prefix, linears, leader  # (what _memory_note prices, until they are solved)
         stats = {}
         for rel in group:  # (a leader comes before the linears that share its input)
             stats[rel] = self._new_stats(linears[rel], None if leader[rel] == rel else stats[leader[rel]])
@@ -4488,6 +4567,7 @@ class _Walk:
             if empty:  # (left out of the layer's objective: they add nothing to it)
                 entry["tasks_with_zero_inputs"] = empty
             self.report.layers.append(entry)
+        self._solving = None
 
     def _solve(self, linear, stats, name, factors=None):
         # (the solver's refusals, a Hessian it cannot factor or scale, name no layer: this one's)

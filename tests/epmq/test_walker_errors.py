@@ -543,6 +543,51 @@ def test_layer_out_of_gpu_memory_is_solved_on_the_cpu(gen, monkeypatch, method):
     torch.testing.assert_close(output(model, x), output(reference, x))
 
 
+def _kib(note: str, what: str) -> float:
+    """The size ``note`` gives ``what`` (``"... 12.5 KiB of what"``), in KiB."""
+    number, unit = re.search(r"([\d.]+) (KiB|MiB|GiB) of " + re.escape(what), note).groups()
+    return float(number) * {"KiB": 1, "MiB": 2**10, "GiB": 2**20}[unit]
+
+
+@pytest.mark.parametrize("where", ["statistics", "pass", "offloaded"])
+def test_running_out_of_memory_in_the_walk_says_what_it_held_and_what_shrinks_it(where, gen, monkeypatch):
+    """torch's out-of-memory error names the one allocation that failed: a walk that ran out of
+    memory in a block's statistics or pass said nothing of what filled the device (the calibration's
+    hidden states, the weights, the statistics) nor of the setting that shrinks each. The error
+    stays what it is, noted with them; the model is rolled back."""
+    from epmq.stats import HessianStats
+
+    fam = Family("llama", gen)
+    model, before = fam.merged(), None
+    before = snapshot(model)
+
+    def out_of_memory(*_, **__):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.50 GiB.")
+
+    if where == "pass":
+        model.model.layers[1].mlp.register_forward_pre_hook(out_of_memory)
+    else:
+        add_batch = HessianStats.add_batch
+        monkeypatch.setattr(HessianStats, "add_batch", lambda self, x, **kw: out_of_memory()
+                            if self.H.shape[0] == model.config.intermediate_size else add_batch(self, x, **kw))
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 3.50 GiB") as raised:
+        quantize(fam, model, method="gptq", experts=None, **({"device": "cpu"} if where == "offloaded" else {}))
+    (note,) = [n for n in raised.value.__notes__ if n.startswith("(out of memory")]
+    assert "in block 'model.layers.1'" in note if where == "pass" else "in block 'model.layers.0'" in note, note
+    # every item's input to the block, at least, B x T x width float32 activations
+    hidden = sum(item.numel() * model.config.hidden_size * 4 for items in fam.calibration.values() for item in items)
+    assert _kib(note, "the calibration's hidden states") >= hidden / 2**10, note
+    assert "(6 item(s) of 3 task(s)), which fewer or shorter calibration items shrink (epmq quantize: samples, " \
+           "seq_len; smaller batches, batch_size" in note, note
+    assert ("of the block's weights" in note) == (where == "offloaded") != ("of the model's weights" in note), note
+    if where == "pass":  # (block 1's first pass, the probe of its calls: no statistics held)
+        assert "statistics" not in note and any("block 'model.layers.1'" in n for n in raised.value.__notes__)
+    else:  # GPTQ's one float64 Hessian of the down projection's inputs, on the CPU
+        assert _kib(note, "the statistics of the 1 linear(s) being solved (mlp.down_proj;") \
+            == model.config.intermediate_size ** 2 * 8 / 2**10, note
+    assert_untouched(model, before)
+
+
 @pytest.mark.parametrize("method", ["gptq", "epmq"])
 def test_a_layer_calibration_never_reaches_is_rounded_to_nearest_with_a_warning(gen, method):
     """Block 0's attention sees only zeros (its input norm's weight is 0): q, k, v, and o (the
