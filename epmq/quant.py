@@ -35,7 +35,7 @@ import torch
 
 from epmq_kernels._runtime import fp32_mm, ieee_fp32_matmul, ieee_mm, split_once
 from epmq_kernels.expert_residual import DEFAULT_RESIDUAL_PRECISION, fold_hessians
-from epmq_kernels.gptq_solve import gptq_solve, solved_loss
+from epmq_kernels.gptq_solve import SolveOverflow, gptq_solve, solved_loss
 from epmq_kernels.grid import dequantize, find_group_params, quantize_codes
 
 from ._util import without_autocast
@@ -282,9 +282,14 @@ HESSIAN_SCALE = (1e-50, 1e50)  # the mean diagonals _factor takes (Hinv's entrie
 EPMQ_HESSIAN_SCALE = (2.0**-64, 2.0**64)
 
 
-def _factor(H: torch.Tensor, percdamp: float, perm: Optional[torch.Tensor] = None):
+def _more_damping(damp: float, mean_diag: float) -> float:
+    """A retry's damping: ten times more; from zero, 1e-6 of the mean diagonal."""
+    return damp * 10 if damp > 0 else 1e-6 * mean_diag
+
+
+def _factor(H: torch.Tensor, percdamp: float, perm: Optional[torch.Tensor] = None, damp: Optional[float] = None):
     """Damp ``H`` (float64, dead columns fixed; taken in the processing order ``perm``, or as it
-    is) until it factors.
+    is) until it factors; from ``damp`` where given (a retry's), else ``percdamp * mean(diag H)``.
 
     Returns ``(Hinv, damp, retries)`` with ``Hinv`` (fp32, what the solver runs on) the upper
     Cholesky factor of ``H~^{-1}``,
@@ -303,7 +308,7 @@ def _factor(H: torch.Tensor, percdamp: float, perm: Optional[torch.Tensor] = Non
         raise ValueError(f"the Hessian's mean diagonal {mean_diag:.3g} is outside [{HESSIAN_SCALE[0]:g}, "
                          f"{HESSIAN_SCALE[1]:g}], where its inverse factor fits float32: scale it "
                          f"(the codes do not depend on the Hessian's scale)")
-    damp = percdamp * mean_diag
+    damp = percdamp * mean_diag if damp is None else damp
     if not _fp64_is_fast(H.device):
         Hinv = _factor_fp32(H if perm is None else H[perm[:, None], perm[None, :]], damp)
         if Hinv is not None:
@@ -322,8 +327,7 @@ def _factor(H: torch.Tensor, percdamp: float, perm: Optional[torch.Tensor] = Non
             if all_finite(Hinv):
                 return Hinv, damp, retry
         L = Hinv = None
-        # the next try damps ten times more; from zero damping, start at 1e-6 of the mean
-        damp = damp * 10 if damp > 0 else 1e-6 * mean_diag
+        damp = _more_damping(damp, mean_diag)
     raise ValueError(
         f"the Hessian is not positive definite even with damping {damp / 10:.3g} "
         f"({MAX_DAMP_RETRIES} retries): check the calibration statistics"
@@ -465,51 +469,74 @@ def _round_target(
 
     W_base = W_base.detach().float()
     W_p = W_base if perm is None else W_base[:, perm]
-    R_p = None
+    G_p = None
     if G is not None:
-        # R = G H~^{-1} = (G Hinv^T) Hinv, in processing order, in IEEE fp32 like the solver's
-        # own updates: ~1e-6 of R from float64 products (at most 1.4e-5 on the demo's layers;
-        # 0.01% of codes move, at rounding ties, on residual_precision_study.py's layers), at
-        # half their cost on the CPU and far less on GPUs without fast float64 (L4, A10, RTX:
-        # 1/32 to 1/64 of the fp32 rate)
         G = G() if callable(G) else G
         if shift:  # (in float64, before float32 would flush or overflow it)
             G = _times_power_of_two(G.double(), -shift)
         G_p = G.float() if perm is None else G.float()[:, perm]
-        R_p = _times_upper(_times_upper(G_p, Hinv32, transposed=True, mm=mm), Hinv32, mm=mm)
-        if not all_finite(R_p):  # (each expert finite, their products in float32 not: W_0 + U V)
-            raise ValueError("E-PMQ's residual correction R = G H^-1 has non-finite values: the "
-                             "experts' weights (or W_0 + U V of a low-rank expert) overflow float32")
-    target_p = W_p if R_p is None else W_p + R_p
-    target = target_p if perm is None else _unpermute(target_p, perm)
     dead_p = dead if perm is None else dead[perm]
 
     group_size = spec.group_size
-    if group_size == -1 or spec.static_groups:
+    static = group_size == -1 or spec.static_groups
+    if static:
         # static grid: parameters from the original target, groups in stored column order
         gs = max(d_in, 1) if group_size == -1 else group_size  # (1: a layer of no inputs)
-        scales, zeros = find_group_params(target, gs, spec.bits, spec.sym)
         g_idx = torch.arange(d_in, device=device) // gs
         col_group = g_idx if perm is None else g_idx[perm]
-        grid = dict(group_size=-1, scales=scales, zeros=zeros, col_group=col_group)
     else:
         # dynamic groups: found in processing order as the solver reaches them
-        grid = dict(group_size=group_size)
         order = torch.arange(d_in, device=device) // group_size
         g_idx = order.clone()
         if perm is not None:
             g_idx[perm] = order
 
-    out = gptq_solve(
-        W_p.contiguous(),
-        Hinv32,
-        R=None if R_p is None else R_p.contiguous(),
-        bits=spec.bits,
-        sym=spec.sym,
-        blocksize=blocksize,
-        backend=backend,
-        **grid,
-    )
+    def solve(Hinv32):
+        """``(out, target_p)``: the target of this damping (E-PMQ's moves with it), solved."""
+        R_p = None
+        if G_p is not None:
+            # R = G H~^{-1} = (G Hinv^T) Hinv, in processing order, in IEEE fp32 like the solver's
+            # own updates: ~1e-6 of R from float64 products (at most 1.4e-5 on the demo's layers;
+            # 0.01% of codes move, at rounding ties, on residual_precision_study.py's layers), at
+            # half their cost on the CPU and far less on GPUs without fast float64 (L4, A10, RTX:
+            # 1/32 to 1/64 of the fp32 rate)
+            R_p = _times_upper(_times_upper(G_p, Hinv32, transposed=True, mm=mm), Hinv32, mm=mm)
+            if not all_finite(R_p):
+                if all_finite(G_p):  # (H~^-1's factor too large for float32: a nearly singular H, too little damping)
+                    raise SolveOverflow("E-PMQ's residual correction R = G H~^-1 overflowed float32 from a finite G "
+                                        "and Hinv: a nearly singular H, too little damping (raise percdamp)?")
+                # (each expert finite, their products in float32 not: W_0 + U V)
+                raise ValueError("E-PMQ's residual correction R = G H^-1 has non-finite values: the "
+                                 "experts' weights (or W_0 + U V of a low-rank expert) overflow float32")
+        target_p = W_p if R_p is None else W_p + R_p
+        if static:
+            target = target_p if perm is None else _unpermute(target_p, perm)
+            scales, zeros = find_group_params(target, gs, spec.bits, spec.sym)
+            grid = dict(group_size=-1, scales=scales, zeros=zeros, col_group=col_group)
+        else:
+            grid = dict(group_size=group_size)
+        out = gptq_solve(W_p.contiguous(), Hinv32, R=None if R_p is None else R_p.contiguous(), bits=spec.bits,
+                         sym=spec.sym, blocksize=blocksize, backend=backend, **grid)
+        return out, target_p
+
+    asked = damp
+    while True:
+        try:
+            out, target_p = solve(Hinv32)
+            break
+        except SolveOverflow as error:
+            # Too little damping for float32 (percdamp 0 on a nearly singular H, with large weights): as a
+            # factor that fails, solved again with more. (Not cached: the cache holds percdamp's factor.)
+            if retries >= MAX_DAMP_RETRIES or not mean_diag:  # (no live column: no H to damp)
+                raise ValueError(f"{error} (percdamp {damp / (mean_diag or 1):.3g} after {retries} retries)"
+                                 ) from error
+            Hinv32, damp, more = _factor(H64, percdamp, perm, damp=_more_damping(damp, mean_diag))
+            retries += 1 + more
+    if damp != asked:
+        # (as percdamp, H's scale apart: E-PMQ's is that of its task weights, which epmq may rescale)
+        warnings.warn(f"the solve overflowed float32 at percdamp {asked / mean_diag:.3g}: solved again at percdamp "
+                      f"{damp / mean_diag:.3g} (damping that times H's mean diagonal; retries: {retries})")
+    target = target_p if perm is None else _unpermute(target_p, perm)
     # The loss from the solver's errors (no product with H): tr(F H~ F^T) = sum(err^2) for the
     # damped H~ the solver ran on (F = Q - T); tr(F H F^T) = tr(F H~ F^T) - damp |F|^2 over the
     # live columns. A dead column's row and column of H are zero, but the solver weighed its
@@ -621,7 +648,7 @@ def epmq(
 
     ``percdamp`` changes the target, not only the factorisation. With ``H`` and ``G`` as in
     EPMQ_MATH.md and ``delta = percdamp * mean(diag H)`` (over the live columns, ``diag H > 0``;
-    ``result.damp``, raised where the factorisation needed retries), the rounded target
+    ``result.damp``, raised where the factorisation or the solve needed retries), the rounded target
     (``result.target``) is
 
         W* = W_m + G (H + delta I)^{-1} = (C + delta W_m) (H + delta I)^{-1},

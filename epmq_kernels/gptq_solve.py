@@ -204,6 +204,11 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
             raise ValueError(f"a static grid's zeros must be integers in [0, {maxq}] for {bits} bits")
 
 
+class SolveOverflow(ValueError):
+    """A solve whose finite W and Hinv overflowed float32 (``check_solved``): too little damping for
+    float32, which more damping cures (``epmq.quant`` retries so)."""
+
+
 def check_solved(out: SolveOut, W: torch.Tensor, R: Optional[torch.Tensor], starts: list) -> SolveOut:
     """``out`` of ``W`` (``+ R``, blocks from ``starts``), checked to be a solve that did not overflow
     float32; the cause named if it did.
@@ -233,15 +238,15 @@ def check_solved(out: SolveOut, W: torch.Tensor, R: Optional[torch.Tensor], star
     else:  # (Q finite: an error overflowed on a static grid, in a block whose err_sq is NaN)
         block = int(out.err_sq.isnan().any(0).nonzero()[0])
         end = starts[block + 1] if block + 1 < len(starts) else Q.shape[1]
-        raise ValueError(f"the solve overflowed float32: its errors are inf in columns {starts[block]} to {end - 1} "
-                         f"(processing order), from a finite W and Hinv. " + _OVERFLOW_CAUSE)
+        raise SolveOverflow(f"the solve overflowed float32: its errors are inf in columns {starts[block]} to "
+                            f"{end - 1} (processing order), from a finite W and Hinv. " + _OVERFLOW_CAUSE)
     column = int(bad.any(0).nonzero()[0])
     what = "NaN" if bool(t[:, column].isnan().any()) else "inf"
     if name is not None:
         raise ValueError(f"{name} has {what} at column {column} (processing order; in float32, as the solvers read "
                          f"it): the weights solved from it are not finite")
-    raise ValueError(f"the solve overflowed float32: its weights are first {what} at column {column} (processing "
-                     f"order), from a finite W and Hinv. " + _OVERFLOW_CAUSE)
+    raise SolveOverflow(f"the solve overflowed float32: its weights are first {what} at column {column} (processing "
+                        f"order), from a finite W and Hinv. " + _OVERFLOW_CAUSE)
 
 
 _OVERFLOW_CAUSE = ("Each column's error (w - q) / Hinv[j, j] is fed forward times Hinv[j, k], and Hinv holds "

@@ -428,6 +428,44 @@ def test_a_factor_that_is_not_finite_is_damped_again(gen, monkeypatch):
     assert ref.damp == pytest.approx(again.damp, rel=1e-12) and torch.equal(ref.codes, again.codes)
 
 
+def overflowing_problem(gen, n=64, d_in=8):
+    """Input 1 is input 0 times 1e-30 plus noise of 1e-36 (a nearly singular H whose undamped
+    factor fits float32, Hinv[0, 1] ~ 1e35) and weights of 1e10: undamped, column 0's error
+    reaches column 1 times 1e30, past float32."""
+    t = torch.randn(n, generator=gen, dtype=torch.float64)
+    X = torch.randn(n, d_in, generator=gen, dtype=torch.float64)
+    X[:, 0] = t
+    X[:, 1] = 1e-30 * t + 1e-36 * torch.randn(n, generator=gen, dtype=torch.float64)
+    return torch.randn(4, d_in, generator=gen) * 1e10, X.T @ X
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("method", ["gptq", "epmq"])
+def test_a_solve_that_overflows_is_damped_again(gen, method, backend, monkeypatch):
+    """percdamp 0 on such an H: the factor passed, the solve overflowed and GPTQ and E-PMQ stopped
+    with an error. Damped again, as a factor that fails is, with a warning naming the damping; the
+    result is the solve at that damping (E-PMQ's target moved with it)."""
+    W, H = overflowing_problem(gen)
+    spec = QuantSpec(bits=4, group_size=-1)
+
+    def solve(percdamp):
+        if method == "gptq":
+            return quant.gptq(W, H, spec, percdamp=percdamp, backend=backend)
+        return quant.epmq(W, [W * 1.01], [H], spec, percdamp=percdamp, backend=backend)
+
+    with pytest.warns(UserWarning, match=r"^the solve overflowed float32 at percdamp 0: solved again at percdamp "
+                                         r"1e-06 \(damping that times H's mean diagonal; retries: 1\)$"):
+        res = solve(0.0)
+    assert res.damp_retries == 1 and torch.isfinite(res.weight).all() and math.isfinite(res.loss)
+    direct = solve(1e-6)
+    assert direct.damp_retries == 0 and res.damp == direct.damp
+    assert torch.equal(res.codes, direct.codes) and torch.equal(res.target, direct.target)
+    assert res.loss == direct.loss
+    monkeypatch.setattr(quant, "MAX_DAMP_RETRIES", 0)
+    with pytest.raises(ValueError, match=r"overflowed float32.* \(percdamp 0 after 0 retries\)$"):
+        solve(0.0)
+
+
 def test_indefinite_hessian_retries_then_succeeds(gen):
     # a rank-deficient Gram matrix pushed slightly indefinite, as float32 accumulation can do
     W, H = random_problem(gen, d_in=32, n=8)
