@@ -306,6 +306,23 @@ def _lay_out_vocabulary(source, pad_to_multiple_of, base_state, sources, base_pa
         raise ValueError(f"tokenizer_source: {label[lacking[0]]} has no {names[0]} (the token embeddings) to lay out")
     views = [(k, v) for k, v in views if k not in lacking]  # (a partial checkpoint: refused later, by name)
     rows = {k: v.state.reader.shape(v.state.checkpoint_key(names[0]))[0] for k, v in views}
+    # (a LoRA adapter trained on resized embeddings saving those but not its untied head, which PEFT leaves out
+    # unless it is targeted: its head's rows the base's, fewer than its tokens. Laid out by its tokenizer, the
+    # head's rows were read past their end, an IndexError; without, the refusal asked for a tokenizer_source)
+    # (by the rows the model's own modules give them: a head may be built of another count than its embeddings)
+    built = {**dict(skeleton.named_parameters(remove_duplicate=False)), **dict(skeleton.named_buffers())}
+    for k, v in views:
+        for name, dim in [*((n, 0) for n in names[1:]), *((n, -1) for n in columns)]:
+            if name not in v.state or name not in built:
+                continue
+            n = v.state.reader.shape(v.state.checkpoint_key(name))[dim]
+            if n - rows[k] != built[name].shape[dim] - built[names[0]].shape[0]:
+                raise ValueError(f"{label[k]} has {rows[k]} embedding rows ({names[0]}) but {n} in {name}: its "
+                                 f"tensors indexed by the vocabulary disagree (a LoRA adapter trained with added "
+                                 f"tokens that saved its resized embeddings but not its resized output head: PEFT "
+                                 f"saves it only where modules_to_save or target_modules names it); save the "
+                                 f"adapter with its head, or merge it into the model it was trained in "
+                                 f"(merge_and_unload()) and pass that")
     if source is None:
         first = views[0][0]
         for k, _ in views[1:]:

@@ -509,6 +509,25 @@ def test_epmq_merge_config_with_a_vocabulary(models, tmp_path):
         "union", 16, config["tokens"])
 
 
+def test_a_lora_adapter_saving_its_resized_embeddings_without_its_head_is_refused_naming_both(models, tmp_path):
+    """A LoRA adapter trained with added tokens on embed_tokens (the model's embeddings and untied head resized):
+    PEFT saves the resized embeddings, not the head it was not told of, so the expert's head has the base's rows,
+    fewer than its tokens. Merged by the union of the tokenizers, its head's rows were read past their end (a bare
+    IndexError); without a tokenizer_source, the refusal asked for one. Refused naming the two tensors, either way."""
+    peft = pytest.importorskip("peft")
+    model = transformers.AutoModelForCausalLM.from_pretrained(models["base"])
+    model.resize_token_embeddings(len(WORDS) + 1, mean_resizing=False)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens"]))
+    lora.save_pretrained(tmp_path / "adapter")
+    word_level_tokenizer(tmp_path / "adapter", WORDS, [("<tool>", False)])
+    for source in ("union", None):
+        with pytest.raises(ValueError, match=r"model 1 \(\S*adapter\) has 25 embedding rows \(model\.embed_tokens\."
+                                             r"weight\) but 24 in lm_head\.weight: its tensors indexed by the "
+                                             r"vocabulary disagree"):
+            merge_checkpoints("task_arithmetic", [models["tool"], tmp_path / "adapter"], tmp_path / "out",
+                              base=models["base"], tokenizer_source=source, progress=False)
+
+
 def union_merge_and_chat_adapter(models, tmp_path, peft):
     """The chat and tool models' Task Arithmetic over their union vocabulary (its directory,
     returned), and a LoRA of the chat model saved as ``tmp_path / "adapter"`` (PEFT writes no
