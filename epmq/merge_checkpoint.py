@@ -55,7 +55,8 @@ from .lora import (adapter_directory, checkpoint_ties, is_lora_adapter, model_sk
                    open_expert)
 from .resume import hold_output
 from .vocabulary import (Aligner, build_vocabulary, check_tokenizer_source, check_tokens, checkpoint_tokenizer,
-                         holds_no_vocabulary, load_tokenizer, vocabulary_columns, vocabulary_names)
+                         holds_no_vocabulary, load_tokenizer, text_tower_embeddings, vocabulary_columns,
+                         vocabulary_names)
 
 RECIPE_FILE = MERGE_RECIPE_FILE
 CARD_MARK = "<!-- model card written by epmq merge; a README without this line is the user's -->"
@@ -297,9 +298,14 @@ def _lay_out_vocabulary(source, pad_to_multiple_of, base_state, sources, base_pa
         names = vocabulary_names(skeleton, list(reference.state))
         columns = vocabulary_columns(skeleton, list(reference.state))
     except ValueError:
+        # (a CLIPModel's own get_input_embeddings is none: its text tower's, beside experts of that tower or
+        # a vision tower's, which lack it, are checked as a model's; laid out by a tokenizer, they are not)
         if source is not None:
             raise
-        return None, tokenizers  # (without a source: nothing to check against, as before)
+        tower = text_tower_embeddings(skeleton, list(reference.state))
+        if tower is None:
+            return None, tokenizers  # (without a source: nothing to check against, as before)
+        names, columns = [tower], []
     label = {k: "the base" if k == "base" else v.label for k, v in views}
     lacking = [k for k, v in views if names[0] not in v.state]
     if lacking and source is not None:

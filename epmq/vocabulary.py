@@ -414,6 +414,18 @@ def vocabulary_names(skeleton, names: Sequence[str]) -> list:
     return found
 
 
+def text_tower_embeddings(skeleton, names: Sequence[str]) -> Optional[str]:
+    """The name among ``names`` of the token embeddings of ``skeleton``'s text tower, where the model gives
+    none of its own (a CLIPModel's, SigLIP's: ``get_input_embeddings`` is not theirs): the one embedding of
+    its text config's vocab_size rows that is no position's; None where there is not exactly one."""
+    vocab_size = getattr(getattr(getattr(skeleton, "config", None), "text_config", None), "vocab_size", None)
+    if not isinstance(vocab_size, int):
+        return None
+    found = [f"{n}.weight" for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Embedding)
+             and m.num_embeddings == vocab_size and "position" not in n and f"{n}.weight" in names]
+    return found[0] if len(found) == 1 else None
+
+
 def vocabulary_columns(skeleton, names: Sequence[str]) -> list:
     """The persistent buffers among ``names`` indexed by the vocabulary along dimension 1: of
     shape [1, vocabulary] (BART's, mBART's, Marian's and Pegasus' ``final_logits_bias``, which

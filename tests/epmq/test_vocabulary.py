@@ -1,6 +1,7 @@
 """Merging models whose vocabularies differ: epmq.vocabulary and merge_checkpoints(tokenizer_source=...)."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -526,6 +527,33 @@ def test_a_lora_adapter_saving_its_resized_embeddings_without_its_head_is_refuse
                                              r"vocabulary disagree"):
             merge_checkpoints("task_arithmetic", [models["tool"], tmp_path / "adapter"], tmp_path / "out",
                               base=models["base"], tokenizer_source=source, progress=False)
+
+
+def test_a_text_tower_expert_of_another_tokenizer_is_warned_of_a_vision_towers_not(tmp_path):
+    """A CLIPModel has no get_input_embeddings of its own, so its tokenizer was compared with no expert's: a
+    CLIPTextModel fine-tuned under another tokenizer (each embedding row standing for another token) was merged
+    in silence. Its text tower's token embeddings are compared as a model's; a CLIPVisionModel expert, which
+    holds none, is not warned of whatever tokenizer files it ships."""
+    text = dict(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=8)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                  patch_size=4)
+    transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+                           ).save_pretrained(tmp_path / "base")
+    transformers.CLIPTextModel(transformers.CLIPTextConfig(**text)).save_pretrained(tmp_path / "text")
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)).save_pretrained(tmp_path / "vision")
+    word_level_tokenizer(tmp_path / "base", WORDS)
+    for tower in ("text", "vision"):
+        word_level_tokenizer(tmp_path / tower, WORDS[:1] + WORDS[1:][::-1])
+    with pytest.warns(UserWarning, match=r"the tokenizer of model 0 \(\S*text\) is not that of the base \('w1': 1 "
+                                         r"there, 23 here"):
+        merge_checkpoints("task_arithmetic", [tmp_path / "text"], tmp_path / "out_text", base=tmp_path / "base",
+                          progress=False)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        merge_checkpoints("task_arithmetic", [tmp_path / "vision"], tmp_path / "out_vision", base=tmp_path / "base",
+                          progress=False)
+    assert not [w for w in said if "tokenizer" in str(w.message)], [str(w.message) for w in said]
 
 
 def union_merge_and_chat_adapter(models, tmp_path, peft):
