@@ -182,6 +182,7 @@ class BlockLog:
         # (left_out: the linears of the blocks the walk leaves in full precision whatever the
         # calibration, whose weight the blocks' code reads without a call: Mamba's dt_proj)
         self.directory = Path(directory)
+        _refuse_a_checkpoint(self.directory)
         self._lock = _lock(self.directory)
         try:
             self._open(identity, set(left_out))
@@ -427,6 +428,28 @@ def _walk_tensors(path: Path) -> bool:
         return False
 
 
+def _refuse_a_checkpoint(directory: Path) -> None:
+    """A ValueError where ``directory`` is a model's checkpoint (a config beside weights files no walk
+    wrote) given as the resume directory. The blocks written beside its weights (``{block}.safetensors``,
+    there until the job that saves the result removes them) are read as part of it by loaders that take
+    every ``.safetensors`` of a directory without an index (vLLM's), and make ``save_quantized`` refuse
+    to replace it. (A user's other files, weights among them, may share a resume directory: no loader
+    reads a directory without a config as a model.)"""
+    from .checkpoint import CONFIG_FILE, HF_CONFIG_FILE, OPEN_CLIP_CONFIG_FILE, WEIGHT_SUFFIXES  # (it imports this)
+
+    configs = [name for name in (HF_CONFIG_FILE, CONFIG_FILE, OPEN_CLIP_CONFIG_FILE) if (directory / name).is_file()]
+    if not configs:
+        return
+    # (a block's tensors are the walk's by their metadata, or, damaged, by their record beside them)
+    weights = sorted(p.name for p in directory.iterdir()
+                     if p.name.endswith(WEIGHT_SUFFIXES) and not p.name.startswith(".") and p.is_file()
+                     and not (p.suffix == ".safetensors" and (_walk_tensors(p) or p.with_suffix(".json").is_file())))
+    if weights:
+        raise ValueError(f"resume_dir {directory} is a checkpoint ({', '.join(configs + weights[:3])}), whose "
+                         f"loaders would read the blocks written beside its weights as part of them: give the walk "
+                         f"a directory of its own")
+
+
 def _identities(paths) -> set:
     """The walk identities the block records at ``paths`` carry (damaged ones: none)."""
     found = set()
@@ -649,6 +672,7 @@ def hold(directory, *, fresh: bool = False):
     directory = Path(directory)
     if fresh and directory.is_symlink() and not directory.exists():
         directory.unlink()  # (a link to none: not a directory to go on in; a file is the user's, refused by _lock)
+    _refuse_a_checkpoint(directory)
     key = _lock(directory, walk=False)
     try:
         if fresh:

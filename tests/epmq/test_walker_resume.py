@@ -12,7 +12,7 @@ import torch
 
 import epmq
 from epmq import walker
-from test_walker_models import VOCAB, Family
+from test_walker_models import VOCAB, Family, output
 
 SPEC = epmq.QuantSpec(bits=4, group_size=16)
 
@@ -452,6 +452,37 @@ def test_resume_dir_checks(gen, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="not a directory"):
         run(fam, fam.merged(), "gptq", "merged_path", resume_dir=tmp_path / "file")
+
+
+def test_a_checkpoint_given_as_the_resume_directory_is_refused(gen, tmp_path):
+    """A checkpoint directory given as resume_dir (the output's, or the model's) took the blocks beside its
+    weights: model.layers.0.safetensors and the rest, which loaders reading every .safetensors of a directory
+    (vLLM's, without an index) read as the checkpoint's, and which stayed there after the walk. Refused before
+    anything is written; a directory of the walk's own blocks, damaged ones included, is not, nor one of a
+    user's weights without a config (no loader reads it as a model)."""
+    from epmq.resume import hold
+
+    fam = Family("llama", gen)
+    fam.merged().save_pretrained(tmp_path / "model")
+    quantized = epmq.quantize_model(fam.merged(), SPEC, method="rtn", progress=False)
+    epmq.save_quantized(quantized, tmp_path / "w4")
+    for checkpoint in (tmp_path / "model", tmp_path / "w4"):
+        before = sorted(os.listdir(checkpoint))
+        with pytest.raises(ValueError, match=rf"resume_dir {re.escape(str(checkpoint))} is a checkpoint "
+                                             r"\(config\.json, .*model\.safetensors\)"):
+            run(fam, fam.merged(), "gptq", "merged_path", resume_dir=checkpoint)
+        with pytest.raises(ValueError, match="is a checkpoint"), hold(checkpoint, fresh=True):
+            pass
+        assert sorted(os.listdir(checkpoint)) == before
+    blocks = tmp_path / "blocks"
+    blocks.mkdir()
+    epmq._util.save_safetensors({"w": torch.zeros(2)}, blocks / "users.safetensors")
+    first = run(fam, fam.merged(), "gptq", "merged_path", resume_dir=blocks)
+    (blocks / "model.layers.1.safetensors").write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="block model.layers.1 is damaged"):
+        again = run(fam, fam.merged(), "gptq", "merged_path", resume_dir=blocks)
+    assert again.epmq_report.resumed == ["model.layers.0"]
+    torch.testing.assert_close(output(again, fam.test_item), output(first, fam.test_item), rtol=0, atol=0)
 
 
 def test_blocks_of_another_walk_are_refused_without_walk_json(gen, tmp_path, monkeypatch):
