@@ -434,7 +434,10 @@ def _blocks_kept(out, message: str) -> str:
     if not n:
         return ""
     blocks = "1 block done is" if n == 1 else f"{n} blocks done are"
-    return f"\n{blocks} kept in {kept}: a rerun with the same settings (without --fresh) resumes from them"
+    # (the checkpoint's own settings are not the walk's: a save refused for its format, v1 zero points of 0, goes on
+    # from every block with checkpoint_format changed, which "the same settings" alone forbade)
+    return (f"\n{blocks} kept in {kept}: a rerun with the same settings (without --fresh) resumes from them "
+            f"(checkpoint_format and max_shard_size may change)")
 
 
 # --------------------------------------------------------------------------- run

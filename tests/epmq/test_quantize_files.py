@@ -1036,6 +1036,30 @@ def test_cli_says_the_blocks_a_failed_quantization_kept(files, tmp_path, capsys,
     assert "another walk" in err and "kept in" not in err
 
 
+def test_cli_resumes_every_block_when_the_save_was_refused_for_its_format(files, tmp_path, capsys):
+    """checkpoint_format: gptq refused at the save (a zero point of 0, which v1 cannot hold) after every block
+    was solved: the error said a rerun "with the same settings" resumes, and with the same checkpoint_format it
+    is refused again. The checkpoint's settings are said to be free to change, and changed they resume."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(files / "merged")
+    with torch.no_grad():  # a row of weights all >= 0: its min-max zero point is 0
+        model.model.layers[1].mlp.up_proj.weight[0].abs_()
+    shutil.copytree(files / "merged", tmp_path / "merged")
+    model.save_pretrained(tmp_path / "merged")
+    config = tmp_path / "q.yaml"
+    base = dict(model=str(tmp_path / "merged"), method="gptq", calibration={"a": str(files / "a.txt")}, bits=4,
+                group_size=16, samples=4, seq_len=16, batch_size=2)
+    config.write_text(yaml.safe_dump(dict(base, checkpoint_format="gptq")))
+    out = tmp_path / "w4"
+    assert main(["quantize", str(config), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.1.mlp.up_proj has zero points equal to 0" in err and "gptq_v2" in err
+    assert "2 blocks done are kept" in err and "(checkpoint_format and max_shard_size may change)" in err, err
+    config.write_text(yaml.safe_dump(dict(base, checkpoint_format="gptq_v2", max_shard_size="1MB")))
+    assert main(["quantize", str(config), str(out), "--quiet"]) == 0
+    assert "(2 blocks loaded from the interrupted run)" in capsys.readouterr().out
+    assert json.loads((out / "quantize_config.json").read_text())["checkpoint_format"] == "gptq_v2"
+
+
 def test_cli_says_the_blocks_kept_when_the_device_runs_out_of_memory(files, tmp_path, capsys, monkeypatch):
     """A GPU out of memory in a late block (torch.OutOfMemoryError, a RuntimeError) ended in a
     traceback with nothing said of the blocks kept in OUT.resume, which a disk that filled up
