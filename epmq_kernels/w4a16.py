@@ -189,6 +189,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.autograd import forward_ad
 
 from ._runtime import INTERPRETED, check_device, check_same_device, on_tensor_device, side_stream, version
 from ._gluon import HAS_GLUON
@@ -2577,12 +2578,26 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
     dtype) and the weights ``(q - z) s`` within float16's range, as an fp16 model's are (beyond
     it those paths give inf where the GEMV does not; bf16 and fp32 activations have the room).
 
+    The kernels have no derivative: with ``x`` or ``scales`` requiring grad the value is theirs and
+    backward through it is refused (a forward-mode tangent at once); ``backend="torch"``'s product
+    has one.
+
     The first call with a set of weight tensors checks every argument; later calls with the
     same tensors (unchanged: same objects, data pointers and versions) and activations of the
     same shape, strides and dtype reuse the launch plan of the first (see "Host overhead").
     """
     if type(group_size) is not int:
         group_size = _as_group_size(group_size)
+    # (the kernels have no derivative, which an operand asking for one is told where it is taken:
+    # _NoDerivative; the flags are read first, the steady-state call's cost; no dual level open is
+    # -1, a private name: without it the tangents are looked up)
+    if (isinstance(x, torch.Tensor) and (x.requires_grad or getattr(forward_ad, "_current_level", 0) >= 0
+                                         or getattr(scales, "requires_grad", False))
+            and (backend == "triton" or (backend == "auto" and x.is_cuda and not INTERPRETED))):
+        asked = _derivatives_asked(x, scales)
+        if asked:
+            return _without_derivative(asked, x, qweight, scales, zeros, group_size, g_idx, out, path, config,
+                                       backend)
     if out is not None and _overlaps(out, x):
         # the kernels would write y while other programs still read x: into a new tensor
         # first, as torch.mm(a, b, out=a) does
@@ -2605,6 +2620,56 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
             if plan is not None and plan.usable():
                 return plan(x, out, where)
     return _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, backend)
+
+
+def _derivatives_asked(x, scales):
+    """The derivatives the caller asks of x and scales, as (reverse, forward) lists of their names
+    (reverse: they require grad, grad mode on; forward: they carry a tangent), or None."""
+    operands = [(name, t) for name, t in (("x", x), ("scales", scales)) if isinstance(t, torch.Tensor)]
+    reverse = [name for name, t in operands if t.requires_grad and torch.is_grad_enabled()]
+    forward = [name for name, t in operands if forward_ad.unpack_dual(t).tangent is not None]
+    return (reverse, forward) if reverse or forward else None
+
+
+def _names_do(names, one, several):
+    """``"x asks"``, ``"x and scales ask"``: the names and a verb that agrees with them."""
+    return f"{' and '.join(names)} {one if len(names) == 1 else several}"
+
+
+_INSTEAD = "run the dequantized product instead (backend='torch', or x @ dequantize_int4_weight(...))"
+
+
+class _NoDerivative(torch.autograd.Function):
+    """The kernels' product (``product()``), whose backward refuses: the kernels have no derivative,
+    and a result with no grad_fn left x and scales without their gradient through it, silently (an
+    adapter trained beside the kernels learnt from the rest of the loss alone)."""
+
+    @staticmethod
+    def forward(ctx, x, scales, product):
+        ctx.names = [name for name, t in (("x", x), ("scales", scales))
+                     if isinstance(t, torch.Tensor) and t.requires_grad]
+        return product()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(f"w4a16_matmul's kernels have no derivative, and {_names_do(ctx.names, 'asks', 'ask')} "
+                           f"for a gradient through it: {_INSTEAD}, or detach {ctx.names[0]}")
+
+
+def _without_derivative(asked, x, qweight, scales, zeros, group_size, g_idx, out, path, config, backend):
+    """:func:`w4a16_matmul` of operands that ask for a derivative the kernels cannot give: the
+    kernels' value, and an error where the derivative is taken (a forward-mode one at once)."""
+    reverse, forward = asked
+    if forward:
+        raise ValueError(f"w4a16_matmul's kernels have no derivative, and {_names_do(forward, 'carries', 'carry')} "
+                         f"a forward-mode tangent, which they would drop (jvp reporting 0): {_INSTEAD}")
+    if out is not None:  # (as torch's out= ops refuse them: out itself is the result, with no grad_fn to give)
+        raise ValueError(f"w4a16_matmul's out= takes no operand that requires grad "
+                         f"({_names_do(reverse, 'does', 'do')}): the kernels have no derivative; call it without "
+                         f"out=, or under torch.no_grad()")
+    x_, scales_ = x.detach(), scales.detach() if isinstance(scales, torch.Tensor) else scales
+    return _NoDerivative.apply(x, scales, lambda: w4a16_matmul(x_, qweight, scales_, zeros, group_size, g_idx,
+                                                               path=path, config=config, backend=backend))
 
 
 # The same product as a torch custom op (``torch.ops.epmq.w4a16_matmul``), so that

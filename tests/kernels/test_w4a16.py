@@ -785,6 +785,35 @@ def test_torch_backend(gen, M):
         assert_close_to_reference(y, x, qweight, scales, zeros, 16, g_idx)
 
 
+def test_operands_that_ask_for_a_derivative(gen):
+    """The kernels have no derivative: an x (or scales) that requires grad got an output with no
+    grad_fn, silently (an adapter trained beside them got no gradient through them; the torch
+    backend's product has one), and a forward-mode tangent was dropped. The forward value is the
+    kernels' own, after a plan is made too, and taking the derivative is refused naming it."""
+    from torch.autograd import forward_ad
+
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    x = torch.randn(2, 64, generator=gen).to(torch.float16)
+    want = w4a16_matmul(x, qweight, scales, zeros, 32, backend="triton")  # (its plan made)
+    for name, operands in (("x", (x.clone().requires_grad_(), scales)),
+                           ("scales", (x, scales.clone().requires_grad_()))):
+        y = w4a16_matmul(operands[0], qweight, operands[1], zeros, 32, backend="triton")
+        assert torch.equal(y, want) and y.requires_grad
+        with pytest.raises(RuntimeError, match=f"kernels have no derivative, and {name} asks for a gradient"):
+            y.float().sum().backward()
+        with torch.no_grad():
+            assert torch.equal(w4a16_matmul(operands[0], qweight, operands[1], zeros, 32, backend="triton"), want)
+        with pytest.raises(ValueError, match=f"out= takes no operand that requires grad \\({name} does\\)"):
+            w4a16_matmul(*operands[:1], qweight, operands[1], zeros, 32, out=torch.empty_like(want), backend="triton")
+        # (the torch backend's product is differentiable)
+        assert w4a16_matmul(operands[0], qweight, operands[1], zeros, 32, backend="torch").requires_grad
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(ValueError, match="kernels have no derivative, and x carries a forward-mode tangent"):
+            w4a16_matmul(dual, qweight, scales, zeros, 32, backend="triton")
+        assert torch.equal(w4a16_matmul(x, qweight, scales, zeros, 32, backend="triton"), want)
+
+
 def test_empty_batch(gen):
     qweight, scales, zeros, _ = make_problem(gen, 64, 40, -1)
     y = w4a16_matmul(torch.zeros(0, 64), qweight, scales, zeros, -1, backend="triton")
