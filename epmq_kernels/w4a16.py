@@ -2523,12 +2523,17 @@ def w4a16_dequantize(qweight, scales, zeros, group_size, g_idx=None, *, k_first=
     if k_first % 8 or k_rows % 8 or k_first < 0 or k_rows < 0 or k_first + k_rows > K:
         raise ValueError(f"rows [{k_first}, {k_first + k_rows}) must be multiples of 8 within "
                          f"[0, {K}]")
-    if out is None:
-        out = torch.empty((k_rows, N), dtype=dtype, device=device)
-    elif (not isinstance(out, torch.Tensor) or out.dtype != dtype
-          or tuple(out.shape) != (k_rows, N) or out.device != qweight.device):
+    if out is not None and (not isinstance(out, torch.Tensor) or out.dtype != dtype
+                            or tuple(out.shape) != (k_rows, N) or out.device != qweight.device):
         raise ValueError(f"out must be a {dtype} tensor of shape {(k_rows, N)} on {device}, got {_given(out)}")
     use_triton = backend == "triton" or (backend == "auto" and qweight.is_cuda and not INTERPRETED)
+    asked = _derivatives_asked(scales=scales) if use_triton else None
+    if asked:  # (the kernel has no derivative: see _NoDerivative)
+        return _without_derivative("w4a16_dequantize", asked, out, dict(scales=scales), lambda: w4a16_dequantize(
+            qweight, scales.detach(), zeros, group_size, g_idx, k_first=k_first, k_rows=k_rows, dtype=dtype,
+            backend=backend))
+    if out is None:
+        out = torch.empty((k_rows, N), dtype=dtype, device=device)
     group = K if group_size == -1 else group_size
     if not use_triton:
         rows = slice(k_first, k_first + k_rows)
@@ -2594,10 +2599,11 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
     if (isinstance(x, torch.Tensor) and (x.requires_grad or getattr(forward_ad, "_current_level", 0) >= 0
                                          or getattr(scales, "requires_grad", False))
             and (backend == "triton" or (backend == "auto" and x.is_cuda and not INTERPRETED))):
-        asked = _derivatives_asked(x, scales)
+        asked = _derivatives_asked(x=x, scales=scales)
         if asked:
-            return _without_derivative(asked, x, qweight, scales, zeros, group_size, g_idx, out, path, config,
-                                       backend)
+            x_, scales_ = x.detach(), scales.detach() if isinstance(scales, torch.Tensor) else scales
+            return _without_derivative("w4a16_matmul", asked, out, dict(x=x, scales=scales), lambda: w4a16_matmul(
+                x_, qweight, scales_, zeros, group_size, g_idx, path=path, config=config, backend=backend))
     if out is not None and _overlaps(out, x):
         # the kernels would write y while other programs still read x: into a new tensor
         # first, as torch.mm(a, b, out=a) does
@@ -2622,10 +2628,11 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
     return _matmul(x, qweight, scales, zeros, group_size, g_idx, out, path, config, backend)
 
 
-def _derivatives_asked(x, scales):
-    """The derivatives the caller asks of x and scales, as (reverse, forward) lists of their names
-    (reverse: they require grad, grad mode on; forward: they carry a tangent), or None."""
-    operands = [(name, t) for name, t in (("x", x), ("scales", scales)) if isinstance(t, torch.Tensor)]
+def _derivatives_asked(**operands):
+    """The derivatives the caller asks of the float ``operands`` (by name), as (reverse, forward)
+    lists of their names (reverse: they require grad, grad mode on; forward: they carry a tangent),
+    or None."""
+    operands = [(name, t) for name, t in operands.items() if isinstance(t, torch.Tensor)]
     reverse = [name for name, t in operands if t.requires_grad and torch.is_grad_enabled()]
     forward = [name for name, t in operands if forward_ad.unpack_dual(t).tangent is not None]
     return (reverse, forward) if reverse or forward else None
@@ -2636,40 +2643,40 @@ def _names_do(names, one, several):
     return f"{' and '.join(names)} {one if len(names) == 1 else several}"
 
 
-_INSTEAD = "run the dequantized product instead (backend='torch', or x @ dequantize_int4_weight(...))"
+def _instead(function):
+    return ("run the dequantized product instead (backend='torch', or x @ dequantize_int4_weight(...))"
+            if function == "w4a16_matmul" else "use backend='torch' (or dequantize_int4_weight)")
 
 
 class _NoDerivative(torch.autograd.Function):
-    """The kernels' product (``product()``), whose backward refuses: the kernels have no derivative,
-    and a result with no grad_fn left x and scales without their gradient through it, silently (an
+    """The value of a kernel (``product()``), whose backward refuses: the kernels have no derivative,
+    and a result with no grad_fn left the operands without their gradient through it, silently (an
     adapter trained beside the kernels learnt from the rest of the loss alone)."""
 
     @staticmethod
-    def forward(ctx, x, scales, product):
-        ctx.names = [name for name, t in (("x", x), ("scales", scales))
-                     if isinstance(t, torch.Tensor) and t.requires_grad]
+    def forward(ctx, function, names, product, *operands):
+        ctx.function, ctx.names = function, names
         return product()
 
     @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError(f"w4a16_matmul's kernels have no derivative, and {_names_do(ctx.names, 'asks', 'ask')} "
-                           f"for a gradient through it: {_INSTEAD}, or detach {ctx.names[0]}")
+        raise RuntimeError(f"{ctx.function}'s kernels have no derivative, and {_names_do(ctx.names, 'asks', 'ask')} "
+                           f"for a gradient through it: {_instead(ctx.function)}, or detach {ctx.names[0]}")
 
 
-def _without_derivative(asked, x, qweight, scales, zeros, group_size, g_idx, out, path, config, backend):
-    """:func:`w4a16_matmul` of operands that ask for a derivative the kernels cannot give: the
-    kernels' value, and an error where the derivative is taken (a forward-mode one at once)."""
+def _without_derivative(function, asked, out, operands, product):
+    """``function``'s value for ``operands`` (by name) that ask for a derivative its kernels cannot
+    give, ``product()`` computing it from them detached: an error where the derivative is taken
+    (backward; a forward-mode one at once, and with ``out=``, which is the result itself)."""
     reverse, forward = asked
     if forward:
-        raise ValueError(f"w4a16_matmul's kernels have no derivative, and {_names_do(forward, 'carries', 'carry')} "
-                         f"a forward-mode tangent, which they would drop (jvp reporting 0): {_INSTEAD}")
+        raise ValueError(f"{function}'s kernels have no derivative, and {_names_do(forward, 'carries', 'carry')} "
+                         f"a forward-mode tangent, which they would drop (jvp reporting 0): {_instead(function)}")
     if out is not None:  # (as torch's out= ops refuse them: out itself is the result, with no grad_fn to give)
-        raise ValueError(f"w4a16_matmul's out= takes no operand that requires grad "
+        raise ValueError(f"{function}'s out= takes no operand that requires grad "
                          f"({_names_do(reverse, 'does', 'do')}): the kernels have no derivative; call it without "
                          f"out=, or under torch.no_grad()")
-    x_, scales_ = x.detach(), scales.detach() if isinstance(scales, torch.Tensor) else scales
-    return _NoDerivative.apply(x, scales, lambda: w4a16_matmul(x_, qweight, scales_, zeros, group_size, g_idx,
-                                                               path=path, config=config, backend=backend))
+    return _NoDerivative.apply(function, reverse, product, *(operands[name] for name in reverse))
 
 
 # The same product as a torch custom op (``torch.ops.epmq.w4a16_matmul``), so that

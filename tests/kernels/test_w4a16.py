@@ -857,6 +857,32 @@ def test_dequantize_refuses_an_unknown_backend(gen):
             W.w4a16_dequantize(qweight, scales, zeros, 32, backend=backend)
 
 
+def test_dequantize_of_scales_that_ask_for_a_derivative(gen):
+    """The chunk kernel has no derivative: scales that require grad got a weight with no grad_fn,
+    silently (the torch backend's has one). The value is the kernel's, and taking the derivative
+    is refused naming scales, as w4a16_matmul's."""
+    from torch.autograd import forward_ad
+
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    want = W.w4a16_dequantize(qweight, scales, zeros, 32, k_first=8, k_rows=40, backend="triton")
+    trained = scales.clone().requires_grad_()
+    got = W.w4a16_dequantize(qweight, trained, zeros, 32, k_first=8, k_rows=40, backend="triton")
+    assert torch.equal(got, want) and got.requires_grad
+    with pytest.raises(RuntimeError, match="w4a16_dequantize's kernels have no derivative, and scales asks"):
+        got.float().sum().backward()
+    with pytest.raises(ValueError, match=r"out= takes no operand that requires grad \(scales does\)"):
+        W.w4a16_dequantize(qweight, trained, zeros, 32, k_first=8, k_rows=40, out=torch.empty_like(want),
+                           backend="triton")
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(scales, torch.ones_like(scales))
+        with pytest.raises(ValueError, match="kernels have no derivative, and scales carries a forward-mode tangent"):
+            W.w4a16_dequantize(qweight, dual, zeros, 32, backend="triton")
+    with torch.no_grad():
+        assert torch.equal(W.w4a16_dequantize(qweight, trained, zeros, 32, k_first=8, k_rows=40, backend="triton"),
+                           want)
+    assert W.w4a16_dequantize(qweight, trained, zeros, 32, backend="torch").requires_grad
+
+
 def test_dequantize_into_an_out_past_2_31_elements(gen):
     """An out whose rows lie past 2^31 elements from its start (a whole 256000 x 18432 head
     dequantized, here 8 rows 2^31 / 7 elements apart): int32 offsets wrapped and wrote out of
