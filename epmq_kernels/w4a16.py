@@ -2526,6 +2526,11 @@ def w4a16_dequantize(qweight, scales, zeros, group_size, g_idx=None, *, k_first=
     if out is not None and (not isinstance(out, torch.Tensor) or out.dtype != dtype
                             or tuple(out.shape) != (k_rows, N) or out.device != qweight.device):
         raise ValueError(f"out must be a {dtype} tensor of shape {(k_rows, N)} on {device}, got {_given(out)}")
+    if out is not None and any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
+        # (an expanded out: the kernel wrote each of its elements over the others, silently, where
+        # the torch backend's copy_ refuses it)
+        raise ValueError(f"out has elements that share memory (strides {tuple(out.stride())}: an expanded "
+                         f"tensor?); give one whose elements are each its own, e.g. out.clone()")
     use_triton = backend == "triton" or (backend == "auto" and qweight.is_cuda and not INTERPRETED)
     asked = _derivatives_asked(scales=scales) if use_triton else None
     if asked:  # (the kernel has no derivative: see _NoDerivative)

@@ -9,6 +9,7 @@ every shape.
 import itertools
 import json
 import os
+import re
 import textwrap
 import weakref
 
@@ -881,6 +882,23 @@ def test_dequantize_of_scales_that_ask_for_a_derivative(gen):
         assert torch.equal(W.w4a16_dequantize(qweight, trained, zeros, 32, k_first=8, k_rows=40, backend="triton"),
                            want)
     assert W.w4a16_dequantize(qweight, trained, zeros, 32, backend="torch").requires_grad
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_dequantize_into_an_expanded_out_is_refused(gen, backend):
+    """An out whose elements share memory (expanded: a stride of 0) had the kernel write each of
+    them over the others, silently, where the torch backend's copy_ refused it in torch's words;
+    both refuse it naming out's strides. A transposed out is written."""
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    want = W.w4a16_dequantize(qweight, scales, zeros, 32, k_first=8, k_rows=16, backend="torch")
+    for out in (torch.empty(1, 40, dtype=torch.float16).expand(16, 40),
+                torch.empty(16, 1, dtype=torch.float16).expand(16, 40)):
+        with pytest.raises(ValueError, match=re.escape(f"out has elements that share memory (strides "
+                                                       f"{tuple(out.stride())}: an expanded tensor?)")):
+            W.w4a16_dequantize(qweight, scales, zeros, 32, k_first=8, k_rows=16, out=out, backend=backend)
+    out = torch.empty(40, 16, dtype=torch.float16).t()
+    assert W.w4a16_dequantize(qweight, scales, zeros, 32, k_first=8, k_rows=16, out=out, backend=backend) is out
+    assert torch.equal(out, want)
 
 
 def test_dequantize_into_an_out_past_2_31_elements(gen):
