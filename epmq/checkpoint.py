@@ -91,7 +91,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.inde
 
 
 def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "auto",
-                   max_shard_size="50GB", extras: Optional[Callable[[Path], None]] = None) -> Path:
+                   max_shard_size="50GB", extras: Optional[Callable[[Path], None]] = None,
+                   progress: bool = True) -> Path:
     """Write ``model`` (quantized by ``epmq.quantize_model``) to ``directory``, atomically.
 
     ``checkpoint_format``: "gptq" (v1, qzeros = z - 1), "gptq_v2" (qzeros = z), or "auto" (v1
@@ -101,7 +102,7 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
     the checkpoint is served with (``tokenizer.save_pretrained``) into the new directory before
     it replaces the old one, so that an interruption leaves the old checkpoint whole; without
     it, a model ``load_quantized`` built gets the tokenizer and processor files of the
-    checkpoint it was loaded from.
+    checkpoint it was loaded from. ``progress``: a bar of the bytes written, shard by shard.
     """
     check_path(directory, "directory")
     if checkpoint_format not in FORMATS + ("auto",):
@@ -196,11 +197,16 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
         # what generate() and serving engines default to (EOS ids, sampling), as save_pretrained writes it
         files[GENERATION_CONFIG_FILE] = json.loads(generation.to_json_string(use_diff=True))
     directory = Path(directory)
+    from tqdm.auto import tqdm
+
     with atomic_directory(directory) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)
-        for name, t in tensors.items():
-            writer[name] = t
-        writer.finish()
+        # (a 70B model's tens of GB took minutes after the walk's bar had ended, said by nothing)
+        with tqdm(total=sum(map(_nbytes, tensors.values())), desc=f"save {directory.name}", unit="B",
+                  unit_scale=True, unit_divisor=1024, disable=not progress) as bar:
+            writer = ShardWriter(tmp, max_shard_bytes, written=bar.update)
+            for name, t in tensors.items():
+                writer[name] = t
+            writer.finish()
         # classes a checkpoint's own code defines (trust_remote_code): config.json's auto_map names their
         # files, without which transformers and engines cannot read the checkpoint; as save_pretrained does
         for obj in (hf, model):
@@ -1236,11 +1242,13 @@ class ShardWriter:
     ``max_bytes``, else consecutive runs of them, each as large as fits (a larger tensor alone),
     as ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``. Each tensor
     is copied to host memory (in ``dtype`` if given, for floating point) as it arrives, so at
-    most one shard is held there; ``finish()`` writes the last one."""
+    most one shard is held there; ``finish()`` writes the last one. ``progress``: a bar advanced
+    by each tensor received; ``written(size)``: called with each shard's bytes once it is written."""
 
     def __init__(self, directory: Path, max_bytes: int, *, dtype: Optional[torch.dtype] = None,
-                 progress=None):
+                 progress=None, written: Optional[Callable[[int], object]] = None):
         self.directory, self.max_bytes, self.dtype, self.progress = directory, max_bytes, dtype, progress
+        self.written = written
         self.pending, self.size, self.parts, self.total = {}, 0, [], 0
 
     def __setitem__(self, name: str, t: torch.Tensor):
@@ -1258,6 +1266,8 @@ class ShardWriter:
     def _flush(self):
         part = self.directory / f".part-{len(self.parts):05d}.safetensors"
         _write_tensors(self.pending, part)
+        if self.written is not None:
+            self.written(self.size)
         self.parts.append((part, list(self.pending)))
         self.pending, self.size = {}, 0
 

@@ -680,7 +680,7 @@ class Runner:
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    save_quantized(model, path, extras=getattr(bench, "save_extras", None))
+                    save_quantized(model, path, extras=getattr(bench, "save_extras", None), progress=self.progress)
             except BaseException:
                 # (a save that raised, a full disk, says what it had warned of too, but its error is
                 # the one raised: a warning made an error (-W error), or a log on that full disk,

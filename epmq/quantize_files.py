@@ -535,7 +535,7 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
             net.epmq_report.to_json(directory / REPORT_FILE)
 
         saved = save_quantized(net, out, checkpoint_format=checkpoint_format, max_shard_size=max_shard_size,
-                               extras=extras)
+                               extras=extras, progress=progress)
         if resume_dir is not None and os.name != "nt":  # (Windows: once the lock file is closed)
             remove(resume_dir)
     if resume_dir is not None and os.name == "nt":

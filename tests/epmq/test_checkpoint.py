@@ -925,6 +925,29 @@ def test_large_state_dicts_are_sharded_as_transformers_shards_them(gen, tmp_path
                                                    "model.safetensors", "quantize_config.json"]
 
 
+def test_the_write_of_a_checkpoint_shows_its_bytes_shard_by_shard_unless_told_not_to(gen, tmp_path, capsys):
+    """save_quantized wrote a 70B model's tens of GB with no word, minutes after the walk's bar had
+    ended: a bar of the bytes written, advanced as each shard is on disk; silent with progress=False."""
+    from tqdm import tqdm
+
+    fam, model = quantized(gen)
+    written = []
+    writer = ckpt.ShardWriter(tmp_path, 4_000, written=written.append)
+    for name, t in model.state_dict().items():
+        writer[name] = t
+    writer.finish()
+    shards = [load_file(str(p)) for p in sorted(tmp_path.glob("model-*.safetensors"))]
+    assert len(shards) > 2 and written == [sum(t.numel() * t.element_size() for t in s.values()) for s in shards]
+    capsys.readouterr()
+    epmq.save_quantized(model, tmp_path / "q", max_shard_size=4_000)
+    err = capsys.readouterr().err
+    total = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    size = tqdm.format_sizeof(total, divisor=1024)
+    assert "save q: 100%" in err and f"{size}/{size}" in err, err
+    epmq.save_quantized(model, tmp_path / "q", progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_damaged_index_or_shard_is_named(gen, tmp_path):
     """A truncated index, one without weight_map, or a truncated shard gave a bare
     JSONDecodeError, KeyError('weight_map') or SafetensorError naming no file."""

@@ -1096,6 +1096,17 @@ def test_cli_says_the_blocks_kept_when_the_device_runs_out_of_memory(files, tmp_
 
 
 
+def test_epmq_quantize_shows_the_checkpoint_s_write_unless_quiet(files, tmp_path, capsys):
+    """After the walk's bar, the checkpoint's write (minutes for a large model) had none: it has
+    one, and --quiet silences it with the others."""
+    config = tmp_path / "q.yaml"
+    config.write_text(yaml.safe_dump(dict(model=str(files / "merged"), method="rtn", bits=4, group_size=16)))
+    assert main(["quantize", str(config), str(tmp_path / "w4")]) == 0
+    assert "save w4: 100%" in capsys.readouterr().err
+    assert main(["quantize", str(config), str(tmp_path / "w4q"), "--quiet"]) == 0
+    assert "save w4q" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("error, message, said", [
     (torch.OutOfMemoryError, "CUDA out of memory", "OutOfMemoryError: CUDA out of memory"),
     (ValueError, "a check of the block's own", "a check of the block's own")])
