@@ -4030,7 +4030,10 @@ class _Walk:
             block = f"block {stack.names[i]!r}" if i is not None else f"the model's forward up to {stack.prefix!r}"
             return (f"(out of memory on {device} in {block}, the walk holding there " + "; ".join(held)
                     + ("; or quantize on the CPU, in its memory (slower): quantize_model's device='cpu', "
-                       "epmq quantize's default)" if device.type != "cpu" else ")"))
+                       "epmq quantize's default" if device.type != "cpu" else "")
+                    # (the blocks kept are refused by a walk of other calibration, options or hardware)
+                    + (". Other calibration, options or devices change the walk's result: a resume_dir's blocks "
+                       "done are then another walk's, refused" if self.log is not None else "") + ")")
         except Exception:
             return None
 

@@ -550,11 +550,12 @@ def _kib(note: str, what: str) -> float:
 
 
 @pytest.mark.parametrize("where", ["statistics", "pass", "offloaded"])
-def test_running_out_of_memory_in_the_walk_says_what_it_held_and_what_shrinks_it(where, gen, monkeypatch):
+def test_running_out_of_memory_in_the_walk_says_what_it_held_and_what_shrinks_it(where, gen, monkeypatch, tmp_path):
     """torch's out-of-memory error names the one allocation that failed: a walk that ran out of
     memory in a block's statistics or pass said nothing of what filled the device (the calibration's
-    hidden states, the weights, the statistics) nor of the setting that shrinks each. The error
-    stays what it is, noted with them; the model is rolled back."""
+    hidden states, the weights, the statistics) nor of the setting that shrinks each, nor that such a
+    setting makes the blocks a resume_dir kept another walk's. The error stays what it is, noted with
+    them; the model is rolled back."""
     from epmq.stats import HessianStats
 
     fam = Family("llama", gen)
@@ -571,8 +572,10 @@ def test_running_out_of_memory_in_the_walk_says_what_it_held_and_what_shrinks_it
         monkeypatch.setattr(HessianStats, "add_batch", lambda self, x, **kw: out_of_memory()
                             if self.H.shape[0] == model.config.intermediate_size else add_batch(self, x, **kw))
     with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 3.50 GiB") as raised:
-        quantize(fam, model, method="gptq", experts=None, **({"device": "cpu"} if where == "offloaded" else {}))
+        quantize(fam, model, method="gptq", experts=None,
+                 **({"device": "cpu", "resume_dir": tmp_path} if where == "offloaded" else {}))
     (note,) = [n for n in raised.value.__notes__ if n.startswith("(out of memory")]
+    assert note.endswith("a resume_dir's blocks done are then another walk's, refused)") == (where == "offloaded")
     assert "in block 'model.layers.1'" in note if where == "pass" else "in block 'model.layers.0'" in note, note
     # every item's input to the block, at least, B x T x width float32 activations
     hidden = sum(item.numel() * model.config.hidden_size * 4 for items in fam.calibration.values() for item in items)
