@@ -197,7 +197,8 @@ def test_loss_on_a_hessian_of_low_rank(gen, bits, percdamp):
                                   QuantSpec(bits=4, group_size=16, act_order=True),
                                   QuantSpec(bits=4, group_size=16, act_order=True, static_groups=True)], ids=str)
 @pytest.mark.parametrize("method", ["gptq", "epmq"])
-def test_dead_columns_are_never_worse_than_rtn(gen, spec, method):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dead_columns_are_never_worse_than_rtn(gen, spec, method, backend):
     """A dead column (its input never fired in calibration) takes no error from the live ones,
     but where the unit fires later its weight counts: its group's grid is fitted with it, as
     RTN's is, and it is rounded to nearest on that grid, never clamped to a grid of the live
@@ -206,9 +207,9 @@ def test_dead_columns_are_never_worse_than_rtn(gen, spec, method):
     dead = torch.diagonal(H) == 0
     W[:, dead] *= 50  # far outside the live columns' range
     if method == "gptq":
-        res = quant.gptq(W, H, spec)
+        res = quant.gptq(W, H, spec, backend=backend, blocksize=24)
     else:
-        res = quant.epmq(W, [W + 0.1 * torch.randn(W.shape, generator=gen)], [H], spec)
+        res = quant.epmq(W, [W + 0.1 * torch.randn(W.shape, generator=gen)], [H], spec, backend=backend, blocksize=24)
     assert res.dead_columns == 5
     g = res.g_idx.long()[dead]
     scale, zero, target = res.scales[:, g], res.zeros[:, g], res.target[:, dead]
