@@ -118,7 +118,11 @@ def _demo(args) -> int:
             + [(f"splits.{k}", v) for k, v in sorted(bench.splits.items())])
         identity = {"bench": "epmq-demo", "seed": args.seed, "cache": bench.cache_dir.name, "models": models}
         results = _run_pipeline(bench, plan, out, identity, args)
-        _finish(results, plan, bench.task_names, out, t0)
+        from . import pipeline
+        from .demo import sampling_note
+
+        note = sampling_note(pipeline.table_rows(results, plan), bench.counts())
+        _finish(results, plan, bench.task_names, out, t0, note)
         return 0
 
 
@@ -588,7 +592,7 @@ def _log(args):
     return lambda msg: print(msg, flush=True)
 
 
-def _finish(results, plan, tasks, out: Path, t0: float) -> None:
+def _finish(results, plan, tasks, out: Path, t0: float, note: Optional[str] = None) -> None:
     from . import pipeline
 
     try:
@@ -599,6 +603,8 @@ def _finish(results, plan, tasks, out: Path, t0: float) -> None:
     print()
     print("Average test accuracy (%), per task and overall; merge scales and anchors chosen on validation:")
     print(text)
+    if note:
+        print(f"\n{note}")
     print(f"\nwrote {out / 'results.json'}, {out / 'table.md'}, {out / 'accuracy.png'}, "
           f"{out / 'accuracy_per_task.png'} ({time.perf_counter() - t0:.0f} s)")
 

@@ -6,10 +6,11 @@ on-disk cache (``train``), ``prepare`` and ``Bench.evaluate`` (``benchmark``), a
 ``epmq demo`` runs on it (``plan``).
 """
 
-from .benchmark import DEFAULT_SCALES, Bench, prepare
+from .benchmark import DEFAULT_SCALES, Bench, prepare, sampling_error, sampling_note
 from .data import TASKS, Task
 from .model import ModelConfig
 from .plan import default_plan
 from .train import DemoConfig
 
-__all__ = ["Bench", "DEFAULT_SCALES", "DemoConfig", "ModelConfig", "TASKS", "Task", "default_plan", "prepare"]
+__all__ = ["Bench", "DEFAULT_SCALES", "DemoConfig", "ModelConfig", "TASKS", "Task", "default_plan", "prepare",
+           "sampling_error", "sampling_note"]

@@ -15,6 +15,7 @@ training schedule and the cache.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -108,6 +109,40 @@ class Bench:
         out = {n: self.evaluate(self.experts[n], split, tasks=[n])[n] for n in self.task_names}
         out["avg"] = sum(out.values()) / len(out)
         return out
+
+    def counts(self, split: str = "test") -> Dict[str, int]:
+        """Each task's number of images in ``split`` (what ``evaluate`` averages over)."""
+        return {n: len(self.data[n].y[split]) for n in self.task_names}
+
+
+# --------------------------------------------------------------------------- sampling error
+
+
+def sampling_error(accs: Mapping[str, float], counts: Mapping[str, int], z: float = 1.96) -> float:
+    """Half-width of the normal (binomial) interval of ``accs["avg"]``, the unweighted mean of the
+    per-task accuracies ``accs[t]``, each over ``counts[t]`` test images:
+    ``z * sqrt(sum_t p_t (1 - p_t) / n_t) / T`` (z = 1.96: 95%). It is what the test images
+    alone leave open, the models held fixed; another calibration draw, seed or anchor moves a
+    quantized model's accuracy on top of it."""
+    if not counts or any(n <= 0 for n in counts.values()):
+        raise ValueError(f"every task needs test images to have a sampling error, got counts {dict(counts)}")
+    variance = sum(accs[t] * (1 - accs[t]) / n for t, n in counts.items())
+    return z * math.sqrt(variance) / len(counts)
+
+
+def sampling_note(rows: Sequence[Tuple[str, Mapping[str, float]]], counts: Mapping[str, int]) -> str:
+    """One line under the demo's table: the 95% sampling error of its rows' averages and of the
+    difference of two of them (as if independent: two models right on the same images make it
+    smaller), so that a gap inside it is not read as a ranking: ``epmq demo --quick`` (seed 0)
+    printed 2-bit E-PMQ 57.6 below GPTQ 58.3 with nothing to say that the two models, which
+    disagree on a third of the 3,600 test images, are 0.7 apart inside an interval of about 2."""
+    errors = sorted(sampling_error(accs, counts) for _, accs in rows)
+    pair = math.hypot(*errors[-2:]) if len(errors) > 1 else errors[-1]
+    sizes = sorted(counts.values())
+    images = f"{sizes[0]}" if sizes[0] == sizes[-1] else f"{sizes[0]}-{sizes[-1]}"
+    return (f"Test-set sampling error (95%, binomial; {len(counts)} tasks x {images} test images): "
+            f"+-{100 * errors[0]:.1f} to +-{100 * errors[-1]:.1f} points on a row's avg, up to "
+            f"+-{100 * pair:.1f} on the difference of two rows: closer rows are not told apart.")
 
 
 # --------------------------------------------------------------------------- prepare

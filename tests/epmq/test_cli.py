@@ -1,6 +1,7 @@
 """The ``epmq`` command line: arguments, errors that say what to fix, resume after interruption."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -367,6 +368,12 @@ def test_demo_on_a_tiny_configuration(tmp_path, capsys, monkeypatch):
     assert "quant/TA/w2/E-PMQ" in results["steps"] and "quant/TA/w2/GPTQ fp-path" in results["steps"]
     printed = capsys.readouterr().out
     assert "digit" in printed and "TA w2 GPTQ fp-path" in printed
+    # the table says how far its averages are from resolved (60 test images a task, data_limit)
+    rows = epmq.pipeline.table_rows(results, epmq.demo.default_plan(quick=True))
+    errors = sorted(epmq.demo.sampling_error(accs, dict.fromkeys(tiny.tasks, 60)) for _, accs in rows)
+    assert (f"Test-set sampling error (95%, binomial; 3 tasks x 60 test images): +-{100 * errors[0]:.1f} to "
+            f"+-{100 * errors[-1]:.1f} points on a row's avg, up to +-{100 * math.hypot(*errors[-2:]):.1f} on the "
+            f"difference of two rows") in printed
     assert main(args[:-1]) == 0  # second run: everything from the cache and the results
     assert "[resume] quant/TA/w2/E-PMQ/anchor=1.0: done before" in capsys.readouterr().out
 

@@ -517,3 +517,15 @@ def test_a_killed_cache_writes_temporary_is_removed_by_the_next(tmp_path):
          else train.save_json(tmp_path / name, {"a": 1}))
         assert not left.exists(), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "t.safetensors"]
+
+
+def test_sampling_error_is_the_binomial_interval_of_the_task_average():
+    """95% half-width of the unweighted mean of per-task accuracies: z sqrt(sum p(1-p)/n) / T."""
+    from epmq.demo import sampling_error
+
+    # two tasks at 50% over 100 images each: 1.96 * sqrt(2 * 0.25 / 100) / 2
+    assert sampling_error({"a": 0.5, "b": 0.5, "avg": 0.5}, {"a": 100, "b": 100}) == pytest.approx(0.0692965, rel=1e-5)
+    # a task every model gets right adds nothing; the interval is over the tasks counted
+    assert sampling_error({"a": 0.5, "b": 1.0}, {"a": 100, "b": 400}) == pytest.approx(1.96 * 0.05 / 2)
+    with pytest.raises(ValueError, match="test images"):
+        sampling_error({"a": 0.5}, {"a": 0})
