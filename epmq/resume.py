@@ -381,8 +381,19 @@ def _walked(then: set, now: set, limit: int = 3) -> str:
 
 
 def records(directory: Path) -> list:
-    """The block records in a resume directory (whole or not)."""
-    return [p for p in Path(directory).glob("*.json") if p.name != IDENTITY_FILE]
+    """The block records in a resume directory (whole or not). A user's JSON file there is none: counted as
+    a block done, it kept a first walk from writing walk.json (a walk with other arguments was then refused
+    without the difference named) and was said to be a block kept."""
+    return [p for p in Path(directory).glob("*.json") if p.name != IDENTITY_FILE and _is_record(p)]
+
+
+def _is_record(path: Path) -> bool:
+    """Whether ``path`` is a block's record: beside its block's tensors (a damaged record too), or, those
+    lost, holding a record's fields."""
+    if path.with_suffix(".safetensors").is_file():
+        return True
+    body = read_json(path)
+    return isinstance(body, dict) and {"identity", "check"} <= body.keys()
 
 
 def remove(directory) -> None:

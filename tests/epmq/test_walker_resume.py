@@ -905,6 +905,27 @@ def test_a_block_s_tensors_left_without_their_record_are_removed_with_the_walk(t
         assert left == ["users.safetensors"]
 
 
+def test_a_user_s_json_file_in_the_resume_directory_is_no_block(gen, tmp_path, monkeypatch):
+    """Every *.json but walk.json was a block's record: a user's notes.json beside the blocks kept the first walk
+    from writing walk.json (it took the file for a block of another walk), so a walk with other arguments was
+    refused without the difference named, and epmq quantize said the file was a block kept."""
+    from epmq.cli import _blocks_kept
+    from epmq.resume import records
+
+    fam = Family("llama", gen)
+    (tmp_path / "notes.json").write_text('{"run": "a scratch disk"}')
+    _interrupted(fam, tmp_path, monkeypatch)
+    assert [p.name for p in records(tmp_path)] == ["model.layers.0.json"]
+    with pytest.raises(ValueError, match=r"holds blocks of another walk \(spec\.bits: 4 then, 3 now\)"):
+        epmq.quantize_model(fam.merged(), epmq.QuantSpec(bits=3, group_size=16), method="epmq",
+                            calibration=fam.calibration, experts=fam.experts, resume_dir=tmp_path, progress=False)
+    assert json.loads((tmp_path / "notes.json").read_text()) == {"run": "a scratch disk"}
+    out = tmp_path / "w4"
+    (tmp_path / "w4.resume").mkdir()
+    (tmp_path / "w4.resume" / "notes.json").write_text("{}")
+    assert _blocks_kept(out, "a disk full") == ""
+
+
 def test_removing_a_resume_directory_keeps_the_user_s_files(tmp_path):
     """Once the checkpoint was written (``remove``), or the command stopped before its first block
     (``_drop_if_no_block``), OUT.resume was deleted whole (shutil.rmtree), a user's files in it too;
