@@ -2531,6 +2531,15 @@ def _check_read_before_changed(stack, task, called) -> None:
             f"out: {stack.left_out()}")
 
 
+def _next_call_of(blocks):
+    """A global forward pre-hook ending the model's forward at its next module call unless that is one of
+    ``blocks`` (their stand-ins), called again."""
+    def hook(module, args):
+        if not any(module is block for block in blocks):
+            raise _Stop
+    return hook
+
+
 def _same_output(first, again) -> bool:
     """Whether two calls of a block returned the same hidden states, a kernel's rounding apart (an MoE's
     experts summed by index_add_'s atomics on a GPU, in any order)."""
@@ -3636,6 +3645,9 @@ class _Walk:
                 hidden, named = _bind(block, args, kwargs)
                 named = self._expert_values(named)
                 if now["past"]:  # (called again after the last block: weights shared across depth)
+                    if not now["watch"]:  # (an item followed past them: counted from here, as a watched one)
+                        now["peek"].remove()
+                        now.update(watch=True, again={})
                     now["again"][j] = now["again"].get(j, 1) + 1
                     now["chain"] &= _chained(hidden, now["passed"]) and _same_arguments(named, now["kwargs"][j])
                     # (the block itself: how often the model calls it may depend on what it returns)
@@ -3704,7 +3716,12 @@ class _Walk:
                 if stack.adapter.runs_blocks:  # (its arguments as the block left them: _kept_depth)
                     now["left"] = _left_by_blocks(now["left"], j, named)
                 if j == last and not now["watch"]:
-                    raise _Stop
+                    if stream is not self.q:
+                        raise _Stop
+                    # (an item its task's first did not make repeat the blocks may: xLSTM's forward runs an
+                    # input past max_inference_chunksize a chunk at a time through every block, whose later
+                    # chunks went unseen. The model's forward is followed to its next module call alone.)
+                    now["peek"] = nn.modules.module.register_module_forward_pre_hook(_next_call_of(stack.blocks))
                 # (with its version: a write between the blocks is a change too)
                 passed = stack.adapter.hidden_of(output)
                 now["passed"] = passed, version(passed) if isinstance(passed, torch.Tensor) else None
@@ -3793,11 +3810,12 @@ class _Walk:
                     hidden, recorded, masks = [], [], []
                     for n, item in enumerate(items):
                         # (the quantized stream's first pass of each task, and every pass once a block
-                        # was called again, goes on past the last block: the calls after it are counted)
+                        # was called again, goes on past the last block: the calls after it are counted;
+                        # its other passes up to the model's next module call, counted if that is a block)
                         watch = stream is self.q and (n == 0 or bool(now.get("looping")))
                         now.update(task=task, n=n, kwargs=[None] * (last + 1), versions=[None] * (last + 1),
                                    hidden=None, next=0, started=False, watch=watch, past=False, called=None,
-                                   left={}, raised=None, handed={}, handed_bytes=0)
+                                   left={}, raised=None, handed={}, handed_bytes=0, peek=None)
                         if watch:
                             now["again"] = {}
                         try:
@@ -3830,8 +3848,11 @@ class _Walk:
                                 later = range(s + 1, len(self.stacks))
                                 reached, _ = self._reached(task, n, item, later)
                                 raise self._never_reached(task, n, [s] + [t for t in later if t not in reached])
+                        finally:
+                            if now["peek"] is not None:
+                                now["peek"].remove()
                         _check_kept(stack, now, task, n)
-                        if watch:
+                        if now["watch"]:
                             self._count_repeats(stack, now, task, n)
                         hidden.append(self._here(now["hidden"]))
                         recorded.append(self._here(now["kwargs"]))

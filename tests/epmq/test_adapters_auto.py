@@ -588,12 +588,17 @@ def test_calls_counted_as_the_model_makes_them(gen, monkeypatch):
                         layers=lambda name: name == "layers.0.up")
     assert model.epmq_report.repeated == {"layers.0": len(calls)} and 1 < len(calls) < 6
     assert_same_statistics(seen, hand)
-    # (seen from a task's first sample; one whose first sample makes no repeat is not watched further)
+    # (seen from a task's first sample, and from a later one followed past the last block to the model's next
+    # module call: one repeating where its task's first did not was walked on its first round alone, unsaid)
     items = [{"x": torch.randn(4, 8, generator=gen), "rounds": r} for r in (3, 1)]
     with pytest.raises(ValueError, match=r"calls the blocks at 'layers' a number of times that depends on its "
                                          r"input \(calibration\['a'\] item 0: block 0: 3 calls; calibration\['a'\] "
                                          r"item 1: each block once\)"):
         epmq.quantize_model(_VarLoop().eval(), SPEC, method="gptq", calibration={"a": items}, backend="torch",
+                            progress=False)
+    with pytest.raises(ValueError, match=r"\(calibration\['a'\] item 0: each block once; calibration\['a'\] "
+                                         r"item 1: block 0: 3 calls\)"):
+        epmq.quantize_model(_VarLoop().eval(), SPEC, method="gptq", calibration={"a": items[::-1]}, backend="torch",
                             progress=False)
     with pytest.raises(ValueError, match=r"\(calibration\['a'\] item 0: each block once; calibration\['b'\] "
                                          r"item 0: block 0: 3 calls\)"):

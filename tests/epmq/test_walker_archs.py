@@ -898,6 +898,35 @@ def test_an_rwkv_state_given_with_one_item_alone_is_refused_naming_that_item(gen
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_an_xlstm_item_run_in_chunks_after_a_shorter_first_item_is_refused(gen, monkeypatch):
+    """xLSTM's forward runs an input longer than max_inference_chunksize a chunk at a time, each chunk through
+    every block on the recurrent state the last left: its blocks called again after the last one. How often is
+    counted on each task's first item (and every item once one repeats): a first item of one chunk and a later
+    one of three were walked on the later one's first chunk alone (14 of its 30 rows, the statistics 66% off),
+    without a word, where the reverse order was refused. Either order is refused, naming both counts, the model
+    untouched; items of one chunk are walked on a plain forward's inputs."""
+    build = _hf("xLSTMForCausalLM", "xLSTMConfig", vocab_size=VOCAB, hidden_size=64, embedding_dim=64,
+                num_hidden_layers=2, num_blocks=2, num_heads=2, qk_dim_factor=1.0, max_inference_chunksize=8)
+    one, three = (torch.randint(0, VOCAB, (1, length), generator=gen) for length in (6, 24))  # (chunks)
+    options = dict(method="gptq", backend="torch", progress=False)
+    for order, said in (((one, three), r"item 0: each block once; calibration\['a'\] item 1: block 0: 3 calls"),
+                        ((three, one), r"item 0: block 0: 3 calls, block 1: 3 calls; calibration\['a'\] item 1: "
+                                        r"each block once")):
+        model = build().eval()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"calls the blocks at 'backbone\.blocks' a number of times that "
+                                             r"depends on its input \(calibration\['a'\] " + said):
+            epmq.quantize_model(model, SPEC_4, calibration={"a": [{"input_ids": x} for x in order]}, **options)
+        assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    target = "backbone.blocks.0.mlstm_layer.q"
+    items = [{"input_ids": one}, {"input_ids": torch.randint(0, VOCAB, (1, 8), generator=gen)}]
+    hand = hooked_inputs(model, target, items)
+    seen = walked_inputs(monkeypatch)
+    epmq.quantize_model(model, SPEC_4, calibration={"a": items}, layers=lambda name: name == target, **options)
+    assert_same_statistics(seen, hand)
+
+
 def test_a_checkpoint_of_a_rescaled_rwkv_holds_its_weights_as_transformers_loads_them(gen, tmp_path):
     """RWKV's checkpoints hold its weights undivided: transformers' loader (a serving engine's)
     leaves layers_are_rescaled False and divides them on the first forward in eval mode. epmq
