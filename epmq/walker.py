@@ -2897,6 +2897,8 @@ class _Walk:
         self.residual_precision = residual_precision
         self.writes_input = False  # whether the current block writes its input in place
         self._solving = None  # (prefix, linears, leader) of the group whose statistics are held
+        self._bar = None  # (run's: its postfix says which task's statistics or which solve a block is at)
+        self._at_drawn = -math.inf  # (when _at last drew it)
         self.calls = {}  # per linear of the current block: its calls in one pass (the probes' most)
         # earlier stacks whose blocks the model calls among a later stack's (CoCa's decoder calls
         # a self-attention and a cross-attention block of two lists in turn): they run their own
@@ -3984,6 +3986,7 @@ class _Walk:
         where = None  # (stack, block) being walked, block None while entering the stack: for _memory_note
         try:
             with tqdm(total=total, desc=label, unit="block", disable=not progress) as bar:
+                self._bar = bar
                 for s, stack in enumerate(self.stacks):
                     where = s, None
                     for stream in filter(None, (self.q, self.t)):
@@ -3992,6 +3995,7 @@ class _Walk:
                         where = s, i
                         bar.set_postfix_str(stack.names[i])
                         self._block(s, i, block)
+                        bar.set_postfix_str(stack.names[i], refresh=False)  # (done: not its last linear's solve)
                         bar.update()
                     where = None  # (later rounds of its blocks: not said, each block's share is not told)
                     self._forget_outside()
@@ -4010,6 +4014,19 @@ class _Walk:
             if note is not None:
                 error.add_note(note)
             raise
+
+    def _at(self, where: str) -> None:
+        """Say on the walk's bar what the block is at, drawn at most once per the bar's
+        ``mininterval`` as its updates are (a log file of a long walk is not a line per task and
+        linear); nothing where it is off."""
+        bar = self._bar
+        if bar is None or bar.disable:
+            return
+        now = time.monotonic()
+        drawn = now - self._at_drawn >= bar.mininterval
+        bar.set_postfix_str(where, refresh=drawn)
+        if drawn:
+            self._at_drawn = now
 
     def _memory_note(self, s, i) -> Optional[str]:
         """What the walk held on its device when it ran out of memory in stack ``s``'s block ``i``
@@ -4465,7 +4482,9 @@ class _Walk:
         room = EXPERT_TARGET_INPUTS_KEPT_BYTES if later is not None else 0
         # LoRA experts of one base read its tensors once for the group (LoraExpert.low_rank)
         self._bases, self._base_prints = {}, {}
-        for task, items in self.calibration.items():
+        for k, (task, items) in enumerate(self.calibration.items()):
+            # (a block of a large model takes minutes, its bar still until its end: where it is said)
+            self._at(f"{prefix}: statistics of task {task!r} ({k + 1}/{len(self.calibration)})")
             # (a pass of a group before the last may stop before the block's end: read as far as it
             # runs; none runs where every item's inputs were kept, which reads the group's weights)
             whole = room > 0 or full_target and any((task, n) not in kept for n in range(len(items)))
@@ -4563,6 +4582,7 @@ class _Walk:
         factors = {first: quant.FactorCache() for first, n in readers.items() if n > 1}
         for rel in group:
             name = f"{prefix}.{rel}"
+            self._at(f"{prefix}: solving {rel}")
             readers[leader[rel]] -= 1
             cache = factors.get(leader[rel]) if readers[leader[rel]] else factors.pop(leader[rel], None)
             empty = stats[rel].empty_tasks if isinstance(stats[rel], EPMQStats) else []

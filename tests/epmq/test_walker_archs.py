@@ -145,6 +145,30 @@ def test_progress_bar_over_blocks(gen, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_the_bar_says_which_task_and_linear_a_block_is_at(gen, capsys, monkeypatch):
+    """A block of a large model takes minutes (a task's statistics, a wide linear's solve), the bar
+    still and naming the block alone until its end: its postfix says the task (of how many) and the
+    linear being solved; the block's name once done; nothing with progress=False."""
+    from tqdm.auto import tqdm
+
+    fam = Family("llama", gen, n_samples=1)
+    said, drawn = [], []
+    postfix = tqdm.set_postfix_str
+    monkeypatch.setattr(tqdm, "set_postfix_str", lambda self, s="", refresh=True:
+                        said.append(s) or drawn.append(refresh) or postfix(self, s, refresh))
+    epmq.quantize_model(fam.merged(), SPEC_4, method="epmq", calibration=fam.calibration, experts=fam.experts,
+                        backend="torch", progress=True)
+    tasks = list(fam.calibration)
+    for k, task in enumerate(tasks):
+        assert f"model.layers.1: statistics of task {task!r} ({k + 1}/{len(tasks)})" in said
+    assert "model.layers.1: solving mlp.down_proj" in said and said[-1] == "model.layers.1"
+    assert drawn[0] and not all(drawn)  # (the block's name once done is set, not drawn)
+    capsys.readouterr()
+    epmq.quantize_model(fam.merged(), SPEC_4, method="gptq", calibration=fam.calibration, backend="torch",
+                        progress=False)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("arch", ["llama", "t5", "gpt2"])
 def test_half_precision_model(arch, dtype, gen, tmp_path):
