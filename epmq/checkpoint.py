@@ -1267,6 +1267,9 @@ class ShardWriter:
         part = self.directory / f".part-{len(self.parts):05d}.safetensors"
         _write_tensors(self.pending, part)
         if self.written is not None:
+            # (counted once on disk: else the page cache's flush of tens of GB came after the bar had ended,
+            # in atomic_directory's fsync, said by nothing)
+            _fsync(part)
             self.written(self.size)
         self.parts.append((part, list(self.pending)))
         self.pending, self.size = {}, 0

@@ -925,19 +925,25 @@ def test_large_state_dicts_are_sharded_as_transformers_shards_them(gen, tmp_path
                                                    "model.safetensors", "quantize_config.json"]
 
 
-def test_the_write_of_a_checkpoint_shows_its_bytes_shard_by_shard_unless_told_not_to(gen, tmp_path, capsys):
+def test_the_write_of_a_checkpoint_shows_its_bytes_shard_by_shard_unless_told_not_to(gen, tmp_path, capsys,
+                                                                                       monkeypatch):
     """save_quantized wrote a 70B model's tens of GB with no word, minutes after the walk's bar had
-    ended: a bar of the bytes written, advanced as each shard is on disk; silent with progress=False."""
+    ended: a bar of the bytes written, advanced as each shard is on disk (synced: the page cache's
+    flush came silently after the bar); silent with progress=False."""
     from tqdm import tqdm
 
     fam, model = quantized(gen)
-    written = []
-    writer = ckpt.ShardWriter(tmp_path, 4_000, written=written.append)
+    written, events = [], []
+    fsync = ckpt._fsync
+    monkeypatch.setattr(ckpt, "_fsync", lambda path: events.append(Path(path).name) or fsync(path))
+    writer = ckpt.ShardWriter(tmp_path, 4_000, written=lambda size: written.append(size) or events.append(size))
     for name, t in model.state_dict().items():
         writer[name] = t
     writer.finish()
     shards = [load_file(str(p)) for p in sorted(tmp_path.glob("model-*.safetensors"))]
     assert len(shards) > 2 and written == [sum(t.numel() * t.element_size() for t in s.values()) for s in shards]
+    # each shard's bytes counted once they are on disk, not in the page cache alone
+    assert events == [e for k, size in enumerate(written) for e in (f".part-{k:05d}.safetensors", size)]
     capsys.readouterr()
     epmq.save_quantized(model, tmp_path / "q", max_shard_size=4_000)
     err = capsys.readouterr().err
