@@ -197,7 +197,8 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
         bad = ~(torch.isfinite(read) & (read > 0))
         if bool(bad.any()):
             given, as_read = scales[bad][0].item(), read[bad][0].item()
-            said = f"{given:g}" if as_read == given or math.isnan(given) else f"{given:g} ({as_read:g} in float32)"
+            # (compared as printed: -0.1, not exactly fp32's, would read "-0.1 (-0.1 in float32)")
+            said = f"{given:g}" if f"{as_read:g}" == f"{given:g}" else f"{given:g} ({as_read:g} in float32)"
             raise ValueError(f"a static grid's scales must be finite and positive in float32, as the solvers read "
                              f"them, got {said}")
         if not bool(((zeros >= 0) & (zeros <= maxq) & (zeros == torch.round(zeros))).all()):

@@ -846,6 +846,11 @@ def test_fp64_static_scales_past_fp32s_range_are_refused_naming_the_value(gen, s
     scales = grid["scales"].double()
     scales[row, group] = torch.finfo(torch.float32).tiny
     assert torch.isfinite(solve(W, Hinv, bits=4, sym=False, **{**grid, "scales": scales}).Q).all()
+    # (a value fp32 holds only to its rounding, -0.1, is said once: "-0.1 (-0.1 in float32)" told of no change)
+    scales = grid["scales"].double()
+    scales[row, group] = -0.1
+    with pytest.raises(ValueError, match=r"as the solvers read them, got -0\.1$"):
+        solve(W, Hinv, bits=4, sym=False, **{**grid, "scales": scales})
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's arithmetic is torch's on the CPU")
