@@ -1372,8 +1372,10 @@ def test_one_layers_legacy_keys_and_values_of_earlier_tokens_are_named(adapter, 
                    epmq.Adapter("past", block_types=(PastReading,)))
     model = PastNet()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"the blocks at 'layers' \(\w+\) are handed a layer_past \(a tuple of "
-                                         r"keys and values\) that the model filled before them"):
+    # (named by the item the check ran on, as a state given with one item alone is)
+    with pytest.raises(ValueError, match=r"^calibration\['a'\] item 0: the blocks at 'layers' \(\w+\) are "
+                                         r"handed a layer_past \(a tuple of keys and values\) that the model filled "
+                                         r"before them"):
         epmq.quantize_model(model, SPEC, calibration={"a": items}, **options)
     assert_untouched(model, before)
     model = PastNet(given=True)
