@@ -37,7 +37,7 @@ import triton.language as tl
 
 from . import _runtime
 from ._runtime import check_device, check_same_device, ieee_fp32_matmul, on_tensor_device
-from .grid import dequantize, find_params, is_bits, is_flag, quantize_codes
+from .grid import TINY, dequantize, find_params, is_bits, is_flag, quantize_codes
 
 
 class SolveOut(NamedTuple):
@@ -192,15 +192,17 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
             raise ValueError(f"col_group out of range [0, {scales.shape[1]})")
         maxq = 2**bits - 1
         # (checked as read, in fp32: an fp64 scale of 1e-50 is 0 there, every weight solved to 0 silently,
-        # and one of 1e39 inf, refused as an overflow blamed on Hinv)
+        # and one of 1e39 inf, refused as an overflow blamed on Hinv. A subnormal one solved them to ~0 as
+        # well, and Triton's division on a GPU flushes it to 0: the grids found are never one, TINY)
         read = scales.float()
-        bad = ~(torch.isfinite(read) & (read > 0))
+        bad = ~(torch.isfinite(read) & (read >= TINY))
         if bool(bad.any()):
             given, as_read = scales[bad][0].item(), read[bad][0].item()
             # (compared as printed: -0.1, not exactly fp32's, would read "-0.1 (-0.1 in float32)")
             said = f"{given:g}" if f"{as_read:g}" == f"{given:g}" else f"{given:g} ({as_read:g} in float32)"
+            subnormal = ": below float32's normal range (1.18e-38)" if 0 < as_read < TINY else ""
             raise ValueError(f"a static grid's scales must be finite and positive in float32, as the solvers read "
-                             f"them, got {said}")
+                             f"them, got {said}{subnormal}")
         if not bool(((zeros >= 0) & (zeros <= maxq) & (zeros == torch.round(zeros))).all()):
             raise ValueError(f"a static grid's zeros must be integers in [0, {maxq}] for {bits} bits")
 

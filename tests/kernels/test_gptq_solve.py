@@ -846,6 +846,14 @@ def test_fp64_static_scales_past_fp32s_range_are_refused_naming_the_value(gen, s
     scales = grid["scales"].double()
     scales[row, group] = torch.finfo(torch.float32).tiny
     assert torch.isfinite(solve(W, Hinv, bits=4, sym=False, **{**grid, "scales": scales}).Q).all()
+    # (a subnormal one, given in fp32 or fp64, solved every weight of its group to ~0 as 1e-50 did, on a GPU the
+    # kernel's division flushing it to 0 itself; the dynamic grids never make one: grid.TINY)
+    for dtype, said in ((torch.float32, "9.99995e-41"), (torch.float64, "1e-40 (9.99995e-41 in float32)")):
+        scales = grid["scales"].to(dtype)
+        scales[row, group] = 1e-40
+        with pytest.raises(ValueError, match=re.escape(f"as the solvers read them, got {said}: below float32's "
+                                                       f"normal range (1.18e-38)")):
+            solve(W, Hinv, bits=4, sym=False, **{**grid, "scales": scales})
     # (a value fp32 holds only to its rounding, -0.1, is said once: "-0.1 (-0.1 in float32)" told of no change)
     scales = grid["scales"].double()
     scales[row, group] = -0.1
