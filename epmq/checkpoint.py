@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import filecmp
+import functools
 import glob
 import hashlib
 import json
@@ -320,17 +321,47 @@ def bind_save_pretrained(model: nn.Module) -> None:
     the model a ``torch.compile`` wrapper holds) is a transformers ``PreTrainedModel`` holding
     ``QuantLinear`` layers, and ``model.resize_token_embeddings`` refuse to resize a packed head
     before it resizes the embeddings. Other modules (open_clip's) are left as they are: they have no
-    ``save_pretrained``; nor is the class touched, so models never quantized keep their own.
+    ``save_pretrained``. A transformers model holding the one quantized (``lm`` after
+    ``quantize_model(lm.model)``) is bound when its ``save_pretrained`` is first called, through
+    ``_bind_holders_on_save``; models holding no packed layer keep transformers' own.
     (Under DataParallel too: ``model.module.save_pretrained`` is what its user calls.)"""
     model = wrapped_model(model)
     transformers = sys.modules.get("transformers")  # (not imported: no model of it exists)
-    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+    if transformers is None or not any(isinstance(m, QuantLinear) for m in model.modules()):
         return
-    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+    _bind_holders_on_save(transformers.PreTrainedModel)
+    if not isinstance(model, transformers.PreTrainedModel):
         return
     # (an instance attribute: found before the class's method, by the compiled wrapper's lookup too)
     model.save_pretrained = _SavePretrained(model)
     model.resize_token_embeddings = _ResizeTokenEmbeddings(model)
+
+
+def _bind_holders_on_save(pretrained_model: type) -> None:
+    """Have transformers' ``PreTrainedModel.save_pretrained`` bind (``bind_save_pretrained``) a
+    model holding ``QuantLinear`` layers that was never bound itself, then save through it. The
+    quantized module may be a part of the model saved (``quantize_model(lm.model)``, then
+    ``lm.save_pretrained``), which shares its config but is not reachable from it: transformers'
+    own save then wrote the packed tensors in epmq's layout with no ``quantization_config``, a
+    checkpoint that from_pretrained reads with its linears random and load_quantized refuses.
+    Installed once; a call on a bound model (``type(model).save_pretrained(model, ...)``, which
+    the instance attribute otherwise shadows) and one on a model with no packed layer are
+    transformers' own."""
+    own = pretrained_model.__dict__["save_pretrained"]
+    if getattr(own, "_epmq_binds_holders", False):
+        return
+
+    @functools.wraps(own)
+    def save_pretrained(self, *args, **kwargs):
+        if "save_pretrained" not in vars(self) and any(isinstance(m, QuantLinear) for m in self.modules()):
+            bind_save_pretrained(self)
+            bound = vars(self).get("save_pretrained")
+            if bound is not None:
+                return bound(*args, **kwargs)
+        return own(self, *args, **kwargs)
+
+    save_pretrained._epmq_binds_holders = True
+    pretrained_model.save_pretrained = save_pretrained
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

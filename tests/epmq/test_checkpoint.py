@@ -1941,6 +1941,24 @@ def test_save_pretrained_of_a_quantized_model_writes_save_quantizeds_checkpoint(
                                rtol=0, atol=0)
 
 
+def test_save_pretrained_of_a_model_holding_the_one_quantized(tmp_path):
+    """quantize_model(lm.model), then lm.save_pretrained: only lm.model's save_pretrained was
+    bound, and lm's, transformers' own, wrote the packed tensors with no quantization_config
+    (load_quantized refused it; from_pretrained read the linears as random). It writes
+    save_quantized's checkpoint, which loads to lm's outputs; a class call is still transformers'."""
+    lm = _llama(1)
+    epmq.quantize_model(lm.model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(lm, tmp_path / "q")
+    lm.save_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]["bits"] == 4
+    assert_same_checkpoint(tmp_path / "q", tmp_path / "p")
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(epmq.load_quantized(tmp_path / "p")(ids).logits, lm(ids).logits)
+    type(lm).save_pretrained(lm, tmp_path / "own")
+    assert "quantization_config" not in json.loads((tmp_path / "own" / "config.json").read_text())
+
+
 @pytest.mark.parametrize("kwargs", [{"state_dict": {}}, {"push_to_hub": True}, {"safe_serialization": False},
                                     {"variant": "fp16"}, {"save_original_format": False},
                                     {"distributed_checkpoint": True}, {"commit_message": "x"}])
