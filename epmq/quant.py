@@ -287,6 +287,16 @@ def _more_damping(damp: float, mean_diag: float) -> float:
     return damp * 10 if damp > 0 else 1e-6 * mean_diag
 
 
+def _warn_damped_again(failures, damp: float, mean_diag: float, retries: int) -> None:
+    """Say that a layer was solved at more damping than percdamp asked, and why: ``failures``,
+    ``(what failed, at which percdamp)`` in the order they happened (a factor that failed, a solve
+    that overflowed). Said as percdamp, H's scale apart: E-PMQ's H has its task weights' scale,
+    which epmq may rescale."""
+    what = ", then ".join(f"{failure} at percdamp {at:.3g}" for failure, at in failures)
+    warnings.warn(f"{what}: solved at percdamp {damp / mean_diag:.3g} (damping that times H's mean diagonal; "
+                  f"retries: {retries})")
+
+
 def _factor(H: torch.Tensor, percdamp: float, perm: Optional[torch.Tensor] = None, damp: Optional[float] = None):
     """Damp ``H`` (float64, dead columns fixed; taken in the processing order ``perm``, or as it
     is) until it factors; from ``damp`` where given (a retry's), else ``percdamp * mean(diag H)``.
@@ -464,6 +474,7 @@ def _round_target(
                         (perm, Hinv32, damp, retries))
     else:
         perm, Hinv32, damp, retries = cached
+    factor_retries = retries
     if not bool(live.any()):
         damp = 0.0  # (of the placeholder diagonal: there is no H to damp)
 
@@ -519,7 +530,7 @@ def _round_target(
                          sym=spec.sym, blocksize=blocksize, backend=backend, **grid)
         return out, target_p
 
-    asked = damp
+    overflowed_at = None  # (the percdamp the solve first overflowed at)
     while True:
         try:
             out, target_p = solve(Hinv32)
@@ -530,12 +541,15 @@ def _round_target(
             if retries >= MAX_DAMP_RETRIES or not mean_diag:  # (no live column: no H to damp)
                 raise ValueError(f"{error} (percdamp {damp / (mean_diag or 1):.3g} after {retries} retries)"
                                  ) from error
+            if overflowed_at is None:
+                overflowed_at = damp / mean_diag
             Hinv32, damp, more = _factor(H64, percdamp, perm, damp=_more_damping(damp, mean_diag))
             retries += 1 + more
-    if damp != asked:
-        # (as percdamp, H's scale apart: E-PMQ's is that of its task weights, which epmq may rescale)
-        warnings.warn(f"the solve overflowed float32 at percdamp {asked / mean_diag:.3g}: solved again at percdamp "
-                      f"{damp / mean_diag:.3g} (damping that times H's mean diagonal; retries: {retries})")
+    if retries and mean_diag:  # (no live column: nothing was damped, the placeholder factored at once)
+        failures = [("the Hessian did not factor", percdamp)] if factor_retries else []
+        if overflowed_at is not None:
+            failures.append(("the solve overflowed float32", overflowed_at))
+        _warn_damped_again(failures, damp, mean_diag, retries)
     target = target_p if perm is None else _unpermute(target_p, perm)
     # The loss from the solver's errors (no product with H): tr(F H~ F^T) = sum(err^2) for the
     # damped H~ the solver ran on (F = Q - T); tr(F H F^T) = tr(F H~ F^T) - damp |F|^2 over the

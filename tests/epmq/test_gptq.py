@@ -6,6 +6,7 @@ with the implementation under test but the mathematics.
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -407,13 +408,22 @@ def test_float64_is_fast_on_the_cpu_and_datacenter_gpus(monkeypatch):
 
 def test_cholesky_failure_raises_damping(gen):
     # 3 tokens for 32 features: H is singular, and with no damping asked for the first
-    # factorisation fails; the solver must damp, say so, and return a finite result
+    # factorisation fails; the solver must damp, say so (as a solve that overflows does, naming the
+    # percdamp it ended at: it recorded damp_retries silently), and return a finite result
     W = torch.randn(16, 32, generator=gen)
     X = torch.randn(3, 32, generator=gen)
     H = X.T @ X
-    res = quant.gptq(W, H, QuantSpec(bits=4, group_size=-1), percdamp=0.0)
+    with pytest.warns(UserWarning, match=r"^the Hessian did not factor at percdamp 0: solved at percdamp ") as said:
+        res = quant.gptq(W, H, QuantSpec(bits=4, group_size=-1), percdamp=0.0)
     assert res.damp_retries >= 1 and res.damp > 0
     assert torch.isfinite(res.weight).all() and res.loss >= 0
+    ended_at = res.damp / float(torch.diagonal(H.double()).mean())
+    assert [str(w.message) for w in said] == [
+        f"the Hessian did not factor at percdamp 0: solved at percdamp {ended_at:.3g} (damping that times H's mean "
+        f"diagonal; retries: {res.damp_retries})"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (damped as asked: nothing to say)
+        assert quant.gptq(W, H, QuantSpec(bits=4, group_size=-1), percdamp=ended_at).damp_retries == 0
 
 
 def test_a_factor_that_is_not_finite_is_damped_again(gen, monkeypatch):
@@ -454,7 +464,7 @@ def test_a_solve_that_overflows_is_damped_again(gen, method, backend, monkeypatc
             return quant.gptq(W, H, spec, percdamp=percdamp, backend=backend)
         return quant.epmq(W, [W * 1.01], [H], spec, percdamp=percdamp, backend=backend)
 
-    with pytest.warns(UserWarning, match=r"^the solve overflowed float32 at percdamp 0: solved again at percdamp "
+    with pytest.warns(UserWarning, match=r"^the solve overflowed float32 at percdamp 0: solved at percdamp "
                                          r"1e-06 \(damping that times H's mean diagonal; retries: 1\)$"):
         res = solve(0.0)
     assert res.damp_retries == 1 and torch.isfinite(res.weight).all() and math.isfinite(res.loss)
@@ -465,6 +475,33 @@ def test_a_solve_that_overflows_is_damped_again(gen, method, backend, monkeypatc
     monkeypatch.setattr(quant, "MAX_DAMP_RETRIES", 0)
     with pytest.raises(ValueError, match=r"overflowed float32.* \(percdamp 0 after 0 retries\)$"):
         solve(0.0)
+
+
+def test_a_factor_that_failed_then_a_solve_that_overflowed_are_both_said(gen, monkeypatch):
+    """E-PMQ's factor fails at percdamp 0.01 (its inverse not finite), then R = G H~^-1 overflows at
+    0.1: one warning says both, in order, and the percdamp solved at, that of a direct solve."""
+    W_m, H = random_problem(gen, d_in=32, n=64)
+    W_k = [W_m + 0.01 * torch.randn(W_m.shape, generator=gen)]
+    failed = set()
+
+    def fails_once(t):  # (quant checks the factor, d_in x d_in, and R and G, d_out x d_in: each kind once)
+        square = t.shape[0] == t.shape[1]
+        if square in failed:
+            return True
+        failed.add(square)
+        return False
+
+    monkeypatch.setattr(quant, "all_finite", fails_once)
+    spec = QuantSpec(bits=4, group_size=-1)
+    with pytest.warns(UserWarning) as said:
+        res = quant.epmq(W_m, W_k, [H], spec, percdamp=0.01)
+    assert [str(w.message) for w in said] == [
+        "the Hessian did not factor at percdamp 0.01, then the solve overflowed float32 at percdamp 0.1: solved at "
+        "percdamp 1 (damping that times H's mean diagonal; retries: 2)"]
+    monkeypatch.undo()
+    direct = quant.epmq(W_m, W_k, [H], spec, percdamp=1.0)
+    assert res.damp_retries == 2 and res.damp == pytest.approx(direct.damp, rel=1e-12)
+    assert torch.equal(res.codes, direct.codes)
 
 
 def test_indefinite_hessian_retries_then_succeeds(gen):
