@@ -19,6 +19,9 @@ Where the two may differ, and why:
 
 - a weight on a rounding tie (float32 noise decides; the symmetric grid puts each group's most
   negative weight exactly on one); the error feedback then carries the difference along the row;
+- the damping, wherever there are dead columns: the reference's percdamp multiplies a mean
+  diagonal that counts each of them as 1, ours the live columns' mean (per output channel, at
+  the reference's damping, the weights are identical);
 - groups with dead columns (features that never fire): the reference fits a group's grid
   after it zeroes them (per output channel, before: there the grids agree); ours fits every
   grid with them, as RTN does, and rounds them on it rather than storing 0;
@@ -120,7 +123,7 @@ def main(argv=None):
             t_ours = time.perf_counter() - started
             Q = ours.weight
             steps = (Q - Q_ref).abs() / ours.scales[:, ours.g_idx.long()].abs().clamp_min(1e-30)
-            live = H.diagonal() > 0  # both zero the dead columns
+            live = H.diagonal() > 0  # (a dead column: the reference stores 0, ours its weight rounded)
             row = dict(shape=f"{d_out}x{d_in}", bits=bits, group_size=group_size, sym=sym,
                        act_order=act_order, static_groups=static_groups,
                        identical=float((steps[:, live] < 1e-3).double().mean()),
