@@ -1395,7 +1395,8 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
             _check_layer_counts(mine, theirs, what_of(source), ref_name, goal)
             _check_reading(config, reference, what_of(source), ref_name, goal, experts, warn=warn)
             if given is None and None not in (path, reference_path) and _reads_own_tokenizer(reference):
-                _check_tokenizer_files(path, reference_path, what_of(source), ref_name, goal)
+                _check_tokenizer_files(_tokenizer_home(path), _tokenizer_home(reference_path), what_of(source),
+                                       ref_name, goal)
         elif kind and other and other in towers:  # (a tower of the reference: its own config's counts)
             _check_layer_counts(_layer_counts(config, nested=False),
                                 _layer_counts(_tower_config(reference, other), nested=False),
@@ -1618,16 +1619,16 @@ def _tokenizer_home(path: Path) -> Path:
         return directory  # (what reads the adapter's base says why it cannot)
 
 
-def _check_tokenizer_files(path: Path, reference_path: Path, what: str, ref_name: str, goal: str) -> None:
-    """A model tokenized by its directory's own files (``_reads_own_tokenizer``; a LoRA adapter's, or its
-    base's: ``_tokenizer_home``) beside a reference whose files differ: the same hf_tokenizer_name in both
-    configs, a fine-tune's own vocabulary in its directory was merged in silence, the merged model then
-    tokenizing its texts by the files copied to it. Refused naming the files both directories hold whose
-    contents differ and those one holds alone (an added_tokens.json: tokens added in training), unless both
-    load as one tokenizer (saved otherwise: another transformers writes another tokenizer_config.json, a
-    slow tokenizer's vocab.json beside a tokenizer.json). A directory holding no tokenizer file says nothing
-    of its tokens (open_clip cannot load it by local-dir:), and files of no tokenizer (a README) none."""
-    mine, theirs = _tokenizer_home(path), _tokenizer_home(reference_path)
+def _check_tokenizer_files(mine: Path, theirs: Path, what: str, ref_name: str, goal: str) -> None:
+    """A model tokenized by the files of directory ``mine`` (``_reads_own_tokenizer``; a LoRA adapter's, or its
+    base's: ``_tokenizer_home``) beside a reference tokenized by those of ``theirs``, which differ: the same
+    hf_tokenizer_name in both configs, a fine-tune's own vocabulary in its directory was merged in silence, the
+    merged model then tokenizing its texts by the files copied to it. Refused naming the files both
+    directories hold whose contents differ and those one holds alone (an added_tokens.json: tokens added in
+    training), unless both load as one tokenizer (saved otherwise: another transformers writes another
+    tokenizer_config.json, a slow tokenizer's vocab.json beside a tokenizer.json). A directory holding no
+    tokenizer file says nothing of its tokens (open_clip cannot load it by local-dir:), and files of no
+    tokenizer (a README) none."""
     held = [[name for name in HF_TOKENIZER_FILES if (d / name).is_file()] for d in (mine, theirs)]
     if not all(held):
         return

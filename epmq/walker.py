@@ -749,30 +749,54 @@ def _check_expert_configs(model, sources, experts) -> None:
     the model's config (other heads, activation, layer count; another architecture) are refused, as
     ``epmq quantize`` and the merges refuse them: they were walked in silence as the model's. A model
     whose config is not known (a plain module, timm's built by its class) has its experts compared
-    with the first of them that has one."""
+    with the first of them that has one. Experts tokenized by their directories' own tokenizer files are
+    refused where those differ (``_check_expert_tokenizers``)."""
     from .merge_checkpoint import _check_architectures, _config
 
-    found = {}  # task -> (its path, its config in place of the path's, its description)
+    found = {}  # task -> (its path, its config in place of the path's, its description, its tokenizer's path)
     for task, s in sources.items():
         given = experts[task].source if isinstance(experts[task], OnVocabulary) else experts[task]
         if s.reader.lora is not None:  # (W_0 + (alpha/r) B A on its base, whose config is the one to compare)
             lora = s.reader.lora
-            found[task] = (lora.base.path, None if lora.base.path else _config_of(lora._base_given), s.description)
+            found[task] = (lora.base.path, None if lora.base.path else _config_of(lora._base_given), s.description,
+                           lora.directory)  # (tokenized by the adapter's own files, else its base's)
         else:
-            found[task] = (s.reader.path, _config_of(given), str(s.reader.path) if s.reader.path else s.description)
+            found[task] = (s.reader.path, _config_of(given), str(s.reader.path) if s.reader.path else s.description,
+                           s.reader.path)
     found = {task: f for task, f in found.items() if f[0] is not None or f[1] is not None}
     if not found:
         return
     tasks = list(found)
+    configs = {t: found[t][1] if found[t][1] is not None else _config(found[t][0]) for t in tasks}
     reference, ref_name = _config_of(model), None
     if reference is None:
-        configs = {t: found[t][1] if found[t][1] is not None else _config(found[t][0]) for t in tasks}
         first = next((t for t in tasks if configs[t]), None)
         if first is None:  # (state dicts, files without a config: nothing says how they read their weights)
             return
         reference, ref_name = configs[first], f"expert of task {first!r} ({found[first][2]})"
     _check_architectures(None, [found[t][0] for t in tasks], [f"of task {t!r} ({found[t][2]})" for t in tasks],
                          experts=True, reference=reference, configs=[found[t][1] for t in tasks], ref_name=ref_name)
+    _check_expert_tokenizers({t: (found[t][3], configs[t], found[t][2]) for t in tasks})
+
+
+def _check_expert_tokenizers(found: dict) -> None:
+    """Experts (``found``: task -> its checkpoint's path, its config, its description) tokenized by their
+    directories' own files (open_clip's HF tokenizers: ``_reads_own_tokenizer``) whose files differ, refused in
+    the merges' words: E-PMQ's targets are each expert's outputs on the model's calibration tokens, which an
+    expert tokenizing its texts otherwise reads as other tokens. A model in memory keeps no tokenizer (no
+    module of an open_clip model holds it, nor its directory): the experts are compared with the first of them,
+    as a merge without a base compares its models; the model's tokens can be those of one of them at most."""
+    from .merge_checkpoint import _check_tokenizer_files, _reads_own_tokenizer, _tokenizer_home
+
+    homes = {t: _tokenizer_home(path) for t, (path, config, _) in found.items()
+             if path is not None and _reads_own_tokenizer(config)}
+    if len(homes) < 2:
+        return
+    first, *others = homes
+    for task in others:
+        _check_tokenizer_files(homes[task], homes[first], f"the expert of task {task!r} ({found[task][2]})",
+                               f"expert of task {first!r} ({found[first][2]})",
+                               "E-PMQ's experts must be of the model's {}")
 
 
 def _check_tasks(calibration, experts):

@@ -2290,3 +2290,62 @@ def test_an_error_after_a_refusal_the_model_caught_is_raised_as_itself(late):
             with pytest.raises(Refused):
                 weight.sum()
             raise late("its own")
+
+
+def test_open_clip_experts_tokenized_by_other_tokenizer_files_are_refused_as_a_merge_refuses_them(gen, tmp_path):
+    """open_clip tokenizes a model loaded from its directory (local-dir:) by that directory's own tokenizer
+    files, which its hf_tokenizer_name does not say: the merges refuse models whose files differ, but
+    quantize_model compared none (a LoRA adapter was compared by its base's path, and the model in memory,
+    which keeps no directory, gave none to compare with), so experts tokenizing the calibration texts as other
+    tokens were walked in silence. The experts' files are compared with the first's, in the merges' words (an
+    adapter's own, else its base's)."""
+    import copy
+
+    from open_clip.model import CLIP
+
+    from test_merge_checkpoint import _word_tokenizer
+
+    model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 1, "width": 32, "head_width": 8, "patch_size": 8,
+                                                 "image_size": 16},
+                 "text_cfg": {"width": 32, "heads": 4, "layers": 1, "vocab_size": 64, "context_length": 8}}
+    clip = CLIP(**model_cfg).eval()
+    saved = {**model_cfg, "text_cfg": {**model_cfg["text_cfg"], "hf_tokenizer_name": "someone/tok"}}
+
+    def checkpoint(name, words=("<unk>", "cat", "dog")):
+        path = _open_clip_expert(tmp_path / name, clip.state_dict(), saved)["a"]
+        if words:
+            _word_tokenizer(path, list(words))
+        return path
+
+    def adapter(name, base, words=()):
+        path = tmp_path / name
+        path.mkdir()
+        module = "transformer.resblocks.0.mlp.c_fc"
+        save_file({f"base_model.model.{module}.lora_A.weight": torch.randn(4, 32, generator=gen),
+                   f"base_model.model.{module}.lora_B.weight": torch.zeros(128, 4)},
+                  str(path / "adapter_model.safetensors"))
+        (path / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_fc"],
+             "base_model_name_or_path": str(base)}))
+        if words:
+            _word_tokenizer(path, list(words))
+        return epmq.LoraExpert(path, prefix="")  # (the text tower's blocks, as named: the image tower's fit too)
+
+    text = torch.randint(0, 64, (2, 8), generator=gen)
+    batch = {"image": torch.randn(2, 3, 16, 16, generator=gen), "text": text}
+
+    def walk(b):
+        epmq.quantize_model(copy.deepcopy(clip), epmq.QuantSpec(bits=4, group_size=16), method="epmq",
+                            calibration={"a": [batch], "b": [batch]}, experts={"a": first, "b": b},
+                            backend="torch", progress=False, layers=r"transformer\.resblocks\.0\.mlp\.c_fc")
+
+    first = checkpoint("first")
+    refused = (r"the expert of task 'b' \([^()]*{}[^()]*\) holds other tokenizer files than the expert of task 'a' "
+               r"\(\S*first\) \(other contents of tokenizer\.json\): open_clip tokenizes a model loaded from its "
+               r"directory \(local-dir:\) by that directory's own files.*E-PMQ's experts must be of the model's "
+               r"tokenizer")
+    with pytest.raises(ValueError, match=refused.format("swapped")):
+        walk(checkpoint("swapped", ("<unk>", "dog", "cat")))
+    with pytest.raises(ValueError, match=refused.format("own")):
+        walk(adapter("own", first, ("<unk>", "dog", "cat")))
+    walk(adapter("bare", first))  # (tokenized by its base's files)
