@@ -1354,7 +1354,8 @@ def _model_type(config: dict) -> tuple:
 
 def _check_architectures(base_path, model_paths, models, *, experts: bool = False,
                          reference: Optional[dict] = None, warn: bool = True,
-                         configs: Optional[Sequence[Optional[dict]]] = None, ref_name: Optional[str] = None) -> list:
+                         configs: Optional[Sequence[Optional[dict]]] = None, ref_name: Optional[str] = None,
+                         lora_base: Optional[Path] = None) -> list:
     """Models of another architecture than the reference's are refused (tensors of one name and
     shape in two architectures mean different things: a Qwen3-MoE's attention merged into a
     Llama's), a tower of it accepted (CLIPVisionModel experts of a CLIPModel base), quantized
@@ -1364,7 +1365,8 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
     messages say so). ``reference``: the reference's config (a model in memory's), in place of
     ``base_path``'s config.json. ``warn``: another RoPE is warned of (else only refusals). ``configs``:
     per model, its config (a module's) in place of its path's config.json, or None. ``ref_name``: what
-    the messages call the reference, where another than the model, base or first model."""
+    the messages call the reference, where another than the model, base or first model. ``lora_base``: the
+    base LoRA adapters among them are read on (a merge's lora_base or base), where not the one each names."""
     ref_name = ref_name or ("model" if experts else ("base" if base_path else "first model"))
     what_of = (lambda source: f"the expert {source}") if experts else (lambda source: f"model {source}")
     goal = "E-PMQ's experts must be of the model's {}" if experts else "merge models of one {}"
@@ -1395,8 +1397,8 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
             _check_layer_counts(mine, theirs, what_of(source), ref_name, goal)
             _check_reading(config, reference, what_of(source), ref_name, goal, experts, warn=warn)
             if given is None and None not in (path, reference_path) and _reads_own_tokenizer(reference):
-                _check_tokenizer_files(_tokenizer_home(path), _tokenizer_home(reference_path), what_of(source),
-                                       ref_name, goal)
+                _check_tokenizer_files(_tokenizer_home(path, lora_base), _tokenizer_home(reference_path, lora_base),
+                                       what_of(source), ref_name, goal)
         elif kind and other and other in towers:  # (a tower of the reference: its own config's counts)
             _check_layer_counts(_layer_counts(config, nested=False),
                                 _layer_counts(_tower_config(reference, other), nested=False),
@@ -1605,13 +1607,18 @@ def _reads_own_tokenizer(config: dict) -> bool:
     return any(_text_tokenizer(config, ("hf_tokenizer_name",), nested=True).values())
 
 
-def _tokenizer_home(path: Path) -> Path:
+def _tokenizer_home(path: Path, base: Optional[Path] = None) -> Path:
     """The directory whose tokenizer files tokenize the texts of the model at ``path``: its own; a LoRA
-    adapter's where it saves some (tokens added in training), else its named base's, which it was trained
-    on (the hub's config and tokenizer snapshot of a hub id, as ``_config`` reads it)."""
+    adapter's where it saves some (tokens added in training), else its base's: ``base``, the one it is read
+    on, where one is given (a merge's lora_base or base, a LoraExpert's); else the one its config names,
+    which it was trained on (the hub's config and tokenizer snapshot of a hub id, as ``_config`` reads it)."""
     directory = path if path.is_dir() else path.parent
-    named = named_base(directory) if is_lora_adapter(directory) else None
-    if named is None or any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
+    if not is_lora_adapter(directory) or any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
+        return directory
+    if base is not None:
+        return base if base.is_dir() else base.parent
+    named = named_base(directory)
+    if named is None:
         return directory
     try:
         return json_files(named, revision=named_revision(directory))
@@ -1985,7 +1992,7 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
     _check_listed_once(models, model_paths, base, base_path)
     template = None if chat_template is None else chat_template_of(  # (before the merge's work)
         [p for p in [base_path] if p is not None] + model_paths, chat_template)
-    whole = _check_architectures(base_path, model_paths, models)
+    whole = _check_architectures(base_path, model_paths, models, lora_base=base_path or lora_base)
     base_state = None if base_path is None else _open(base_path, f"base ({base})", device)
     sources = [] if base_state is not None else [_open(model_paths[0], f"model 0 ({models[0]})", device,
                                                        lora_base=lora_base)]

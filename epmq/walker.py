@@ -753,16 +753,17 @@ def _check_expert_configs(model, sources, experts) -> None:
     refused where those differ (``_check_expert_tokenizers``)."""
     from .merge_checkpoint import _check_architectures, _config
 
-    found = {}  # task -> (its path, its config in place of the path's, its description, its tokenizer's path)
+    # task -> (its path, its config in place of the path's, its description, (its tokenizer's path, its base))
+    found = {}
     for task, s in sources.items():
         given = experts[task].source if isinstance(experts[task], OnVocabulary) else experts[task]
         if s.reader.lora is not None:  # (W_0 + (alpha/r) B A on its base, whose config is the one to compare)
             lora = s.reader.lora
             found[task] = (lora.base.path, None if lora.base.path else _config_of(lora._base_given), s.description,
-                           lora.directory)  # (tokenized by the adapter's own files, else its base's)
+                           (lora.directory, lora.base.path))  # (tokenized by the adapter's own files, else its base's)
         else:
             found[task] = (s.reader.path, _config_of(given), str(s.reader.path) if s.reader.path else s.description,
-                           s.reader.path)
+                           (s.reader.path, None))
     found = {task: f for task, f in found.items() if f[0] is not None or f[1] is not None}
     if not found:
         return
@@ -780,7 +781,7 @@ def _check_expert_configs(model, sources, experts) -> None:
 
 
 def _check_expert_tokenizers(found: dict) -> None:
-    """Experts (``found``: task -> its checkpoint's path, its config, its description) tokenized by their
+    """Experts (``found``: task -> its checkpoint's path and base, its config, its description) tokenized by their
     directories' own files (open_clip's HF tokenizers: ``_reads_own_tokenizer``) whose files differ, refused in
     the merges' words: E-PMQ's targets are each expert's outputs on the model's calibration tokens, which an
     expert tokenizing its texts otherwise reads as other tokens. A model in memory keeps no tokenizer (no
@@ -788,7 +789,7 @@ def _check_expert_tokenizers(found: dict) -> None:
     as a merge without a base compares its models; the model's tokens can be those of one of them at most."""
     from .merge_checkpoint import _check_tokenizer_files, _reads_own_tokenizer, _tokenizer_home
 
-    homes = {t: _tokenizer_home(path) for t, (path, config, _) in found.items()
+    homes = {t: _tokenizer_home(path, base) for t, ((path, base), config, _) in found.items()
              if path is not None and _reads_own_tokenizer(config)}
     if len(homes) < 2:
         return

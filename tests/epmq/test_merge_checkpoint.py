@@ -3924,6 +3924,28 @@ def test_open_clip_models_tokenized_by_files_one_directory_holds_alone_or_by_a_l
         _check_quietly(adapter("on_base", base), save("swapped", ("<unk>", "dog", "cat")))
 
 
+def test_a_lora_adapter_without_tokenizer_files_is_tokenized_by_the_base_it_is_merged_on(tmp_path):
+    """An adapter holding no tokenizer files is tokenized by its base's, and the merge reads it on lora_base (or
+    the merge's base) where one is given: its files were taken from the base its config names, so an adapter
+    merged on a base of another vocabulary than its fellow models was merged in silence."""
+    def save(name, words):
+        text = {"width": 32, "heads": 4, "layers": 2, "hf_tokenizer_name": "someone/tok"}
+        path = _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
+                                     text_cfg=text)
+        _word_tokenizer(path, list(words))
+        return path
+
+    named, given = save("named", ("<unk>", "cat", "dog")), save("given", ("<unk>", "dog", "cat"))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                             "base_model_name_or_path": str(named)}))
+    with pytest.raises(ValueError, match=r"model \S*fellow holds other tokenizer files than the first model "
+                                         r"\(other contents of tokenizer\.json\)"):
+        merge_checkpoints("average", [adapter, save("fellow", ("<unk>", "cat", "dog"))], tmp_path / "out",
+                          lora_base=given)
+
+
 def test_open_clip_vits_of_a_transposed_patch_grid_are_refused(tmp_path):
     """An open_clip ViT's position embeddings are one per patch of its image_size // patch_size grid: a
     rectangular image_size transposed ([16, 32] against [32, 16], the same patch) holds tensors of the same

@@ -2298,7 +2298,7 @@ def test_open_clip_experts_tokenized_by_other_tokenizer_files_are_refused_as_a_m
     quantize_model compared none (a LoRA adapter was compared by its base's path, and the model in memory,
     which keeps no directory, gave none to compare with), so experts tokenizing the calibration texts as other
     tokens were walked in silence. The experts' files are compared with the first's, in the merges' words (an
-    adapter's own, else its base's)."""
+    adapter's own, else its base's: the one given, not the one its config names)."""
     import copy
 
     from open_clip.model import CLIP
@@ -2317,7 +2317,7 @@ def test_open_clip_experts_tokenized_by_other_tokenizer_files_are_refused_as_a_m
             _word_tokenizer(path, list(words))
         return path
 
-    def adapter(name, base, words=()):
+    def adapter(name, named, words=(), base=None):
         path = tmp_path / name
         path.mkdir()
         module = "transformer.resblocks.0.mlp.c_fc"
@@ -2326,10 +2326,10 @@ def test_open_clip_experts_tokenized_by_other_tokenizer_files_are_refused_as_a_m
                   str(path / "adapter_model.safetensors"))
         (path / "adapter_config.json").write_text(json.dumps(
             {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_fc"],
-             "base_model_name_or_path": str(base)}))
+             "base_model_name_or_path": str(named)}))
         if words:
             _word_tokenizer(path, list(words))
-        return epmq.LoraExpert(path, prefix="")  # (the text tower's blocks, as named: the image tower's fit too)
+        return epmq.LoraExpert(path, base, prefix="")  # (the text tower's blocks, as named: the image tower's fit too)
 
     text = torch.randint(0, 64, (2, 8), generator=gen)
     batch = {"image": torch.randn(2, 3, 16, 16, generator=gen), "text": text}
@@ -2349,3 +2349,8 @@ def test_open_clip_experts_tokenized_by_other_tokenizer_files_are_refused_as_a_m
     with pytest.raises(ValueError, match=refused.format("own")):
         walk(adapter("own", first, ("<unk>", "dog", "cat")))
     walk(adapter("bare", first))  # (tokenized by its base's files)
+    # (the base it is read on, where one is given: not the one its config names)
+    other_base = checkpoint("other_base", ("<unk>", "dog", "cat"))
+    with pytest.raises(ValueError, match=refused.format("named_first")):
+        walk(adapter("named_first", first, base=other_base))
+    walk(adapter("named_other", other_base, base=first))
