@@ -978,11 +978,13 @@ def _warn_averaged_matrices(model, grams) -> None:
                       f"they have no Gram matrix and are merged by their plain average")
 
 
-def _config(path: Path) -> dict:
+def _config(path: Path, base: Optional[Path] = None) -> dict:
     """A checkpoint's ``config.json`` ({} if none; open_clip's open_clip_config.json as
     ``_open_clip_config`` reads it, where there is no config.json or the weights read are open_clip's
-    file); of a LoRA adapter, its base's (the one its config names: a
-    local checkpoint, or an HF hub id's, at the revision the adapter records)."""
+    file); of a LoRA adapter, its base's (``base``, the one it is read on, where one is given; else the
+    one its config names: a local checkpoint, or an HF hub id's, at the revision the adapter records)."""
+    if is_lora_adapter(path) and base is not None:
+        return _config(base)
     if is_lora_adapter(path):
         named = named_base(path)
         if named is None:
@@ -1379,13 +1381,13 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
     reference_path = None  # (a model in memory's config: no directory of files)
     if reference is None:
         reference_path = base_path if base_path is not None else model_paths[0]
-        reference = _config(reference_path)
+        reference = _config(reference_path, lora_base)
     reference = _timm_read(reference)
     kind, towers = _model_type(reference)
     theirs = _layer_counts(reference)
     same = []
     for path, source, given in zip(model_paths, models, configs or [None] * len(models)):
-        config = _timm_read(given if given is not None else _config(path))
+        config = _timm_read(given if given is not None else _config(path, lora_base))
         other, other_towers = _model_type(config)
         if kind and other and other != kind and other not in towers and kind not in other_towers:
             raise ValueError(f"{what_of(source)} is a {other!r} checkpoint, the {ref_name} a {kind!r} one "

@@ -3944,6 +3944,11 @@ def test_a_lora_adapter_without_tokenizer_files_is_tokenized_by_the_base_it_is_m
                                          r"\(other contents of tokenizer\.json\)"):
         merge_checkpoints("average", [adapter, save("fellow", ("<unk>", "cat", "dog"))], tmp_path / "out",
                           lora_base=given)
+    # (its config too is the base's it is read on: one naming a base not found was compared with nothing)
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                             "base_model_name_or_path": str(tmp_path / "gone")}))
+    with pytest.raises(ValueError, match=r"model \S*fellow holds other tokenizer files than the first model"):
+        merge_checkpoints("average", [adapter, tmp_path / "fellow"], tmp_path / "out", lora_base=given)
 
 
 def test_open_clip_vits_of_a_transposed_patch_grid_are_refused(tmp_path):
