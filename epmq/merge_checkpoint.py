@@ -981,19 +981,18 @@ def _warn_averaged_matrices(model, grams) -> None:
 def _config(path: Path, base: Optional[Path] = None) -> dict:
     """A checkpoint's ``config.json`` ({} if none; open_clip's open_clip_config.json as
     ``_open_clip_config`` reads it, where there is no config.json or the weights read are open_clip's
-    file); of a LoRA adapter, its base's (``base``, the one it is read on, where one is given; else the
-    one its config names: a local checkpoint, or an HF hub id's, at the revision the adapter records)."""
-    if is_lora_adapter(path) and base is not None:
-        return _config(base)
+    file); of a LoRA adapter, its base's: the one its config names, which it was trained on (a local
+    checkpoint, or an HF hub id's, at the revision the adapter records; a base it is read on of another
+    architecture is refused by it), else ``base``, the one it is read on, where one is given."""
     if is_lora_adapter(path):
-        named = named_base(path)
-        if named is None:
-            return {}
-        try:  # (a hub base's config files alone: the weights are read when the adapter is)
-            home = json_files(named, revision=named_revision(path))
-        except CheckpointError:
-            return {}  # (what reads the adapter's base says why it cannot)
-        return _config(home) if home.is_dir() else {}
+        named, home = named_base(path), None
+        if named is not None:
+            try:  # (a hub base's config files alone: the weights are read when the adapter is)
+                home = json_files(named, revision=named_revision(path))
+            except CheckpointError:
+                pass  # (what reads the adapter's base says why it cannot)
+        trained_on = _config(home) if home is not None and home.is_dir() else {}
+        return trained_on if trained_on or base is None else _config(base)
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
     open_clip = config.with_name(OPEN_CLIP_CONFIG_FILE)
     # (LAION's hub checkpoints hold transformers' copy and open_clip's, each with its config: the one of the
