@@ -1774,7 +1774,11 @@ def test_speech_towers_once_left_in_full_precision_are_walked_by_default(name, g
         reference = model(**test).logits
         other_audio = model(**dict(test, **{audio: torch.randn(test[audio].shape, generator=gen)})).logits
     assert (other_audio - reference).norm() > 0.02 * reference.norm()
-    quantize_leaving_no_tower(model, lambda: item(gen))
+    # (6 items a task: on 2, 48 tokens and 16 to 32 audio frames, fewer than the 64-wide MLPs' inputs, GPTQ
+    # moved weights along directions the calibration left unseen, OmniASR's test item 1.53% off at
+    # EPMQ_TEST_SEED=2304045, 0.4-1.2% at 23 other seeds, MOSS's 0.5-1.2%; on 6, 0.3-0.9% and 0.5-0.9%, the
+    # others 0.2-0.8% over 8 seeds, each no worse than on 2)
+    quantize_leaving_no_tower(model, lambda: item(gen), per_task=6)
     with torch.no_grad():
         assert (model(**test).logits - reference).norm() / reference.norm() < 0.02
     assert_both_towers_walked_and_served(model, towers, tmp_path, test, adapter=adapter)
