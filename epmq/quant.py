@@ -297,12 +297,15 @@ def _warn_damped_again(failures, damp: float, mean_diag: float, retries: int) ->
                   f"retries: {retries})")
 
 
-def _factor(H: torch.Tensor, percdamp: float, perm: Optional[torch.Tensor] = None, damp: Optional[float] = None):
+def _factor(H: torch.Tensor, percdamp: float, perm: Optional[torch.Tensor] = None, damp: Optional[float] = None,
+            retries: int = 0):
     """Damp ``H`` (float64, dead columns fixed; taken in the processing order ``perm``, or as it
     is) until it factors; from ``damp`` where given (a retry's), else ``percdamp * mean(diag H)``.
+    ``retries``: the solve's retries so far, counting this call's first try (a retry's):
+    MAX_DAMP_RETRIES bounds the solve's total, not each factor's.
 
-    Returns ``(Hinv, damp, retries)`` with ``Hinv`` (fp32, what the solver runs on) the upper
-    Cholesky factor of ``H~^{-1}``,
+    Returns ``(Hinv, damp, retries)``, ``retries`` the solve's total, with ``Hinv`` (fp32, what
+    the solver runs on) the upper Cholesky factor of ``H~^{-1}``,
     ``H~ = H + damp I``, ``damp = percdamp * mean(diag H)`` (the live columns' mean: dead
     diagonals are set to it) unless retries raised it. With ``J`` the order reversal and
     ``J H~ J = L L^T``, that factor is ``J L^{-1} J``: one Cholesky and one triangular inverse,
@@ -322,9 +325,9 @@ def _factor(H: torch.Tensor, percdamp: float, perm: Optional[torch.Tensor] = Non
     if not _fp64_is_fast(H.device):
         Hinv = _factor_fp32(H if perm is None else H[perm[:, None], perm[None, :]], damp)
         if Hinv is not None:
-            return Hinv, damp, 0
+            return Hinv, damp, retries
     reverse = None if perm is None else perm.flip(0)
-    for retry in range(MAX_DAMP_RETRIES + 1):
+    for retry in range(retries, MAX_DAMP_RETRIES + 1):
         # J H J (J the order reversal), in the processing order: one gather, one copy
         L = H.flip(0, 1) if reverse is None else H[reverse[:, None], reverse[None, :]]
         L.diagonal().add_(damp)  # (no identity matrix)
@@ -543,8 +546,8 @@ def _round_target(
                                  ) from error
             if overflowed_at is None:
                 overflowed_at = damp / mean_diag
-            Hinv32, damp, more = _factor(H64, percdamp, perm, damp=_more_damping(damp, mean_diag))
-            retries += 1 + more
+            Hinv32, damp, retries = _factor(H64, percdamp, perm, damp=_more_damping(damp, mean_diag),
+                                            retries=retries + 1)
     if retries and mean_diag:  # (no live column: nothing was damped, the placeholder factored at once)
         failures = [("the Hessian did not factor", percdamp)] if factor_retries else []
         if overflowed_at is not None:

@@ -504,6 +504,34 @@ def test_a_factor_that_failed_then_a_solve_that_overflowed_are_both_said(gen, mo
     assert torch.equal(res.codes, direct.codes)
 
 
+@pytest.mark.parametrize("fails_after, retries", [(1, 3), (2, None)])
+def test_the_retries_of_a_factor_and_of_a_solve_share_one_bound(gen, monkeypatch, fails_after, retries):
+    """E-PMQ's factor fails once, R = G H~^-1 overflows, the factor at the damping after it fails
+    ``fails_after`` times: with MAX_DAMP_RETRIES 3, once ends at 3 retries, twice is refused (the
+    retried factor took MAX_DAMP_RETRIES of its own: the solve reached 4, up to 2 MAX)."""
+    W_m, H = random_problem(gen, d_in=32, n=64)
+    W_k = [W_m + 0.01 * torch.randn(W_m.shape, generator=gen)]
+    factor_verdicts = [False, True] + [False] * fails_after  # (the factor: d_in x d_in)
+    product_verdicts = [False, True]  # (R, overflowed, then G, finite: d_out x d_in)
+
+    def verdict(t):
+        verdicts = factor_verdicts if t.shape[0] == t.shape[1] else product_verdicts
+        return verdicts.pop(0) if verdicts else True
+
+    monkeypatch.setattr(quant, "all_finite", verdict)
+    monkeypatch.setattr(quant, "MAX_DAMP_RETRIES", 3)
+    spec = QuantSpec(bits=4, group_size=-1)
+    if retries is None:
+        with pytest.raises(ValueError, match=r"not positive definite even with damping \S+ \(3 retries\)"):
+            quant.epmq(W_m, W_k, [H], spec, percdamp=0.01)
+        return
+    with pytest.warns(UserWarning, match=r"retries: 3\)$"):
+        res = quant.epmq(W_m, W_k, [H], spec, percdamp=0.01)
+    monkeypatch.undo()
+    direct = quant.epmq(W_m, W_k, [H], spec, percdamp=10.0)  # (0.01 damped three times)
+    assert res.damp_retries == retries and res.damp == pytest.approx(direct.damp, rel=1e-12)
+
+
 def test_indefinite_hessian_retries_then_succeeds(gen):
     # a rank-deficient Gram matrix pushed slightly indefinite, as float32 accumulation can do
     W, H = random_problem(gen, d_in=32, n=8)
