@@ -1886,6 +1886,20 @@ def _expert_tensors(block) -> list:
             if t.is_floating_point() and id(t) not in packed]
 
 
+@contextmanager
+def _warnings_of(name):
+    """The body's warnings, said as layer ``name``'s: the solver's (a layer damped more than
+    percdamp asked) name none, and a walk solves hundreds."""
+    said = []
+    try:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")  # (the caller's filters judge them as said again, named)
+            yield
+    finally:  # (a solve that failed too: what it said before its error)
+        for w in said:
+            warnings.warn_explicit(f"{name}: {w.message}", w.category, w.filename, w.lineno, source=w.source)
+
+
 def _on_cpu(stats):
     """A shallow copy of a layer's statistics with every tensor moved to the CPU."""
     if hasattr(stats, "join"):
@@ -4642,7 +4656,7 @@ class _Walk:
         # (the solver's refusals, a Hessian it cannot factor or scale, name no layer: this one's)
         try:
             try:
-                return self._solve_with(linear.weight.detach(), stats, dict(self.solver, factors=factors))
+                return self._solve_with(linear.weight.detach(), stats, dict(self.solver, factors=factors), name)
             except torch.cuda.OutOfMemoryError:
                 pass  # (outside the handler, so that the failed attempt's tensors can be freed)
             # A layer the GPU cannot hold next to the model is solved on the CPU: the same math in
@@ -4650,17 +4664,18 @@ class _Walk:
             torch.cuda.empty_cache()
             warnings.warn(f"out of GPU memory solving {name}: solving this layer on the CPU")
             result = self._solve_with(linear.weight.detach().cpu(), _on_cpu(stats),
-                                      dict(self.solver, backend="torch"))
+                                      dict(self.solver, backend="torch"), name)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from e
         result.info["solved_on"] = "cpu (out of GPU memory)"
         return result
 
-    def _solve_with(self, W_m, stats, solver):
-        if isinstance(stats, HessianStats):
-            return quant.gptq(W_m, stats.H, self.spec, **solver)
-        if self.method == "gptq":
-            return quant.epmq_from_stats(stats, self.spec, anchor=0.0, weight_anchor=0.0, **solver)
-        return quant.epmq_from_stats(
-            stats, self.spec, anchor=self.anchor, weight_anchor=self.weight_anchor, **solver
-        )
+    def _solve_with(self, W_m, stats, solver, name):
+        with _warnings_of(name):
+            if isinstance(stats, HessianStats):
+                return quant.gptq(W_m, stats.H, self.spec, **solver)
+            if self.method == "gptq":
+                return quant.epmq_from_stats(stats, self.spec, anchor=0.0, weight_anchor=0.0, **solver)
+            return quant.epmq_from_stats(
+                stats, self.spec, anchor=self.anchor, weight_anchor=self.weight_anchor, **solver
+            )

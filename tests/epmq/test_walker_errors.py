@@ -334,6 +334,23 @@ def test_a_layer_the_solver_refuses_is_named(gen, monkeypatch):
     assert_untouched(model, before)
 
 
+def test_a_layer_damped_more_than_percdamp_asked_is_named(gen):
+    """48 calibration tokens for down_proj's 64 inputs: its H is singular, and at percdamp 0 its
+    factor fails and is damped again. The warning said so naming no layer, where a walk solves
+    hundreds; it names the layer."""
+    fam = Family("llama", gen, n_samples=1)
+    model = fam.merged()
+    with pytest.warns(UserWarning) as said:
+        quantize(fam, model, method="gptq", experts=None, percdamp=0.0, layers=r"mlp\.down_proj")
+    retries = {e["name"]: e["damp_retries"] for e in model.epmq_report.layers}
+    assert sorted(retries) == [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)] and all(retries.values())
+    messages = sorted(str(w.message) for w in said if "percdamp" in str(w.message))
+    assert len(messages) == len(retries)
+    for message, (name, n) in zip(messages, sorted(retries.items())):
+        assert re.fullmatch(rf"{re.escape(name)}: the Hessian did not factor at percdamp 0: solved at percdamp \S+ "
+                            rf"\(damping that times H's mean diagonal; retries: {n}\)", message), message
+
+
 def test_a_layer_of_tiny_inputs_is_quantized(gen):
     """Block 1's MLP sees inputs of order 1e-27 (its norm's weight): GPTQ's Hessian of them, in
     float64, has a mean diagonal near 1e-52, which the solver refused ('scale it'), ending the
