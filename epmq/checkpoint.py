@@ -1890,11 +1890,12 @@ def _modules_from_tensors(tensors: dict, qconfig: dict) -> dict:
     return modules
 
 
-def _load_tensors(directory: Path, qconfig: dict, device="cpu") -> dict:
+def _load_tensors(directory: Path, qconfig: dict, device="cpu", progress: bool = False) -> dict:
     """Every tensor of the checkpoint: from its one file, else from the shards of its index (the
     order ``from_pretrained`` takes: ``save_pretrained`` leaves an earlier sharded save's index
-    beside the single file it writes)."""
+    beside the single file it writes). ``progress``: a bar of the bytes read, file by file."""
     from safetensors.torch import load_file
+    from tqdm.auto import tqdm
 
     device = torch.device(device)
     device = "cpu" if device.type == "cpu" else str(device)  # (safetensors refuses "cpu:0")
@@ -1915,18 +1916,26 @@ def _load_tensors(directory: Path, qconfig: dict, device="cpu") -> dict:
     index = directory / INDEX_FILE
     if not index.is_file() and not any(directory.glob("*.safetensors")) and (directory / TORCH_INDEX_FILE).is_file():
         index = directory / TORCH_INDEX_FILE  # (transformers' shards of safe_serialization=False)
-    if not index.is_file() or (directory / WEIGHTS_FILE).is_file():
-        return read(_weights_file(directory, qconfig))
-    weight_map = shard_weight_map(index)
-    # (each shard read in turn: the first missing one was met after those before it were read,
-    # as safetensors' bare 'No such file or directory', naming no index)
-    missing = sorted(str(directory / f) for f in set(weight_map.values()) if not (directory / f).is_file())
-    if missing:
-        raise FileNotFoundError(f"{directory}: shard(s) listed in {index} are missing: {missing[:5]} (a download "
-                                f"cut short, or shards deleted)")
+    sharded = index.is_file() and not (directory / WEIGHTS_FILE).is_file()
+    if sharded:
+        weight_map = shard_weight_map(index)
+        # (each shard read in turn: the first missing one was met after those before it were read,
+        # as safetensors' bare 'No such file or directory', naming no index)
+        missing = sorted(str(directory / f) for f in set(weight_map.values()) if not (directory / f).is_file())
+        if missing:
+            raise FileNotFoundError(f"{directory}: shard(s) listed in {index} are missing: {missing[:5]} (a download "
+                                    f"cut short, or shards deleted)")
+    files = [directory / name for name in sorted(set(weight_map.values()))] if sharded else [
+        _weights_file(directory, qconfig)]
     tensors = {}
-    for name in sorted(set(weight_map.values())):
-        tensors.update(read(directory / name))
+    # (tens of GB of shards took minutes, said by nothing)
+    with tqdm(total=sum(f.stat().st_size for f in files), desc=f"load {directory.name}", unit="B",
+              unit_scale=True, unit_divisor=1024, disable=not progress) as bar:
+        for file in files:
+            tensors.update(read(file))
+            bar.update(file.stat().st_size)
+    if not sharded:
+        return tensors
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
         raise ValueError(f"{index} lists tensors its shards do not hold: {missing[:5]}")
@@ -2047,7 +2056,7 @@ def _untie_held_apart(model: nn.Module, tensors: Mapping[str, torch.Tensor], tie
 
 
 def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None,
-                   device=None) -> nn.Module:
+                   device=None, progress: bool = True) -> nn.Module:
     """Load a checkpoint written by ``save_quantized``: the layers it lists become
     ``QuantLinear`` and every tensor is loaded. GPTQ checkpoints of other tools (GPTQModel,
     AutoGPTQ, transformers' GPTQ integration: v1 or v2, any bit width ``QuantLinear`` holds)
@@ -2063,6 +2072,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
 
     ``directory``: a local directory, or an HF hub id (``org/name``, ``org/name@revision``) that
     is none, read from its snapshot in the hub's cache (downloaded there once, never written to).
+    ``progress``: a bar of the bytes read, shard by shard.
     """
     # (a device it cannot load onto was reported as the safetensors file not read, or torch's bare
     # error: said of the device, before anything is read or fetched)
@@ -2086,7 +2096,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     given, model = model, wrapped_model(model)  # (into a torch.compile'd or DataParallel model's own)
     empty = any(p.is_meta for p in model.parameters())
     device = torch.device("cpu" if device is None else device)
-    tensors = _load_tensors(directory, qconfig, device if empty else "cpu")
+    tensors = _load_tensors(directory, qconfig, device if empty else "cpu", progress)
     ours = qconfig.get("epmq")
     listed = ours["modules"] if ours else _modules_from_tensors(tensors, qconfig)
     tied = ours.get("tied", {}) if ours else {}

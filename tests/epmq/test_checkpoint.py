@@ -954,6 +954,25 @@ def test_the_write_of_a_checkpoint_shows_its_bytes_shard_by_shard_unless_told_no
     assert capsys.readouterr().err == ""
 
 
+def test_the_read_of_a_checkpoint_shows_its_bytes_shard_by_shard_unless_told_not_to(gen, tmp_path, capsys):
+    """load_quantized read tens of GB of shards (minutes) with no word: a bar of the bytes read,
+    advanced as each shard is read; silent with progress=False."""
+    from tqdm import tqdm
+
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q", max_shard_size=4_000, progress=False)
+    shards = sorted((tmp_path / "q").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    size = tqdm.format_sizeof(sum(f.stat().st_size for f in shards), divisor=1024)
+    capsys.readouterr()
+    for model in (fam.fresh(), None):  # (a model of one's own, and one built from the checkpoint)
+        epmq.load_quantized(tmp_path / "q", model)
+        err = capsys.readouterr().err
+        assert "load q: 100%" in err and f"{size}/{size}" in err, err
+        epmq.load_quantized(tmp_path / "q", model and fam.fresh(), progress=False)
+        assert capsys.readouterr().err == ""
+
+
 def test_a_damaged_index_or_shard_is_named(gen, tmp_path):
     """A truncated index, one without weight_map, or a truncated shard gave a bare
     JSONDecodeError, KeyError('weight_map') or SafetensorError naming no file."""
