@@ -48,8 +48,9 @@ the first model where a merge takes none: ``average``, ``slerp``, ``karcher``, `
 ``nuslerp`` / ``multislerp`` given ``base=None``) unchanged. Each merged tensor is stored in
 ``out`` as soon as it is made (a new dict by default, returned; anything with ``__setitem__``:
 ``epmq.merge_checkpoints`` passes a writer that puts them into shards on disk, so a merge of
-large checkpoints holds one shard of the result at a time). Random merges (``dare``, ``della``)
-draw the mask of tensor ``name`` of expert k from ``(seed, name, k)`` alone, so a merge is
+large checkpoints holds one shard of the result at a time). ``progress`` (every merge takes it):
+a bar of the tensors merged (minutes on a 7B model for TSV's and Iso-C's SVDs). Random merges
+(``dare``, ``della``) draw the mask of tensor ``name`` of expert k from ``(seed, name, k)`` alone, so a merge is
 reproducible whatever order or subset of tensors is merged (a transformers module's tensors by
 the names it saves them under: the same masks as its checkpoint's merge). A transformers module's
 tensors that ``save_pretrained`` splits or fuses (transformers 5 holds a MoE layer's experts fused,
@@ -238,7 +239,8 @@ def _work_dtype(reference: torch.Tensor) -> torch.dtype:
 
 @torch.no_grad()  # (parameters as inputs: no graph kept alive by the result)
 @without_autocast  # (the merges compute in _work_dtype: a caller's autocast ran TSV's and Iso-C's products in bf16)
-def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True, as_saved=True):
+def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True, as_saved=True, method="",
+                progress=False):
     """Apply ``merge_tensor(name, W_0, [W_k]) -> W`` to every float tensor, one at a time, and
     store each result in ``out`` as it is made (a new dict by default); returns ``out``.
     ``lazy``: ``W_k`` reads expert k's tensor when indexed (each access reads it again). An
@@ -247,7 +249,9 @@ def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True, as
     the result. ``as_saved``: tensors of a transformers module that ``save_pretrained`` splits
     or fuses (transformers 5's fused MoE experts) are merged as the tensors it saves, each its
     own ``merge_tensor(saved name, ...)`` (the merge of its checkpoint), and put back in the
-    module's layout."""
+    module's layout. ``progress``: a bar of the tensors merged, named after ``method``."""
+    from tqdm.auto import tqdm
+
     experts = _listed_experts(experts)
     layout = _saved_layout(base, experts) if as_saved else None
     base, experts = _inputs(base, experts)
@@ -272,7 +276,9 @@ def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True, as
             shared[name] = merged
 
     done = set()  # (the names merged with an earlier one's saved tensors)
-    for name in reference.keys():
+    # (TSV's and Iso-C's SVD per tensor took minutes on a 7B model, said by nothing)
+    for name in tqdm(reference.keys(), total=len(reference), desc=f"merge {method}", unit="tensor",
+                     disable=not progress):
         if name in done:
             continue
         if name in aliases:  # (one tensor, merged once: DARE's masks drawn per name differed)
@@ -548,7 +554,7 @@ def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str,
 
 
 def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out, weights=None, zero_vote=0,
-                  statistic=None):
+                  statistic=None, progress=True):
     """``W_0 + scale * combine_k(sparsify(name, k, tau_k))``: the task-vector merges that
     differ only in how each task vector is thinned and how the results are combined."""
     weights = _listed(weights)
@@ -568,7 +574,7 @@ def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out,
     # ones before it were written out, and never where there is none)
     weights = _check_weights(weights, len(experts), divide=consensus is None and merge == "mean")
     _warn_of_fused_experts(base, experts, statistic, stacklevel=4)
-    return _merge_each(base, experts, merge_tensor, out, lazy=True)
+    return _merge_each(base, experts, merge_tensor, out, lazy=True, method=method, progress=progress)
 
 
 
@@ -608,7 +614,7 @@ def _mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 # --------------------------------------------------------------------------- merges
 
 
-def average(experts, weights: Optional[Sequence[float]] = None, *, out=None):
+def average(experts, weights: Optional[Sequence[float]] = None, *, out=None, progress: bool = True):
     """Weight averaging: ``sum_k w_k W_k / sum_k w_k``; equal weights (a model soup) by default."""
     experts = _listed_experts(experts)
     weights = _check_weights(_listed(weights), len(experts), divide=True)  # (before any tensor is written)
@@ -626,15 +632,15 @@ def average(experts, weights: Optional[Sequence[float]] = None, *, out=None):
             total.add_(W_k[k], alpha=w[k])  # (mergekit's addcmul_: fused, or not, alike on each CPU)
         return total.div_(w_sum)
 
-    return _merge_each(None, experts, merge_tensor, out, lazy=True)
+    return _merge_each(None, experts, merge_tensor, out, lazy=True, method="average", progress=progress)
 
 
 def task_arithmetic(base, experts, scale: float = 0.3, weights: Optional[Sequence[float]] = None,
-                    *, out=None):
+                    *, out=None, progress: bool = True):
     """Task Arithmetic (Ilharco et al., 2023): ``W_0 + scale * sum_k w_k (W_k - W_0)``
     (``weights`` w_k: 1 each by default)."""
     return _sparse_merge(base, experts, scale, lambda name, k, tau: tau, None, "sum",
-                         "task_arithmetic", out, weights)
+                         "task_arithmetic", out, weights, progress=progress)
 
 
 DARE_RESCALES = ("density", "l1", None)
@@ -650,7 +656,7 @@ def _l1_rescaled(tau: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
 def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
          consensus: Optional[str] = None, merge: str = "sum",
          weights: Optional[Sequence[float]] = None, *, rescale: Optional[str] = "density",
-         convention: str = "epmq", out=None):
+         convention: str = "epmq", out=None, progress: bool = True):
     """DARE (Yu et al., 2024): drop each task-vector entry with probability ``1 - density``,
     rescale the kept ones by ``1 / density`` (the paper's rescaling: the task vector is kept in
     expectation), then Task Arithmetic with ``scale``. ``consensus="sign"`` elects a sign per
@@ -680,7 +686,7 @@ def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
 
     return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "dare", out, weights,
                          zero_vote=int(convention == "mergekit"),
-                         statistic="its L1 norm rescaled" if rescale == "l1" else None)
+                         statistic="its L1 norm rescaled" if rescale == "l1" else None, progress=progress)
 
 
 def ties(
@@ -694,6 +700,7 @@ def ties(
     *,
     convention: str = "epmq",
     out=None,
+    progress: bool = True,
 ):
     """TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint merge.
 
@@ -747,12 +754,13 @@ def ties(
     # (the inputs as given: a transformers module's fused tensors merged as the ones it saves)
     return _sparse_merge(base, experts, scale, sparsify, "sign", merge, "ties", out, weights,
                          zero_vote=int(convention == "mergekit"),
-                         statistic="its entries ranked" if scope == "tensor" else None)
+                         statistic="its entries ranked" if scope == "tensor" else None, progress=progress)
 
 
 def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: float = 0.01,
                 consensus: Optional[str] = None, merge: str = "sum",
-                weights: Optional[Sequence[float]] = None, *, convention: str = "epmq", out=None):
+                weights: Optional[Sequence[float]] = None, *, convention: str = "epmq", out=None,
+                progress: bool = True):
     """Model Breadcrumbs (Davari and Belilovsky, 2024): in each tensor of each task vector, drop
     the ``gamma`` fraction of largest-magnitude entries (outliers) and the smallest ones, keeping
     ``density`` of the entries (ranks ``round(gamma n) + 1 .. + round(density n)`` by magnitude;
@@ -787,7 +795,7 @@ def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: 
         return torch.where((m >= lower) & (m <= upper), tau, 0.0)
 
     return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "breadcrumbs", out, weights,
-                         zero_vote=int(convention == "mergekit"), statistic="its entries ranked")
+                         zero_vote=int(convention == "mergekit"), statistic="its entries ranked", progress=progress)
 
 
 DELLA_RESCALES = ("probability", "l1", None)
@@ -796,7 +804,7 @@ DELLA_RESCALES = ("probability", "l1", None)
 def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: float = 0.15,
           seed: int = 0, consensus: Optional[str] = "sign", merge: str = "mean",
           weights: Optional[Sequence[float]] = None, *, rescale: Optional[str] = "probability",
-          convention: str = "epmq", out=None):
+          convention: str = "epmq", out=None, progress: bool = True):
     """DELLA-Merging (Deep et al., 2024): MagPrune, elect sign, disjoint merge.
 
     MagPrune keeps each entry of a task vector with a probability that grows with its magnitude
@@ -855,10 +863,10 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
 
     return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "della", out, weights,
                          zero_vote=int(convention == "mergekit"),
-                         statistic="its rows ranked")
+                         statistic="its rows ranked", progress=progress)
 
 
-def sce(base, experts, select_topk: float = 1.0, *, out=None):
+def sce(base, experts, select_topk: float = 1.0, *, out=None, progress: bool = True):
     """SCE (Wan et al., 2024, FuseChat's merge): per tensor, Select the entries where the task
     vectors vary most (the top ``select_topk`` of the entries whose variance across the experts
     is nonzero; the others are zeroed), Calculate each task vector's weight as its mean square
@@ -923,7 +931,7 @@ def sce(base, experts, select_topk: float = 1.0, *, out=None):
             del tau, w
         return W_0 + merged / weight.clamp(min=1e-6)
 
-    return _merge_each(base, experts, merge_tensor, out, lazy=True)
+    return _merge_each(base, experts, merge_tensor, out, lazy=True, method="sce", progress=progress)
 
 
 def _polar(A: torch.Tensor) -> torch.Tensor:
@@ -940,7 +948,7 @@ def _numerical_rank(S: torch.Tensor, shape) -> int:
     return int((S > S[0] * max(shape) * torch.finfo(S.dtype).eps).sum()) if S.numel() else 0
 
 
-def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None, *, out=None):
+def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None, *, out=None, progress: bool = True):
     """TSV-Merge (Gargiulo et al., CVPR 2025, "Task Singular Vectors").
 
     For every matrix (2-D tensor): keep the top ``r = max(1, floor(rank_fraction * min(d_out,
@@ -981,10 +989,10 @@ def tsv(base, experts, scale: float = 1.0, rank_fraction: Optional[float] = None
         Vh_o = _polar(torch.cat(Vhs, dim=0).T).T
         return W_0 + scale * (U_o * torch.cat(Ss)) @ Vh_o
 
-    return _merge_each(base, experts, merge_tensor, out, lazy=True)
+    return _merge_each(base, experts, merge_tensor, out, lazy=True, method="tsv", progress=progress)
 
 
-def iso_c(base, experts, scale: float = 1.0, *, out=None):
+def iso_c(base, experts, scale: float = 1.0, *, out=None, progress: bool = True):
     """Iso-C (Marczak et al., ICML 2025, "No Task Left Behind: Isotropic Model Merging").
 
     For every matrix: the SVD ``U S V^T`` of the summed task vectors, with every singular value
@@ -1010,10 +1018,10 @@ def iso_c(base, experts, scale: float = 1.0, *, out=None):
         rank = _numerical_rank(S, tau_sum.shape)
         return W_0 + scale * S.mean() * (U[:, :rank] @ Vh[:rank])
 
-    return _merge_each(base, experts, merge_tensor, out, lazy=True)
+    return _merge_each(base, experts, merge_tensor, out, lazy=True, method="iso_c", progress=progress)
 
 
-def model_stock(base, experts, per_row: bool = False, *, convention: str = "epmq", out=None):
+def model_stock(base, experts, per_row: bool = False, *, convention: str = "epmq", out=None, progress: bool = True):
     """Model Stock (Jang et al., ECCV 2024): ``W = t mean_k W_k + (1 - t) W_0`` with
     ``t = K cos / (1 + (K - 1) cos)``, ``cos`` the mean cosine between the K task vectors'
     pairs (over the whole tensor, or each output row with ``per_row=True``). Needs at least two
@@ -1094,11 +1102,11 @@ def model_stock(base, experts, per_row: bool = False, *, convention: str = "epmq
             t = t.reshape(-1, *([1] * (W_0.dim() - 1))) if per_row and W_0.dim() > 1 else t.reshape(())
         return t * total.div_(K) + (1 - t) * W_0  # (as mergekit writes it: the same rounding)
 
-    return _merge_each(base, experts, merge_tensor, out, lazy=True)
+    return _merge_each(base, experts, merge_tensor, out, lazy=True, method="model_stock", progress=progress)
 
 
 def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
-          dot_threshold: float = 0.9995, *, out=None):
+          dot_threshold: float = 0.9995, *, out=None, progress: bool = True):
     """Spherical linear interpolation from model ``a`` (t = 0) to model ``b`` (t = 1).
 
     Each tensor (as mergekit 0.1.5 does; or each output row, ``per_row=True``: a vector's entries
@@ -1136,11 +1144,11 @@ def slerp(a, b, t: float | Callable[[str], float] = 0.5, per_row: bool = False,
         return (ca * A + cb * B).reshape(W_k[0].shape)
 
     # (a schedule over names may give two names of one tensor two values: each merged apart)
-    return _merge_each(None, [a, b], merge_tensor, out, tied=not callable(t))
+    return _merge_each(None, [a, b], merge_tensor, out, tied=not callable(t), method="slerp", progress=progress)
 
 
 def nuslerp(base, experts, weights: Sequence[float] = (1.0, 1.0), row_wise: bool = False,
-            flatten: bool = True, *, out=None):
+            flatten: bool = True, *, out=None, progress: bool = True):
     """mergekit's NuSLERP: spherical interpolation of two experts (``base=None``) or of their task
     vectors (added to ``base``) at ``t = w_1 / (w_0 + w_1)`` (weights >= 0 of a sum of 1e-6 or
     more, where mergekit takes 0.5 below it and goes past the experts for a negative one), without
@@ -1187,11 +1195,11 @@ def nuslerp(base, experts, weights: Sequence[float] = (1.0, 1.0), row_wise: bool
             return interpolate(W_k[0], W_k[1])
         return W_0 + interpolate(W_k[0] - W_0, W_k[1] - W_0)
 
-    return _merge_each(base, experts, merge_tensor, out)
+    return _merge_each(base, experts, merge_tensor, out, method="nuslerp", progress=progress)
 
 
 def multislerp(base, experts, weights: Optional[Sequence[float]] = None, normalize_weights: bool = True,
-               eps: float = 1e-8, *, out=None):
+               eps: float = 1e-8, *, out=None, progress: bool = True):
     """mergekit's Multi-SLERP: a weighted mean of several experts (or of their task vectors,
     added to ``base``) on the sphere. Per tensor: each vector scaled to unit length, their
     weighted mean ``m`` normalized, each unit vector's part orthogonal to ``m`` averaged with the
@@ -1251,10 +1259,10 @@ def multislerp(base, experts, weights: Optional[Sequence[float]] = None, normali
         result = mean_on_sphere(name, vectors, reference)
         return result if W_0 is None else result + W_0
 
-    return _merge_each(base, experts, merge_tensor, out, lazy=True)
+    return _merge_each(base, experts, merge_tensor, out, lazy=True, method="multislerp", progress=progress)
 
 
-def karcher(models, max_iter: int = 10, tol: float = 1e-5, *, out=None):
+def karcher(models, max_iter: int = 10, tol: float = 1e-5, *, out=None, progress: bool = True):
     """mergekit's Karcher mean: the models' directions averaged on the sphere (per tensor, equal
     weights) by up to ``max_iter`` steps of the Riemannian mean (each along the weighted tangent
     ``sum_k alpha_k theta_k / sin theta_k (u_k - cos theta_k m)``, stopping where it is below
@@ -1308,10 +1316,10 @@ def karcher(models, max_iter: int = 10, tol: float = 1e-5, *, out=None):
         return sum(alpha * n for alpha, n in zip(alphas, norms)) * mean
 
     # (one model given for the list was iterated: an nn.Sequential's layers merged as models)
-    return _merge_each(None, models, merge_tensor, out, lazy=True)
+    return _merge_each(None, models, merge_tensor, out, lazy=True, method="karcher", progress=progress)
 
 
-def nearswap(base, experts, t: float = 0.001, *, out=None):
+def nearswap(base, experts, t: float = 0.001, *, out=None, progress: bool = True):
     """mergekit's NearSwap: the base's entries move to the one expert's where the two are close,
     ``W = w W_1 + (1 - w) W_0`` with ``w = min(1, t / max(|W_1 - W_0|, 1e-6))`` entry by entry:
     entries that differ by less than ``t`` take the expert's value, the others move by ``t``
@@ -1332,29 +1340,30 @@ def nearswap(base, experts, t: float = 0.001, *, out=None):
         # where w < 1 there, t below 1e-6; elsewhere mergekit's arithmetic, its tensors bit for bit)
         return torch.where(W_1 == W_0, W_0, w * W_1 + (1 - w) * W_0)
 
-    return _merge_each(base, experts, merge_tensor, out)
+    return _merge_each(base, experts, merge_tensor, out, method="nearswap", progress=progress)
 
 
-def ram(base, experts, epsilon: float = 1e-5, *, out=None):
+def ram(base, experts, epsilon: float = 1e-5, *, out=None, progress: bool = True):
     """RAM (Reinforced Agent Merging, arXiv 2601.13572): an entry that exactly one expert
     changed (``|tau_k| > epsilon``) takes that expert's change whole, one that ``c > 1`` experts
     changed takes their mean change, ``W = W_0 + sum_k m_k tau_k / max(c, 1)``: unlike a mean of
     task vectors, a skill only one expert learned is not diluted by the experts that left its
     entries alone. mergekit 0.1.5's ``ram``, step for step."""
-    return _ram(base, experts, 0.0, 0.0, epsilon, "ram", out)
+    return _ram(base, experts, 0.0, 0.0, epsilon, "ram", out, progress)
 
 
-def ram_plus(base, experts, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5, *, out=None):
+def ram_plus(base, experts, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5, *, out=None,
+             progress: bool = True):
     """RAM+ as mergekit's ``ramplus_tl`` (tensor-local): RAM with each expert's lone changes
     scaled by ``1 + r min(alpha, rho_k)``, ``rho_k`` the number of its changed entries that
     others changed too over the number only it changed, counted per tensor: an expert whose
     changes mostly overlap others' has its own ones amplified, as the shared ones are averaged
     down. mergekit 0.1.5's ``ramplus_tl``, step for step (but that an expert with no lone change in
     a tensor has none to scale, where mergekit's 0 / 0 at ``epsilon=0`` makes the tensor NaN)."""
-    return _ram(base, experts, r, alpha, epsilon, "ram_plus", out)
+    return _ram(base, experts, r, alpha, epsilon, "ram_plus", out, progress)
 
 
-def _ram(base, experts, r, alpha, epsilon, method, out):
+def _ram(base, experts, r, alpha, epsilon, method, out, progress):
     """RAM (``r = 0``: the lone changes whole) and RAM+."""
     _needs_base(base, method)
     r, alpha, epsilon = (check_number(r, "r", 0), check_number(alpha, "alpha", 0),
@@ -1389,10 +1398,10 @@ def _ram(base, experts, r, alpha, epsilon, method, out):
             del tau, changed, kept, own
         return W_0 + total
 
-    return _merge_each(base, experts, merge_tensor, out, lazy=True)
+    return _merge_each(base, experts, merge_tensor, out, lazy=True, method=method, progress=progress)
 
 
-def arcee_fusion(base, experts, *, out=None):
+def arcee_fusion(base, experts, *, out=None, progress: bool = True):
     """mergekit's Arcee Fusion of the base and one expert: the expert's change is kept where its
     importance is an outlier and dropped elsewhere, ``W = W_0 + tau 1[I >= median(I) + 1.5
     IQR(I)]``, with ``I = |tau| KL(softmax(W_1) || softmax(W_0))`` (the divergence of each row,
@@ -1419,7 +1428,7 @@ def arcee_fusion(base, experts, *, out=None):
         keep = (importance >= median + 1.5 * (q3 - q1)).to(W_0.dtype)
         return W_0 + (W_1 - W_0) * keep
 
-    return _merge_each(base, experts, merge_tensor, out)
+    return _merge_each(base, experts, merge_tensor, out, method="arcee_fusion", progress=progress)
 
 
 # --------------------------------------------------------------------------- top-k threshold
@@ -1547,7 +1556,7 @@ def _square(W: torch.Tensor) -> bool:
 
 
 def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float = 0.9,
-            *, transposed: Optional[Iterable[str]] = None, out=None):
+            *, transposed: Optional[Iterable[str]] = None, out=None, progress: bool = True):
     """RegMean (Jin et al., ICLR 2023): the weight of each linear layer that fits every expert's
     outputs on its own task's inputs best, ``min_W sum_k |X_k (W - W_k)^T|^2``, in closed form
 
@@ -1723,7 +1732,7 @@ def regmean(experts, grams: Mapping[str, Sequence[torch.Tensor]], alpha: float =
         return W if flip else W.T
 
     # (grams are the module's linear layers': each weight merged as the module holds it)
-    out = _merge_each(None, experts, merge_tensor, out, lazy=True, as_saved=False)
+    out = _merge_each(None, experts, merge_tensor, out, lazy=True, as_saved=False, method="regmean", progress=progress)
     if unreached:  # (an expert saved one matrix per expert that no router picks, a layer no input reaches)
         warnings.warn(f"regmean: {len(unreached)} weights had no calibration input in any model (their Gram matrices "
                       f"zero: {', '.join(unreached[:3])}{', ...' if len(unreached) > 3 else ''}): merged by their "

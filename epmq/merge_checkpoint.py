@@ -598,9 +598,9 @@ def check_merge(method: str, models: Sequence[Source], *, base: Optional[Source]
 def check_merge_params(method: str, params: Mapping, reserved=()) -> None:
     """ValueError for parameters ``epmq.merge``'s ``method`` does not take (or ``reserved``:
     set by the caller itself), and for numbers written as strings."""
-    # (the inputs each merge takes, the caller gives: karcher's list is named models)
+    # (the inputs each merge takes, and its bar, the caller gives: karcher's list is named models)
     accepted = set(inspect.signature(getattr(merge_lib, method)).parameters) - {
-        "base", "experts", "models", "a", "b", "out", "grams", "transposed", *reserved}
+        "base", "experts", "models", "a", "b", "out", "grams", "transposed", "progress", *reserved}
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(f"merge {method}: unknown parameters {unknown}; it takes {sorted(accepted)}")
@@ -2076,14 +2076,15 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
         with atomic_directory(out, marker=RECIPE_FILE) as tmp:
             writer = ShardWriter(tmp, _bytes(max_shard_size), dtype=DTYPES.get(dtype), progress=bar)
             writer = _TiedWriter(writer, ties) if ties else writer
+            # (progress=False: the writer's bar counts the tensors)
             if method == "slerp":
-                fn(sources[0], sources[1], out=writer, **params)
+                fn(sources[0], sources[1], out=writer, progress=False, **params)
             elif method in ("average", "karcher"):
-                fn(sources, out=writer, **params)
+                fn(sources, out=writer, progress=False, **params)
             elif method == "regmean":
                 # (its parameters checked on no tensors first: merged, they were read only after
                 # every model's statistics, minutes to hours of loading and calibrating)
-                fn([{} for _ in models], {}, **params)
+                fn([{} for _ in models], {}, progress=False, **params)
                 # (each model's files were read in turn: a later model's typo found after them)
                 check_calibration_paths({f"model {k}": files for k, files in enumerate(calibration)})
                 spill_dir = tmp / ".regmean-grams"  # (in the output's temporary: gone with it if stopped)
@@ -2093,10 +2094,10 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                                                       dict(samples=samples, seq_len=seq_len,
                                                            batch_size=batch_size, seed=seed), spill_dir, out,
                                                       progress=progress)
-                fn(sources, grams, transposed=transposed, out=writer, **params)
+                fn(sources, grams, transposed=transposed, out=writer, progress=False, **params)
                 shutil.rmtree(spill_dir)
             else:
-                fn(base_state, sources, out=writer, **params)
+                fn(base_state, sources, out=writer, progress=False, **params)
             for name in base_only:
                 t = base_state.state[name]
                 # (cast by the writer: the merged tensors are checked as they are made, these were written inf)

@@ -394,17 +394,19 @@ def _moved(value, old: Path, new: Path):
 
 def merged_state(bench, plan: MergePlan, scale):
     """The bench's experts merged as ``plan`` says, with ``scale``."""
+    # (no bar of the merge's tensors: a merge of each scale, seconds each, between the steps' own lines)
+    progress = False
     experts = [bench.experts[t] for t in bench.task_names]
     if plan.method in ("average", "karcher"):  # (the experts alone)
-        return getattr(merge_lib, plan.method)(experts, **plan.params)
+        return getattr(merge_lib, plan.method)(experts, progress=progress, **plan.params)
     if plan.method == "regmean":
         grams = expert_grams(bench)  # task -> name -> Gram
         per_name = {n: [grams[t][n] for t in bench.task_names] for n in grams[bench.task_names[0]]}
-        return merge_lib.regmean(experts, per_name, **plan.params)
+        return merge_lib.regmean(experts, per_name, progress=progress, **plan.params)
     fn = getattr(merge_lib, plan.method)
     if plan.method in UNSCALED_MERGES:
-        return fn(bench.base_state, experts, **plan.params)
-    return fn(bench.base_state, experts, scale=scale, **plan.params)
+        return fn(bench.base_state, experts, progress=progress, **plan.params)
+    return fn(bench.base_state, experts, scale=scale, progress=progress, **plan.params)
 
 
 def check_merges(plan: Plan, n_experts: int) -> None:

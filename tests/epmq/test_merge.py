@@ -9,6 +9,7 @@ from torch import nn
 
 from epmq import merge
 from epmq.merge import _kth_largest
+from epmq.merge_checkpoint import METHODS
 
 T = torch.tensor
 
@@ -2772,3 +2773,22 @@ def test_slerp_refuses_a_t_outside_0_to_1(t):
         merge.slerp(a, b, t=t)
     with pytest.raises(ValueError, match=r"t \(at w\) must be in \[0, 1\]"):
         merge.slerp(a, b, t=lambda name: t)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_merge_in_memory_shows_its_tensors_unless_told_not_to(method, gen, capsys):
+    """A merge of state dicts held in memory (TSV's and Iso-C's SVD per tensor, minutes on a 7B
+    model) said nothing until it returned: a bar of its tensors; silent with progress=False."""
+    base = {"w": torch.randn(4, 4, generator=gen), "b": torch.randn(4, generator=gen)}
+    n_experts = 1 if method in ("nearswap", "arcee_fusion") else 2
+    experts = [{name: t + 0.1 * torch.randn(t.shape, generator=gen) for name, t in base.items()}
+               for _ in range(n_experts)]
+    inputs = {"slerp": experts, "average": [experts], "karcher": [experts],
+              "regmean": [experts, {"w": [torch.eye(4)] * n_experts}]}.get(method, [base, experts])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (regmean's bias without grams: averaged, and said so)
+        merged = getattr(merge, method)(*inputs)
+        err = capsys.readouterr().err
+        assert f"merge {method}: 100%" in err and "2/2" in err, err
+        torch.testing.assert_close(getattr(merge, method)(*inputs, progress=False), merged)
+    assert capsys.readouterr().err == ""

@@ -492,6 +492,17 @@ def test_cli(checkpoints, tmp_path, capsys):
     assert "params: {seed: ...}" in err and not (tmp_path / "out2").exists()
 
 
+def test_a_merge_on_disk_shows_one_bar_of_its_tensors(checkpoints, tmp_path, capsys):
+    """The merges in memory show a bar of their tensors by default: merge_checkpoints, whose
+    writer counts them, shows its own alone (not two, one over the other); none with progress off."""
+    root, _, _ = checkpoints
+    merge_checkpoints("tsv", [root / "e0", root / "e1"], tmp_path / "out", base=root / "base")
+    err = capsys.readouterr().err
+    assert err.count("merge tsv: 100%") == 1, err
+    merge_checkpoints("tsv", [root / "e0", root / "e1"], tmp_path / "quiet", base=root / "base", progress=False)
+    assert "merge tsv" not in capsys.readouterr().err
+
+
 def test_sources_by_hub_id(checkpoints, tmp_path, monkeypatch):
     """``org/name`` sources that are no local path come from the HF hub: here its cache layout,
     read offline; the base's tokenizer and config come along."""

@@ -256,6 +256,16 @@ def test_merge_parameters_the_merge_refuses_are_said_before_any_evaluation(tmp_p
     pipeline.check_merges(plan(merges=[MergePlan("model_stock"), MergePlan("regmean")]), 2)  # (valid ones pass)
 
 
+def test_the_pipelines_merges_show_no_bar_of_their_own(capsys):
+    """The merges in memory show a bar of their tensors by default: the pipeline's merges (one a
+    scale, seconds each) keep to the run's own lines, and --quiet stays quiet; their bar is no
+    parameter a plan gives."""
+    pipeline.check_merges(plan(merges=[MergePlan("tsv"), MergePlan("average"), MergePlan("regmean")]), 2)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match=r"unknown parameters \['progress'\]"):
+        MergePlan("tsv", params={"progress": True})
+
+
 def test_a_users_table_without_results_is_not_overwritten(calls_list, tmp_path, quiet):
     (tmp_path / "table.md").write_text("mine")
     with pytest.raises(ValueError, match="holds table.md but no results.json"):
