@@ -1652,14 +1652,25 @@ def _check_tokenizer_files(mine: Path, theirs: Path, what: str, ref_name: str, g
                      f"{goal.format('tokenizer')}")
 
 
+# a text of cases, digits, punctuation, accents, CJK and runs of white space, which a slow tokenizer's rules
+# (its code, not a pipeline to compare) read: lower-cased, split or normalized otherwise, it reads other tokens
+TOKENIZER_PROBE = "Hello, WORLD!  it's 3.14 naïve Café — 東京\n\tend."
+
+
 def _tokenizes_alike(mine: Path, theirs: Path) -> bool:
     """Whether the tokenizers of two directories (``load_tokenizer``) read texts as the same tokens: the same
     pipeline and vocabulary (its padding and truncation aside, which open_clip sets as it reads) and special
-    tokens. False where either does not load, or not as a tokenizers pipeline (a slow tokenizer's)."""
+    tokens. A slow tokenizer (no tokenizers pipeline: transformers 5's CTRL's, XLM's) by its class, vocabulary,
+    special tokens and the ids it reads ``TOKENIZER_PROBE`` and its own tokens as (merges, lower-casing, which
+    its files give). False where either does not load."""
     def reading(directory):
         tokenizer = load_tokenizer(directory)
-        if getattr(tokenizer, "backend_tokenizer", None) is None:
+        if tokenizer is None:
             return None
+        if getattr(tokenizer, "backend_tokenizer", None) is None:
+            vocabulary = tokenizer.get_vocab()
+            probe = " ".join([TOKENIZER_PROBE, *vocabulary])
+            return type(tokenizer).__name__, vocabulary, tokenizer.special_tokens_map, tokenizer.encode(probe)
         pipeline = json.loads(tokenizer.backend_tokenizer.to_str())
         return {**pipeline, "padding": None, "truncation": None}, tokenizer.special_tokens_map
 

@@ -3935,6 +3935,44 @@ def test_open_clip_models_tokenized_by_files_one_directory_holds_alone_or_by_a_l
         _check_quietly(adapter("on_base", base), save("swapped", ("<unk>", "dog", "cat")))
 
 
+def _slow_bpe_tokenizer(directory, merges):
+    """CTRL's BPE tokenizer (a slow one alone in transformers 5: no tokenizers pipeline) of a few words, merging
+    characters by ``merges``, saved into ``directory``."""
+    from transformers import CTRLTokenizer
+
+    words = ["<unk>", "c@@", "a@@", "t", "d@@", "o@@", "g", "ca", "cat"]
+    (directory / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(words)}))
+    (directory / "merges.txt").write_text("".join(f"{pair}\n" for pair in ["#version: 0.2", *merges]))
+    CTRLTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt")).save_pretrained(directory)
+
+
+def test_open_clip_models_of_slow_tokenizers_that_load_alike_are_not_refused(tmp_path):
+    """Tokenizers without a tokenizers pipeline (transformers 5's slow ones, CTRL's) were never taken to load
+    alike, so a fine-tune's harmless special_tokens_map.json restating the unknown token was refused. They are
+    compared by their class, vocabulary, special tokens and what they read a probe text as: other merges or
+    another unknown token are still refused."""
+    def save(name, merges=("c a", "ca t</w>")):
+        path = _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
+                                     text_cfg={"width": 32, "heads": 4, "layers": 2,
+                                               "hf_tokenizer_name": "someone/tok"})
+        _slow_bpe_tokenizer(path, merges)
+        return path
+
+    base = save("base")
+    plain = save("plain")
+    (plain / "special_tokens_map.json").write_text(json.dumps({"unk_token": "<unk>"}))
+    _check_quietly(base, plain)
+    with pytest.raises(ValueError, match=r"model unmerged holds other tokenizer files than the base \(other contents "
+                                         r"of merges\.txt\)"):
+        _check_quietly(base, save("unmerged", merges=("c a",)))
+    unknown = save("unknown")  # (unknown characters read as "cat")
+    (unknown / "tokenizer_config.json").write_text(json.dumps(
+        {**json.loads((base / "tokenizer_config.json").read_text()), "unk_token": "cat"}))
+    with pytest.raises(ValueError, match=r"model unknown holds other tokenizer files than the base \(other contents "
+                                         r"of tokenizer_config\.json\)"):
+        _check_quietly(base, unknown)
+
+
 def test_a_lora_adapter_without_tokenizer_files_is_tokenized_by_the_base_it_is_merged_on(tmp_path):
     """An adapter holding no tokenizer files is tokenized by its base's, and the merge reads it on lora_base (or
     the merge's base) where one is given: its files were taken from the base its config names, so an adapter
