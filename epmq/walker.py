@@ -1891,13 +1891,20 @@ def _warnings_of(name):
     """The body's warnings, said as layer ``name``'s: the solver's (a layer damped more than
     percdamp asked) name none, and a walk solves hundreds."""
     said = []
+
+    def say_again():
+        for w in said:
+            warnings.warn_explicit(f"{name}: {w.message}", w.category, w.filename, w.lineno, source=w.source)
+
     try:
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")  # (the caller's filters judge them as said again, named)
             yield
-    finally:  # (a solve that failed too: what it said before its error)
-        for w in said:
-            warnings.warn_explicit(f"{name}: {w.message}", w.category, w.filename, w.lineno, source=w.source)
+    except BaseException:  # (a solve that failed too: what it said before its error)
+        with contextlib.suppress(Warning):  # (under -W error the failure, not a warning, says why)
+            say_again()
+        raise
+    say_again()
 
 
 def _on_cpu(stats):

@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import re
 import types
+import warnings
 import weakref
 
 import pytest
@@ -349,6 +350,23 @@ def test_a_layer_damped_more_than_percdamp_asked_is_named(gen):
     for message, (name, n) in zip(messages, sorted(retries.items())):
         assert re.fullmatch(rf"{re.escape(name)}: the Hessian did not factor at percdamp 0: solved at percdamp \S+ "
                             rf"\(damping that times H's mean diagonal; retries: {n}\)", message), message
+
+
+def test_a_solve_that_warned_then_failed_ends_in_its_error_under_warnings_as_errors(gen, monkeypatch):
+    """The solver's warnings are said again, named, after the solve; under ``-W error`` one said
+    again after a failed solve raised in the failure's place, hiding why the walk ended."""
+    fam = Family("llama", gen, n_samples=1)
+    model = fam.merged()
+
+    def warns_then_fails(*args, **kwargs):
+        warnings.warn("damped again")
+        raise ValueError("the solve failed")
+
+    monkeypatch.setattr(quant, "gptq", warns_then_fails)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="the solve failed"):
+            quantize(fam, model, method="gptq", experts=None, layers=r"mlp\.down_proj")
 
 
 def test_a_layer_of_tiny_inputs_is_quantized(gen):
