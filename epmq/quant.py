@@ -546,8 +546,11 @@ def _round_target(
                                  ) from error
             if overflowed_at is None:
                 overflowed_at = damp / mean_diag
-            Hinv32, damp, retries = _factor(H64, percdamp, perm, damp=_more_damping(damp, mean_diag),
-                                            retries=retries + 1)
+            try:
+                Hinv32, damp, retries = _factor(H64, percdamp, perm, damp=_more_damping(damp, mean_diag),
+                                                retries=retries + 1)
+            except ValueError as failed:  # (its retries spent: said with the overflow that started them)
+                raise ValueError(f"{error} (at percdamp {damp / mean_diag:.3g}); damped more, {failed}") from failed
     if retries and mean_diag:  # (no live column: nothing was damped, the placeholder factored at once)
         failures = [("the Hessian did not factor", percdamp)] if factor_retries else []
         if overflowed_at is not None:
