@@ -985,12 +985,7 @@ def _config(path: Path, base: Optional[Path] = None) -> dict:
     checkpoint, or an HF hub id's, at the revision the adapter records; a base it is read on of another
     architecture is refused by it), else ``base``, the one it is read on, where one is given."""
     if is_lora_adapter(path):
-        named, home = named_base(path), None
-        if named is not None:
-            try:  # (a hub base's config files alone: the weights are read when the adapter is)
-                home = json_files(named, revision=named_revision(path))
-            except CheckpointError:
-                pass  # (what reads the adapter's base says why it cannot)
+        home = _named_base_home(path)
         trained_on = _config(home) if home is not None and home.is_dir() else {}
         return trained_on if trained_on or base is None else _config(base)
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
@@ -1618,13 +1613,22 @@ def _tokenizer_home(path: Path, base: Optional[Path] = None) -> Path:
         return directory
     if base is not None:
         return base if base.is_dir() else base.parent
-    named = named_base(directory)
+    home = _named_base_home(directory)
+    return directory if home is None else home
+
+
+def _named_base_home(adapter: Path) -> Optional[Path]:
+    """The directory of the base a LoRA adapter's config names, which it was trained on: a local checkpoint,
+    or an HF hub id's config and tokenizer files (the weights are read when the adapter is), at the revision
+    the adapter records. None where it names none or that cannot be read (what reads the adapter's base says
+    why)."""
+    named = named_base(adapter)
     if named is None:
-        return directory
+        return None
     try:
-        return json_files(named, revision=named_revision(directory))
+        return json_files(named, revision=named_revision(adapter))
     except CheckpointError:
-        return directory  # (what reads the adapter's base says why it cannot)
+        return None
 
 
 def _check_tokenizer_files(mine: Path, theirs: Path, what: str, ref_name: str, goal: str) -> None:
