@@ -198,12 +198,9 @@ def save_quantized(model: nn.Module, directory, *, checkpoint_format: str = "aut
         # what generate() and serving engines default to (EOS ids, sampling), as save_pretrained writes it
         files[GENERATION_CONFIG_FILE] = json.loads(generation.to_json_string(use_diff=True))
     directory = Path(directory)
-    from tqdm.auto import tqdm
-
     with atomic_directory(directory) as tmp:
         # (a 70B model's tens of GB took minutes after the walk's bar had ended, said by nothing)
-        with tqdm(total=sum(map(_nbytes, tensors.values())), desc=f"save {directory.name}", unit="B",
-                  unit_scale=True, unit_divisor=1024, disable=not progress) as bar:
+        with _bytes_bar(f"save {directory.name}", sum(map(_nbytes, tensors.values())), progress) as bar:
             writer = ShardWriter(tmp, max_shard_bytes, written=bar.update)
             for name, t in tensors.items():
                 writer[name] = t
@@ -386,6 +383,13 @@ def _bytes(size) -> int:
     if size <= 0:
         raise ValueError(f"max_shard_size must be positive, got {size!r}")
     return size
+
+
+def _bytes_bar(desc: str, total: int, progress: bool):
+    """A bar of ``total`` bytes (a checkpoint's written or read), off where ``progress`` is not."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -1895,7 +1899,6 @@ def _load_tensors(directory: Path, qconfig: dict, device="cpu", progress: bool =
     order ``from_pretrained`` takes: ``save_pretrained`` leaves an earlier sharded save's index
     beside the single file it writes). ``progress``: a bar of the bytes read, file by file."""
     from safetensors.torch import load_file
-    from tqdm.auto import tqdm
 
     device = torch.device(device)
     device = "cpu" if device.type == "cpu" else str(device)  # (safetensors refuses "cpu:0")
@@ -1929,8 +1932,7 @@ def _load_tensors(directory: Path, qconfig: dict, device="cpu", progress: bool =
         _weights_file(directory, qconfig)]
     tensors = {}
     # (tens of GB of shards took minutes, said by nothing)
-    with tqdm(total=sum(f.stat().st_size for f in files), desc=f"load {directory.name}", unit="B",
-              unit_scale=True, unit_divisor=1024, disable=not progress) as bar:
+    with _bytes_bar(f"load {directory.name}", sum(f.stat().st_size for f in files), progress) as bar:
         for file in files:
             tensors.update(read(file))
             bar.update(file.stat().st_size)
