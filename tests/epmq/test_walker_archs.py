@@ -886,17 +886,10 @@ def test_an_rwkv_handed_its_state_of_earlier_tokens_is_refused(gen, monkeypatch)
     own fresh state) walked on a plain forward's inputs."""
     from test_walker_models import hooked_inputs, walked_inputs
 
-    model = _rwkv(0).eval()
-    ids = [torch.randint(0, VOCAB, (1, 8), generator=gen) for _ in range(2)]
-    with torch.no_grad():
-        state = model(ids[0][:, :4], use_cache=True).state
+    model, ids, state = _rwkv_with_a_state(gen)
     items = [{"input_ids": i[:, 4:], "state": [s.clone() for s in state]} for i in ids]
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"the blocks at 'rwkv\.blocks' \(auto\) are handed a state \(a list of "
-                                         r"tensors\) that block 0 returns other hidden states without"):
-        epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": items}, backend="torch", progress=False)
-    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    _refused_untouched(model, items, r"the blocks at 'rwkv\.blocks' \(auto\) are handed a state \(a list of "
+                                     r"tensors\) that block 0 returns other hidden states without")
     target = "rwkv.blocks.0.attention.key"
     hand = hooked_inputs(model, target, [{"input_ids": i} for i in ids])
     seen = walked_inputs(monkeypatch)
@@ -909,14 +902,25 @@ def test_an_rwkv_state_given_with_one_item_alone_is_refused_naming_that_item(gen
     """The refusal of a state of earlier tokens is made item by item (each item's own state, block 0 run
     with and without it), but named no item: with one among many calibration items carrying a state, the
     user was not told which. Named by task and item, the model untouched."""
+    model, ids, state = _rwkv_with_a_state(gen)
+    items = [{"input_ids": ids[0]}, {"input_ids": ids[1][:, 4:], "state": [s.clone() for s in state]}]
+    _refused_untouched(model, items, r"^calibration\['a'\] item 1: the blocks at 'rwkv\.blocks' \(auto\) are "
+                                     r"handed a state \(a list of tensors\)")
+
+
+def _rwkv_with_a_state(gen):
+    """A tiny RWKV, two items' ids of 8 tokens, and the state its first item's first 4 leave."""
     model = _rwkv(0).eval()
     ids = [torch.randint(0, VOCAB, (1, 8), generator=gen) for _ in range(2)]
     with torch.no_grad():
         state = model(ids[0][:, :4], use_cache=True).state
-    items = [{"input_ids": ids[0]}, {"input_ids": ids[1][:, 4:], "state": [s.clone() for s in state]}]
+    return model, ids, state
+
+
+def _refused_untouched(model, items, match):
+    """The walk of ``model`` on ``items`` refused (``match``), the model left as it was."""
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"^calibration\['a'\] item 1: the blocks at 'rwkv\.blocks' \(auto\) are "
-                                         r"handed a state \(a list of tensors\)"):
+    with pytest.raises(ValueError, match=match):
         epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": items}, backend="torch", progress=False)
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
