@@ -1894,6 +1894,18 @@ def _modules_from_tensors(tensors: dict, qconfig: dict) -> dict:
     return modules
 
 
+def _aligned(tensors: dict) -> dict:
+    """``tensors`` with each CPU tensor whose data does not start on a 64-byte boundary copied to one
+    that does. safetensors hands CPU tensors at the file's own alignment (4 bytes, 2 for float16);
+    a model built on meta takes them as its weights, where CPU BLAS sums in another order than for
+    the same weight allocated by torch: a full-precision layer of the loaded model differed from the
+    saved one in the last bit (7e-9 in LongCat-Flash's unquantized experts), and ran slower."""
+    for key, t in tensors.items():
+        if t.device.type == "cpu" and t.data_ptr() % 64:
+            tensors[key] = t.clone()  # (one at a time: the file's copy of each is freed as it goes)
+    return tensors
+
+
 def _load_tensors(directory: Path, qconfig: dict, device="cpu", progress: bool = False) -> dict:
     """Every tensor of the checkpoint: from its one file, else from the shards of its index (the
     order ``from_pretrained`` takes: ``save_pretrained`` leaves an earlier sharded save's index
@@ -1910,7 +1922,7 @@ def _load_tensors(directory: Path, qconfig: dict, device="cpu", progress: bool =
                 if not (isinstance(tensors, dict) and all(isinstance(t, torch.Tensor) for t in tensors.values())):
                     raise ValueError("not a state dict (tensor name -> tensor)")
                 return tensors
-            return load_file(str(file), device=device)
+            return _aligned(load_file(str(file), device=device))
         except FileNotFoundError:
             raise
         except Exception as e:  # (SafetensorError: a truncated or foreign file; the reader names none)

@@ -355,6 +355,22 @@ def test_load_without_a_model_builds_it_from_the_config_on_meta(arch, tmp_path, 
     torch.testing.assert_close(output(on_cpu0, item), output(model, item), rtol=0, atol=0)
 
 
+def test_a_model_built_from_the_checkpoint_holds_its_tensors_aligned(gen, tmp_path):
+    """safetensors hands CPU tensors at the file's alignment (4 bytes for float32), which a model
+    built on meta took as its weights: CPU BLAS sums in another order there, and LongCat-Flash's
+    full-precision experts computed 7e-9 off the saved model's. Each tensor starts on 64 bytes,
+    as torch allocates them, and the full-precision head computes as the saved one, bit for bit."""
+    model = _tiny_llama(hidden=48, inter=80)
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(model, tmp_path / "q")
+    loaded = epmq.load_quantized(tmp_path / "q")
+    unaligned = [name for name, t in [*loaded.named_parameters(), *loaded.named_buffers()]
+                 if t.numel() and t.data_ptr() % 64]
+    assert not unaligned
+    x = torch.randn(3, 5, 48, generator=gen)
+    torch.testing.assert_close(loaded.lm_head(x), model.lm_head(x), rtol=0, atol=0)
+
+
 def test_load_without_a_model_fills_no_buffer_the_checkpoint_replaces(tmp_path):
     """A model built from the checkpoint took its packed layers' tensors (assign), but each layer
     was first made with zero-filled qweight, qzeros, scales and g_idx on the device: buffers as
