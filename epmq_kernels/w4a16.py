@@ -2537,6 +2537,10 @@ def w4a16_dequantize(qweight, scales, zeros, group_size, g_idx=None, *, k_first=
         return _without_derivative("w4a16_dequantize", asked, out, dict(scales=scales), lambda: w4a16_dequantize(
             qweight, scales.detach(), zeros, group_size, g_idx, k_first=k_first, k_rows=k_rows, dtype=dtype,
             backend=backend))
+    if out is not None and _overlaps(out, qweight, scales, zeros, g_idx):
+        # (programs wrote rows of out over scales that later programs still read)
+        return out.copy_(w4a16_dequantize(qweight, scales, zeros, group_size, g_idx, k_first=k_first,
+                                          k_rows=k_rows, dtype=dtype, backend=backend))
     if out is None:
         out = torch.empty((k_rows, N), dtype=dtype, device=device)
     group = K if group_size == -1 else group_size
@@ -2609,9 +2613,10 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
             x_, scales_ = x.detach(), scales.detach() if isinstance(scales, torch.Tensor) else scales
             return _without_derivative("w4a16_matmul", asked, out, dict(x=x, scales=scales), lambda: w4a16_matmul(
                 x_, qweight, scales_, zeros, group_size, g_idx, path=path, config=config, backend=backend))
-    if out is not None and _overlaps(out, x):
-        # the kernels would write y while other programs still read x: into a new tensor
-        # first, as torch.mm(a, b, out=a) does
+    if out is not None and _overlaps(out, x, qweight, scales, zeros, g_idx):
+        # the kernels would write y while other programs still read x or the weights (dqmm
+        # dequantizes a later chunk from scales its first product has overwritten): into a new
+        # tensor first, as torch.mm(a, b, out=a) does
         y = w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, path=path, config=config,
                          backend=backend)
         _check_out(out, x, y.shape[-1])
@@ -2700,10 +2705,13 @@ def _w4a16_matmul_fake(x, qweight, scales, zeros, group_size, g_idx=None):
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 
-def _overlaps(out, x) -> bool:
-    """Whether ``out`` may share memory with ``x`` (the same storage: cheap, and conservative)."""
-    return (isinstance(out, torch.Tensor) and isinstance(x, torch.Tensor)
-            and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr())
+def _overlaps(out, *inputs) -> bool:
+    """Whether ``out`` may share memory with one of ``inputs`` (the same storage: cheap, and
+    conservative; None and non-tensors among them are skipped)."""
+    if not isinstance(out, torch.Tensor):
+        return False
+    storage = out.untyped_storage().data_ptr()
+    return any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == storage for t in inputs)
 
 
 # Options of a forced config whose values are tile sizes (tl.arange and the Gluon layouts take

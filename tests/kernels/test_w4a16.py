@@ -1176,6 +1176,36 @@ def test_out_may_be_the_input(gen, path, M):
         w4a16_matmul(x, qweight, scales, zeros, 32, out=x.view(-1)[:M * 32].view(M, 32), backend="triton")
 
 
+
+def test_out_may_share_memory_with_the_scales(gen):
+    """``out`` a view of the scales (same dtype and columns): computed into a new tensor first, as
+    for ``out`` sharing x's memory (dqmm dequantized its second chunk from scales its first
+    product had overwritten; on a GPU the other paths race the same way, which the interpreter,
+    one program at a time, cannot show)."""
+    path, M = "dqmm", 5
+    K, N, group_size = 128, 40, 4  # (G = 32 rows of scales: room for M rows of out)
+    qweight, scales, zeros, _ = make_problem(gen, K, N, group_size)
+    x = torch.randn(M, K, generator=gen).half()
+    expected = w4a16_matmul_reference(x, qweight, scales, zeros, group_size).half()
+    held = scales.clone()
+    out = held[-M:]  # (the rows of the last groups: read after the first chunk's product)
+    y = w4a16_matmul(x, qweight, held, zeros, group_size, out=out, path=path, backend="triton")
+    assert y is out
+    torch.testing.assert_close(y, expected, rtol=2e-3, atol=2e-3)
+
+
+def test_dequantize_into_the_scales_it_reads(gen):
+    """``w4a16_dequantize``'s ``out`` a view of the scales: the weight is made first and then
+    copied (programs of later rows read scales that earlier ones had written over)."""
+    K, N, group_size = 512, 32, 8  # (G = 64 rows of scales; 64 rows of weight, two programs)
+    qweight, scales, zeros, _ = make_problem(gen, K, N, group_size)
+    expected = dequantize_int4_weight(qweight, scales, zeros, group_size)[:64].half()
+    for backend in ("triton", "torch"):
+        held = scales.clone()
+        got = W.w4a16_dequantize(qweight, held, zeros, group_size, k_rows=64, out=held, backend=backend)
+        assert got is held and torch.equal(got, expected), backend
+
+
 def test_fp32_plans_follow_the_tf32_switch(gen, monkeypatch):
     """allow_tf32 changed between calls: the next fp32 call launches the precision it now asks
     for (a plan kept the first call's)."""
