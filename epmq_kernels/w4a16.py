@@ -1434,7 +1434,7 @@ def _mma_refusals(x2, entry, wgmma=False, bound_rows=True):
     elif not entry.zeros_in_grid():
         span = "outside 0..15"
         if not _capturing(x2.device):  # (their range read from the device: not inside a capture)
-            lo, hi = torch.aminmax(entry.tensors()[2].to(torch.int32))
+            lo, hi = torch.aminmax(entry.tensors()[2].to(torch.int64))
             span = f"in {int(lo)}..{int(hi)}"
         yield f"zero points {span} (it takes zero points in 0..15, the 4-bit grid)"
 
@@ -1850,7 +1850,9 @@ class _Weights:
         GEMV's fp16 sums are bounded only then (read once per set of weights)."""
         if self._zeros_in_grid is None:
             zeros = self.tensors()[2]
-            lo, hi = torch.aminmax(zeros.to(torch.int32)) if zeros.numel() else (0, 0)
+            # (in int64, which holds every dtype's values: int64 ones read as int32 wrapped, 2^32 + 5
+            # taken as 5, and HALF2 and mma ran on the wrapped zero point, silently)
+            lo, hi = torch.aminmax(zeros.to(torch.int64)) if zeros.numel() else (0, 0)
             self._zeros_in_grid = bool(0 <= int(lo) and int(hi) <= 15)
         return self._zeros_in_grid
 

@@ -1632,6 +1632,27 @@ def test_gemv_half2_is_off_for_zero_points_outside_the_grid(gen):
     assert_close_to_reference(y, x, qweight, scales, zeros, 64, None)
 
 
+
+def test_int64_zero_points_past_int32_are_outside_the_grid(gen):
+    """int64 zero points of 2^32 + 5 (not GPTQ's, but not refused) were read as int32 by the grid
+    check, 5, so HALF2 and the mma path ran on that wrapped zero point; now they are outside the
+    grid: HALF2 is off (the GEMV matches the reference) and the mma path refuses them by value."""
+    from epmq_kernels.w4a16 import _entry_for, _half2
+
+    K, N = 128, 40
+    qweight, _, _, _ = make_problem(gen, K, N, 64)
+    scales = torch.rand(2, N, generator=gen) * 1e-9 + 1e-9  # (|q - z| s of about 4)
+    zeros = torch.full((2, N), 2**32 + 5, dtype=torch.int64)
+    x = torch.randn(1, K, generator=gen).half()
+    config = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, PREFETCH=2, num_warps=4, num_stages=1, HALF2=True)
+    entry = _entry_for(qweight, scales, zeros, None, 64, K, N, 2)
+    assert not entry.zeros_in_grid() and not _half2(config, x, False, entry)
+    y = w4a16_matmul(x, qweight, scales, zeros, 64, path="gemv", config=config, backend="triton")
+    assert_close_to_reference(y, x, qweight, scales, zeros, 64, None)
+    with pytest.raises(ValueError, match=f"zero points in {2**32 + 5}..{2**32 + 5}"):
+        w4a16_matmul(x, qweight, scales, zeros, 64, path="mma", backend="triton")
+
+
 def test_gemv_half2_reads_no_zero_points_inside_a_graph_capture(gen, monkeypatch):
     """Weights first seen inside a CUDA graph's capture: their zero points are not read (a
     read of the device breaks the capture), and HALF2 is off for them until they are read
