@@ -23,6 +23,7 @@ from epmq_kernels import w4a16 as W
 from epmq_kernels.packing import pack_int4, unpack_int4
 from epmq_kernels.w4a16 import (
     AUTOTUNE_SPACE,
+    INTERPRETER_CONFIG,
     _g_idx_is_static,
     dequantize_int4_weight,
     w4a16_matmul,
@@ -1849,6 +1850,59 @@ def test_gemv_half2_takes_bf16_activations_of_any_size(gen, big, scale):
     x[0, 40] = float("nan")
     y = w4a16_matmul(x, qweight, scales, zeros, 128, path="gemv", config=config, backend="triton")
     assert bool(torch.isnan(y).all())
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_an_inf_activation_at_batch_1_is_as_documented(gen, dtype):
+    """``w4a16_matmul``'s docstring (and the README's kernel section): an inf activation at M = 1
+    makes every output of the 16-bit GEMV without HALF2 NaN (its bias and zero-point terms, taken
+    off after the sum, are inf too), where the reference gives +-inf, NaN only where that input's
+    weight is 0; HALF2 and the other paths give the reference's. Should that GEMV come to follow
+    the reference, this test and those two texts change with it."""
+    K, N = 128, 40
+    qweight, scales, zeros, _ = make_problem(gen, K, N, 64)
+    x = torch.randn(1, K, generator=gen).to(dtype)
+    x[0, 5] = float("inf")  # (code 5 of its word: biased by 128 on the GEMV's fast path)
+    reference = w4a16_matmul_reference(x, qweight, scales, zeros, 64, dtype=torch.float32).to(dtype)
+    assert bool(torch.isinf(reference).any()) and not bool(torch.isnan(reference).all())
+    gemv = dict(INTERPRETER_CONFIG["gemv"])
+    y = w4a16_matmul(x, qweight, scales, zeros, 64, path="gemv", config=gemv, backend="triton")
+    assert bool(torch.isnan(y).all())
+    for path, config in [("gemv", dict(gemv, HALF2=True)), ("splitk", None), ("gemm", None),
+                         ("dqmm", None), ("mma", None), ("wgmma", None)]:
+        y = w4a16_matmul(x, qweight, scales, zeros, 64, path=path, config=config, backend="triton")
+        assert torch.equal(torch.isnan(y), torch.isnan(reference)), path
+        assert torch.equal(y[~torch.isnan(y)], reference[~torch.isnan(reference)]), path
+
+
+def test_fp16_weights_past_its_range_are_as_documented():
+    """``w4a16_matmul``'s docstring (and the README's kernel section): with fp16 activations, a
+    weight ``(q - z) s`` past 65504 is inf on the paths that dequantize into fp16 (dqmm, and
+    splitk or gemm without SCALE_AFTER whose K slices span groups), and the outputs of its column
+    inf, or NaN where its infinite weights meet activations of both signs or a zero; the GEMV
+    stays finite, as the reference is."""
+    K, N, group_size = 64, 32, 16  # (groups narrower than the interpreter's tiles of 32)
+    codes = torch.full((K, N), 8)
+    zeros = torch.full((K // group_size, N), 8, dtype=torch.uint8)
+    scales = torch.full((K // group_size, N), 0.01).half()
+    scales[0, 0], codes[3, 0], codes[5, 0] = 20000.0, 15, 15  # (column 0: two weights of 140000)
+    scales[0, 1], codes[7, 1], codes[6, 1] = 20000.0, 15, 1  # (column 1: 140000 and -140000)
+    qweight = pack_int4(codes)
+    positive = torch.full((2, K), 1e-3).half()
+    with_a_zero, of_both_signs = positive.clone(), positive.clone()
+    with_a_zero[:, 5], of_both_signs[:, 5] = 0.0, -1e-3
+    paths = [("splitk", dict(INTERPRETER_CONFIG["splitk"], SCALE_AFTER=False)), ("gemm", None), ("dqmm", None)]
+    for x, column_0 in [(positive, float("inf")), (with_a_zero, float("nan")), (of_both_signs, float("nan"))]:
+        reference = w4a16_matmul_reference(x, qweight, scales, zeros, group_size)
+        assert bool(torch.isfinite(reference).all())
+        y = w4a16_matmul(x, qweight, scales, zeros, group_size, path="gemv", config=INTERPRETER_CONFIG["gemv"],
+                         backend="triton")
+        assert_close_to_reference(y, x, qweight, scales, zeros, group_size, None)
+        for path, config in paths:
+            y = w4a16_matmul(x, qweight, scales, zeros, group_size, path=path, config=config, backend="triton")
+            torch.testing.assert_close(y[:, 0], torch.full((2,), column_0, dtype=torch.float16), equal_nan=True)
+            assert bool(torch.isnan(y[:, 1]).all()) and bool(torch.isfinite(y[:, 2:]).all()), path
 
 
 def test_corrupt_cache_file_is_ignored(tmp_path, monkeypatch):
