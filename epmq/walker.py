@@ -2264,10 +2264,10 @@ def _starts_afresh(stack, block, args, kwargs, state) -> bool:
         without = block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden, **named)
         given = block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden,
                       **dict(named, state=tree_unflatten([t.clone() for t in leaves], spec)))
-    except torch.OutOfMemoryError:
-        raise
-    except Exception:  # (the walk's own calls of the block say what fails)
-        return True
+    except Exception as e:
+        if _out_of_memory(e):
+            raise
+        return True  # (the walk's own calls of the block say what fails)
     return _same_output(stack.adapter.hidden_of(without), stack.adapter.hidden_of(given))
 
 
@@ -2459,9 +2459,9 @@ def _check_called_again(stack, i, block, task, hidden, named, name, first) -> No
     once = _versions_of(named, count=torch.clone)
     try:
         again = block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden, **named)
-    except torch.OutOfMemoryError:
-        raise
     except Exception as e:
+        if _out_of_memory(e):
+            raise
         # (it ran on these arguments as the model gave them; failing on what its call left there, it
         # is the change that fails, which the block's own error, noted as this call's, did not say)
         how = f"and fails when called again on what that call left there ({_error_said(e)})"
@@ -2473,6 +2473,17 @@ def _check_called_again(stack, i, block, task, hidden, named, name, first) -> No
     if not _same_output(first, stack.adapter.hidden_of(again)):
         raise ValueError(_unreplayable(stack, i, task, name, named, "and returns other hidden states when called "
                                                                    "again on what that call left there"))
+
+
+# (torch's CPU allocator fails by c10's enforce: a plain RuntimeError, told by its message alone)
+_CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed: a GPU's torch.OutOfMemoryError, or the CPU allocator's
+    RuntimeError. No calibration's or block's fault, so never refused as theirs."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(said in str(e) for said in _CPU_OUT_OF_MEMORY))
 
 
 def _error_said(e: BaseException) -> str:
@@ -2560,9 +2571,9 @@ def _check_read_before_changed(stack, task, called) -> None:
             continue
         try:
             again = block(hidden.fresh() if isinstance(hidden, _CheckCopy) else hidden, **named)
-        except torch.OutOfMemoryError:
-            raise
         except Exception as e:
+            if _out_of_memory(e):
+                raise
             how = f"fails when called again on it ({_error_said(e)})"
         else:
             if _same_output(first.fresh(own=False) if isinstance(first, _CheckCopy) else first,
@@ -2649,9 +2660,9 @@ def _run_block(stack, j, block, hidden, named, ran_on=None):
         if written and not wrong:  # (so no two calls of the block would agree)
             wrong = (f"block {j} writes in place into its argument {written[0]!r} (a state or cache the walk "
                      f"cannot hand each of its calls as the model's one call left it)")
-    except torch.OutOfMemoryError:
-        raise
     except (RuntimeError, IndexError, TypeError, NotImplementedError, AttributeError) as e:
+        if _out_of_memory(e):
+            raise
         # (called alike on an item before, or handed just what the model gave it, no cache taken nor a
         # TypeError of the walk's calling it by name: not a block the walk cannot call, but its own error;
         # an input under a cache's name that the walk keeps, _caches_in's, is what the model gave it)
@@ -3669,10 +3680,8 @@ class _Walk:
         try:
             with self._placeholders if self._placeholders.held else nullcontext():
                 return self._capture(target, *args, **kwargs)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception:
-            if not self._placeholders.held_as(_Unread):
+        except Exception as e:
+            if _out_of_memory(e) or not self._placeholders.held_as(_Unread):
                 raise
         self._lazily = False
         self._read_unread(self._placeholders.held_as(_Unread))
@@ -3870,9 +3879,11 @@ class _Walk:
                             _call(self.model, item, self.model_device, _item_seed(task, n), self.seeded_devices)
                         except _Stop:
                             pass
-                        except (torch.OutOfMemoryError, StandInError, ExpertShapeError):
+                        except (StandInError, ExpertShapeError):
                             raise
                         except Exception as e:
+                            if _out_of_memory(e):
+                                raise
                             if not now["past"] and now["called"] is not None and not stack.adapter.runs_blocks:
                                 _refuse_stand_in(stack, now["called"], e)
                             if now["past"]:  # (what runs after the stack only had to call it or not)
@@ -4054,9 +4065,9 @@ class _Walk:
                             stream.finals[s] = {task: list(h) for task, h in stream.hidden.items()}
                     if stack.rounds > 1:
                         self._more_rounds(s)
-        except torch.OutOfMemoryError as error:
+        except RuntimeError as error:
             # (torch's message names one allocation: not what filled the device, nor what shrinks it)
-            note = None if where is None else self._memory_note(*where)
+            note = None if where is None or not _out_of_memory(error) else self._memory_note(*where)
             if note is not None:
                 error.add_note(note)
             raise
@@ -4284,10 +4295,8 @@ class _Walk:
                         output = block(probe, **self.q.kwargs[task][0])
                     if task == first_task:
                         self.probed = first_task, self.q.hidden[task][0], named, given, adapter.hidden_of(output)
-                except torch.OutOfMemoryError:
-                    raise
                 except (RuntimeError, IndexError, TypeError) as e:
-                    if not first:  # (an error of the block's, noted)
+                    if not first or _out_of_memory(e):  # (an error of the block's, noted; memory, no input's fault)
                         raise
                     raise ValueError(f"calibration[{task!r}] item 0: the block {prefix!r} cannot run on its "
                                      f"input ({_error_said(e)})") from e

@@ -626,6 +626,47 @@ def test_running_out_of_memory_in_the_walk_says_what_it_held_and_what_shrinks_it
     assert_untouched(model, before)
 
 
+def _cpu_allocation_failure(*_, **__):
+    """What torch's CPU allocator raises where it cannot allocate: a plain RuntimeError (c10's enforce,
+    no OutOfMemoryError), asked of the allocator itself for more bytes than any machine has."""
+    torch.empty(1 << 62, dtype=torch.uint8)
+
+
+def _older_cpu_allocation_failure(*_, **__):
+    raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1073741824 bytes.")
+
+
+@pytest.mark.parametrize("fail", [_cpu_allocation_failure, _older_cpu_allocation_failure])
+@pytest.mark.parametrize("where", ["embedding", "pass", "statistics"])
+def test_running_out_of_cpu_memory_in_the_walk_says_what_it_held(where, fail, gen, monkeypatch):
+    """torch's CPU allocator fails with a plain RuntimeError, not torch.OutOfMemoryError: a walk on the CPU
+    that ran out of memory in the model's forward or a block's first pass was refused as calibration the
+    model cannot run (a ValueError), and elsewhere ended without the note a GPU's gets of what the walk held
+    and what shrinks it. It stays the allocator's error, noted as a GPU's is; the model is rolled back."""
+    from epmq.stats import HessianStats
+
+    fam = Family("llama", gen)
+    model = fam.merged()
+    before = snapshot(model)
+    if where == "embedding":
+        monkeypatch.setattr(model.model.embed_tokens, "forward", fail)
+    elif where == "pass":
+        monkeypatch.setattr(model.model.layers[0].mlp.act_fn, "forward", fail)
+    else:
+        add_batch = HessianStats.add_batch
+        monkeypatch.setattr(HessianStats, "add_batch", lambda self, x, **kw: fail()
+                            if self.H.shape[0] == model.config.intermediate_size else add_batch(self, x, **kw))
+    with pytest.raises(RuntimeError, match="DefaultCPUAllocator: (can't allocate|not enough) memory") as raised:
+        quantize(fam, model, method="gptq", experts=None)
+    assert type(raised.value) is RuntimeError
+    (note,) = [n for n in raised.value.__notes__ if n.startswith("(out of memory")]
+    block = "the model's forward up to 'model.layers'" if where == "embedding" else "block 'model.layers.0'"
+    assert note.startswith(f"(out of memory on cpu in {block}, the walk holding there "), note
+    assert "of the calibration's hidden states" in note and "of the model's weights" in note, note
+    assert ("of the statistics of the 1 linear(s) being solved (mlp.down_proj;" in note) == (where == "statistics")
+    assert_untouched(model, before)
+
+
 @pytest.mark.parametrize("method", ["gptq", "epmq"])
 def test_a_layer_calibration_never_reaches_is_rounded_to_nearest_with_a_warning(gen, method):
     """Block 0's attention sees only zeros (its input norm's weight is 0): q, k, v, and o (the
