@@ -428,21 +428,26 @@ def quantize_model(
                 walk.run(progress)
             _share_tied(model, tied, edits, report)
     except BaseException:
-        edits.rollback()
+        _to_the_end(edits.rollback)
         raise
     finally:
-        if walk is not None:
-            walk._ahead.close()  # (before the sources it reads are closed)
-            if method == "epmq":
-                report.expert_read_seconds = walk.expert_read_seconds
-        if walk is not None and walk.log is not None:
-            walk.log.close()
-        for module, training in modes.items():
-            module.training = training
-        edits.match_modes()
-        edits.forget_output_capture()
-        for source in sources.values():
-            source.close()
+        def restore_modes():
+            for module, training in modes.items():
+                module.training = training
+            edits.match_modes()
+            edits.forget_output_capture()
+
+        try:
+            if walk is not None:
+                walk._ahead.close()  # (before the sources it reads are closed)
+                if method == "epmq":
+                    report.expert_read_seconds = walk.expert_read_seconds
+            if walk is not None and walk.log is not None:
+                walk.log.close()
+            for source in sources.values():
+                source.close()
+        finally:  # (the modes given back even where a second Ctrl-C stops the read-ahead's wait for its read)
+            _to_the_end(restore_modes)
     report.seconds = time.perf_counter() - t0
     if report.unreached:  # one warning for the whole walk: an MoE model may have hundreds
         warnings.warn(
@@ -478,6 +483,21 @@ def quantize_model(
     # (transformers' save_pretrained would write a checkpoint from_pretrained reads as unquantized)
     bind_save_pretrained(model)
     return model
+
+
+def _to_the_end(step: Callable[[], None]) -> None:
+    """``step`` run to its end, from its start again where a Ctrl-C stops it (it must be one that can run
+    twice), and the interrupt raised after: a second Ctrl-C while a stopped walk rolled back left the model
+    half rolled back, some of its blocks quantized."""
+    interrupt = None
+    while True:
+        try:
+            step()
+            break
+        except KeyboardInterrupt as e:
+            interrupt = e
+    if interrupt is not None:
+        raise interrupt
 
 
 # --------------------------------------------------------------------------- inputs

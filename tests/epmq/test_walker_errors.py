@@ -451,6 +451,51 @@ def test_a_walk_that_fails_on_a_model_holding_a_torchscript_module_rolls_back_an
     assert_untouched(model, before)
 
 
+
+@pytest.mark.parametrize("second", ["rollback", "closing"])
+def test_a_second_interrupt_while_a_stopped_walk_winds_up_leaves_the_model_whole(second, gen, monkeypatch):
+    """A Ctrl-C in the second block's solve, and a second one while the walk winds up: in the rollback, it
+    left the first block's quantized linear in the model; while the read-ahead waited for its read, the
+    model's modules stayed in eval mode, their train modes lost. Each is finished, the interrupt raised after."""
+    from epmq.read_ahead import ReadAhead
+
+    model = Net(Residual).train()
+    before = snapshot(model)
+    solve = quant.gptq
+
+    def first_interrupt(*args, **kwargs):
+        if any(isinstance(m, epmq.QuantLinear) for m in model.modules()):
+            raise KeyboardInterrupt
+        return solve(*args, **kwargs)
+
+    interrupted = []
+
+    def put_back(block, name, value):  # (the rollback's: a linear in the place of a QuantLinear)
+        if not interrupted and isinstance(getattr(block, name, None), epmq.QuantLinear):
+            interrupted.append(name)
+            raise KeyboardInterrupt
+        nn.Module.__setattr__(block, name, value)
+
+    close = ReadAhead.close
+
+    def closing(ahead):
+        if not interrupted:
+            interrupted.append("close")
+            raise KeyboardInterrupt
+        close(ahead)
+
+    monkeypatch.setattr(quant, "gptq", first_interrupt)
+    if second == "rollback":
+        monkeypatch.setattr(Residual, "__setattr__", put_back)
+    else:
+        monkeypatch.setattr(ReadAhead, "close", closing)
+    with pytest.raises(KeyboardInterrupt):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"t": [torch.randn(4, 16, generator=gen)]},
+                            backend="torch", progress=False)
+    assert interrupted == (["fc"] if second == "rollback" else ["close"])
+    assert_untouched(model, before)
+    assert all(m.training for m in model.modules())
+
 def test_calibration_that_misses_a_tower(gen):
     """open_clip CLIP run on images only never reaches its text tower."""
     fam = Family("open_clip_clip", gen, n_samples=1)
