@@ -160,10 +160,10 @@ LAZY_EXPERT_BLOCKS = True
 # is not kept, nor any after it: they are run again for each group. Results do not depend on it.
 EXPERT_TARGET_INPUTS_KEPT_BYTES = 1 << 30
 # Bytes of hidden states AUTO's check of blocks handed a shared object (``_check_read_before_changed``) keeps
-# on the device the model runs on, per task's item 0, until its last block ran: the input and output of
-# each block handed one (Gemma 4's every layer, its keys and values shared: 62 layers of 2048 tokens 5376
-# wide in bf16 held 2.7 GB there for the check alone). Past it they are held on the CPU (pinned for a
-# GPU), each moved back for its block's call again. Results do not depend on it.
+# on the device the model runs on, per item checked (each task's first of each shape), until its last block
+# ran: the input and output of each block handed one (Gemma 4's every layer, its keys and values shared: 62
+# layers of 2048 tokens 5376 wide in bf16 held 2.7 GB there for the check alone). Past it they are held on
+# the CPU (pinned for a GPU), each moved back for its block's call again. Results do not depend on it.
 READ_CHECK_KEPT_BYTES = 256 << 20
 
 
@@ -2468,11 +2468,11 @@ def _check_replayable(stack, i, block, probed) -> None:
     task, hidden, named, before, first = probed
     changed = [name for name, now in _versions_of(named).items() if _changed(before[name], now)]
     if changed:
-        _check_called_again(stack, i, block, task, hidden, named, changed[0], first)
+        _check_called_again(stack, i, block, task, 0, hidden, named, changed[0], first)
 
 
-def _check_called_again(stack, i, block, task, hidden, named, name, first) -> None:
-    """``_check_replayable`` of block ``i``, whose call on item 0 of ``task`` returned the hidden
+def _check_called_again(stack, i, block, task, n, hidden, named, name, first) -> None:
+    """``_check_replayable`` of block ``i``, whose call on item ``n`` of ``task`` returned the hidden
     states ``first`` from ``hidden`` and changed its argument ``name``: called once more on what that
     call left in ``named``, refused where that changes them otherwise or returns other hidden states
     (the walk's later calls would see what the model's one call did not)."""
@@ -2485,14 +2485,14 @@ def _check_called_again(stack, i, block, task, hidden, named, name, first) -> No
         # (it ran on these arguments as the model gave them; failing on what its call left there, it
         # is the change that fails, which the block's own error, noted as this call's, did not say)
         how = f"and fails when called again on what that call left there ({_error_said(e)})"
-        raise ValueError(_unreplayable(stack, i, task, name, named, how)) from e
+        raise ValueError(_unreplayable(stack, i, task, n, name, named, how)) from e
     twice = _versions_of(named, count=torch.clone)
     changed = [name for name in named if not _same_contents(once[name], twice[name])]
     if changed:
-        raise ValueError(_unreplayable(stack, i, task, changed[0], named, "otherwise on each call"))
+        raise ValueError(_unreplayable(stack, i, task, n, changed[0], named, "otherwise on each call"))
     if not _same_output(first, stack.adapter.hidden_of(again)):
-        raise ValueError(_unreplayable(stack, i, task, name, named, "and returns other hidden states when called "
-                                                                   "again on what that call left there"))
+        raise ValueError(_unreplayable(stack, i, task, n, name, named, "and returns other hidden states when "
+                                                                      "called again on what that call left there"))
 
 
 # (torch's CPU allocator fails by c10's enforce: a plain RuntimeError, told by its message alone)
@@ -2574,13 +2574,13 @@ def _check_input_copy(now, j, unwritten):
     return _check_copy(now, unwritten)
 
 
-def _check_read_before_changed(stack, task, called) -> None:
+def _check_read_before_changed(stack, task, n, called) -> None:
     """A ValueError where a block reads what a block after it changes in an object they are both handed (a
     flag that block 1 sets on a ``ctx`` block 0 reads): the model's call of the earlier block saw the object
     as given, the walk calls it again on what the later blocks left there (AUTO's stand-ins ran every
     block as they recorded the arguments), and solved it on other inputs than the model's without a word.
     ``called``: block -> its input, arguments, their ``_versions_of`` as its call left them and the hidden
-    states it returned (a tensor's as a ``_CheckCopy``), of the blocks handed objects on item 0 of ``task``;
+    states it returned (a tensor's as a ``_CheckCopy``), of the blocks handed objects on item ``n`` of ``task``;
     each whose arguments were changed since is called once more, as the walk will call it (one that reads
     nothing changed returns the same: Gemma 4's layers storing keys and values, each into the dict the others
     get)."""
@@ -2601,7 +2601,7 @@ def _check_read_before_changed(stack, task, called) -> None:
                 continue
             how = "returns other hidden states when called again on it"
         raise ValueError(
-            f"calibration[{task!r}] item 0: block {j} at {stack.prefix!r} reads its argument {name!r} (a "
+            f"calibration[{task!r}] item {n}: block {j} at {stack.prefix!r} reads its argument {name!r} (a "
             f"{type(named[name]).__name__}), which a later block changes, and {how} as the later blocks left it; "
             f"the model called block {j} before they changed it, the walk calls each block again on its arguments "
             f"as all the blocks left them: have the blocks hand on what they change in a new object, or leave them "
@@ -2657,9 +2657,9 @@ def _leaving_out(prefixes: str, layers) -> str:
     return f"add to your layers= that it selects no name re.match(r'(?:{prefixes})\\.', name) matches"
 
 
-def _unreplayable(stack, i, task, name, named, how) -> str:
+def _unreplayable(stack, i, task, n, name, named, how) -> str:
     """``_check_replayable``'s refusal of block ``i``, which changes its argument ``name`` ``how``."""
-    return (f"calibration[{task!r}] item 0: block {i} at {stack.prefix!r} changes its argument {name!r} (a "
+    return (f"calibration[{task!r}] item {n}: block {i} at {stack.prefix!r} changes its argument {name!r} (a "
             f"{type(named[name]).__name__}) {how}; the model hands the later blocks what its one call left "
             f"there, the walk calls each block several times on its arguments as they were given: have the "
             f"block return what later blocks read, or leave the blocks out: {stack.left_out()}")
@@ -3756,6 +3756,12 @@ class _Walk:
                 now["versions"][j] = _versions_of(named, version, _kept_depth(stack))
                 if j == 0:  # (a copy: the model may write it in place before the pass stops)
                     now["hidden"] = hidden.clone() if isinstance(hidden, torch.Tensor) else hidden
+                    # (the checks of what a block's call or a later block changes in its arguments: on each
+                    # task's first item of each shape, as a block may read them on another length alone, past
+                    # a sliding window's width; on every item they call once more every block so handed)
+                    shape = now["task"], getattr(hidden, "shape", None)
+                    now["probing"] = stream is self.q and shape not in now["probed"]
+                    now["probed"].add(shape)
                 else:
                     if not _chained(hidden, now["passed"]):
                         stack.replay = True
@@ -3769,7 +3775,7 @@ class _Walk:
                     ran = now.setdefault("ran", {})
                     # (as the walk's probe of a block it runs: what its call changes in an object only
                     # the model's call of it sees unchanged, _check_replayable's would not)
-                    probing = now["watch"] and now["n"] == 0
+                    probing = now["probing"]
                     given = _versions_of(named) if probing else None
                     unwritten = hidden.clone() if probing and isinstance(hidden, torch.Tensor) else hidden
                     with _running(stack.names[j], now["task"], now["n"], "the model's own forward calling it"):
@@ -3778,15 +3784,15 @@ class _Walk:
                     changed = ([name for name, v in _versions_of(named).items() if _changed(given[name], v)]
                                if probing else [])
                     if changed:
-                        with _running(stack.names[j], now["task"], 0, "called again to see whether it changes its "
-                                                                      "arguments"):
-                            _check_called_again(stack, j, block, now["task"], unwritten, named, changed[0],
+                        with _running(stack.names[j], now["task"], now["n"], "called again to see whether it "
+                                                                             "changes its arguments"):
+                            _check_called_again(stack, j, block, now["task"], now["n"], unwritten, named, changed[0],
                                                 stack.adapter.hidden_of(output))
                     if probing and any(_holds_objects(v) for v in named.values()):
                         now["handed"][j] = (block, _check_input_copy(now, j, unwritten), named,
                                             _versions_of(named), _check_copy(now, stack.adapter.hidden_of(output)))
                     if probing and j == last:
-                        _check_read_before_changed(stack, now["task"], now["handed"])
+                        _check_read_before_changed(stack, now["task"], now["n"], now["handed"])
                         now.update(handed={}, handed_bytes=0)  # (the model's forward goes on: the copies let go)
                 else:
                     output = stack.adapter.passthrough_of(block, hidden)
@@ -3812,6 +3818,7 @@ class _Walk:
         while True:
             for key in ("again", "repeats", "looping"):
                 now.pop(key, None)
+            now["probed"] = set()  # (task, input shape) of the items the checks ran on
             try:
                 self._probe(s, stream, now, recorder)
                 if stack.replay and stack.prefix not in self.report.replayed:
@@ -3892,7 +3899,7 @@ class _Walk:
                         watch = stream is self.q and (n == 0 or bool(now.get("looping")))
                         now.update(task=task, n=n, kwargs=[None] * (last + 1), versions=[None] * (last + 1),
                                    hidden=None, next=0, started=False, watch=watch, past=False, called=None,
-                                   left={}, raised=None, handed={}, handed_bytes=0, peek=None)
+                                   left={}, raised=None, handed={}, handed_bytes=0, peek=None, probing=False)
                         if watch:
                             now["again"] = {}
                         try:

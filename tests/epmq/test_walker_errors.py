@@ -2270,6 +2270,50 @@ def test_a_block_reading_what_a_later_block_sets_on_an_object_is_walked_as_the_m
     assert_same_statistics(seen, hand)
 
 
+class LongFlagged(LateFlagged):
+    """LateFlagged reading ``ctx`` only on an input longer than 4 tokens (another path on another length, as a
+    sliding window past its width)."""
+
+    def forward(self, x, ctx):
+        if self.flags:
+            ctx.seen = True
+        gain = 3.0 if self.reads and not self.flags and len(x) > 4 and getattr(ctx, "seen", False) else 1.0
+        return x + self.fc(x * gain)
+
+
+class LongSelfFlagged(Flagged):
+    """Flagged on an input longer than 4 tokens; ``x + fc(x)``, ``ctx`` untouched, on a shorter one."""
+
+    def forward(self, x, ctx):
+        return super().forward(x, ctx) if len(x) > 4 else x + self.fc(x)
+
+
+class LongFlaggingNet(FlaggingNet):
+    """Two LongFlagged on one ``ctx``, block 1 flagging it after block 0 ran, or two LongSelfFlagged."""
+
+    def __init__(self, block):
+        Net.__init__(self, block)
+        self.layers[1].flags = True
+
+
+@pytest.mark.parametrize("block,refusal", [
+    (LongFlagged, r"reads its argument 'ctx' \(a SimpleNamespace\), which a later block changes, and returns other "
+                  r"hidden states when called again on it as the later blocks left it"),
+    (LongSelfFlagged, r"changes its argument 'ctx' \(a SimpleNamespace\) and returns other hidden states when "
+                      r"called again on what that call left there")])
+def test_a_block_that_reads_a_changed_object_only_on_a_longer_item_is_refused(block, refusal, gen):
+    """Block 0 reads the ``ctx`` a block changes (block 1, or block 0's own call) on an input longer than item
+    0's alone: AUTO's checks of blocks reading what their calls or later blocks changed ran on each task's
+    item 0, so block 0 was solved on item 1 times 3, where the model runs it on item 1, without a word. They
+    run on each task's first item of each shape: refused, naming item 1; the model as it was."""
+    items = [torch.randn(4, 16, generator=gen), torch.randn(8, 16, generator=gen)]
+    model = LongFlaggingNet(block)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"calibration\['a'\] item 1: block 0 at 'layers' " + refusal):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
+                            adapter=epmq.adapters.AUTO)
+    assert_untouched(model, before)
+
 class LateFlaggingDeepNet(nn.Module):
     """``depth`` LateFlagged on one ``ctx``, reading nothing, the last flagging it; ``after`` called on the
     output, past the blocks (the model's forward goes on after the walk's check of the last block)."""

@@ -2114,10 +2114,10 @@ def test_gemma4_layers_sharing_keys_and_values_hold_each_hidden_state_once_for_t
                      pad_token_id=0, bos_token_id=0, eos_token_id=1)
     seen, check = [], walker._check_read_before_changed
 
-    def counted(stack, task, called):
+    def counted(stack, task, n, called):
         seen.append((sorted(called), len({id(copy) for block, hidden, named, versions, first in called.values()
                                           for copy in (hidden, first)})))
-        return check(stack, task, called)
+        return check(stack, task, n, called)
 
     monkeypatch.setattr(walker, "_check_read_before_changed", counted)
     items = [{"input_ids": torch.randint(3, VOCAB, (1, 8), generator=gen)} for _ in range(2)]
