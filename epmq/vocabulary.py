@@ -374,6 +374,15 @@ def rows_by_token(into, into_rows: int, source, source_rows: int) -> Optional[to
     return _row_index(theirs, into_rows, mine, source_rows)
 
 
+def rows_apart(mine: Mapping[str, int], theirs: Mapping[str, int]) -> list:
+    """``(row, my token, their token)`` of each row under which two vocabularies (token -> row) put other
+    tokens, each held by both: the same tokens numbered otherwise, whose rows a merge by position mixes.
+    Tokens one holds alone (added in fine-tuning) put no row apart, wherever they are."""
+    shared = mine.keys() & theirs.keys()
+    their_token = {i: t for t, i in theirs.items() if t in shared}
+    return sorted((i, t, their_token[i]) for t, i in mine.items() if t in shared and their_token.get(i, t) != t)
+
+
 def _row_index(into: Mapping[str, int], into_rows: int, source: Mapping[str, int], source_rows: int) -> torch.Tensor:
     """For each of ``into_rows`` rows, the row of the token ``into`` puts there in a model whose
     vocabulary is ``source`` of ``source_rows`` rows; -1 where it has no row for it."""

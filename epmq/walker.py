@@ -417,7 +417,7 @@ def quantize_model(
                     for task, source in sources.items():
                         if not _rescaled_for_inference(experts[task]):
                             source.divisors = divisors
-                    _check_expert_configs(model, sources, experts)
+                    _check_expert_configs(model, sources, experts, targets)
                 walk = _Walk(
                     model, stacks, renames, spec, method, targets, calibration, sources,
                     edits, report, anchor=anchor, weight_anchor=weight_anchor,
@@ -764,13 +764,14 @@ def _timm_config(model) -> Optional[dict]:
     return {"architecture": architecture, "model_args": model_args}
 
 
-def _check_expert_configs(model, sources, experts) -> None:
+def _check_expert_configs(model, sources, experts, targets: str = "merged_path") -> None:
     """Experts (checkpoints, or modules) whose config reads the same-shaped weights otherwise than
     the model's config (other heads, activation, layer count; another architecture) are refused, as
     ``epmq quantize`` and the merges refuse them: they were walked in silence as the model's. A model
     whose config is not known (a plain module, timm's built by its class) has its experts compared
     with the first of them that has one. Experts tokenized by their directories' own tokenizer files are
-    refused where those differ (``_check_expert_tokenizers``)."""
+    refused where those differ (``_check_expert_tokenizers``); others numbering tokens otherwise than the model's
+    tokenizer are warned of where no row map bridges them (``_warn_of_expert_numbering``)."""
     from .merge_checkpoint import _check_architectures, _config
 
     # task -> (its path, its config in place of the path's, its description, (its tokenizer's path, its base))
@@ -798,6 +799,8 @@ def _check_expert_configs(model, sources, experts) -> None:
     _check_architectures(None, [found[t][0] for t in tasks], [f"of task {t!r} ({found[t][2]})" for t in tasks],
                          experts=True, reference=reference, configs=[found[t][1] for t in tasks], ref_name=ref_name)
     _check_expert_tokenizers({t: (found[t][3], configs[t], found[t][2]) for t in tasks})
+    if targets != "expert_path":  # (there each expert runs through its row of each of the model's tokens)
+        _warn_of_expert_numbering(model, {t: (found[t][3], configs[t], found[t][2]) for t in tasks})
 
 
 def _check_expert_tokenizers(found: dict) -> None:
@@ -818,6 +821,38 @@ def _check_expert_tokenizers(found: dict) -> None:
         _check_tokenizer_files(homes[task], homes[first], f"the expert of task {task!r} ({found[task][2]})",
                                f"expert of task {first!r} ({found[first][2]})",
                                "E-PMQ's experts must be of the model's {}")
+
+
+def _warn_of_expert_numbering(model, found: dict) -> None:
+    """HF experts (``found`` as ``_check_expert_tokenizers`` takes it) whose tokenizers put other tokens, each held
+    by both, under one row (``vocabulary.rows_apart``) than the first of them: a merge laying the rows out by
+    position (no tokenizer_source) mixed rows of other tokens, in silence here. Warned of, as the merges warn, not
+    refused: merged_path and fp_path read no embeddings, and a merge laying them out by token (tokenizer_source)
+    makes one row of experts numbering a token otherwise (ChatML's tokens added in another order)."""
+    from .merge_checkpoint import HF_TOKENIZER_FILES, _reads_own_tokenizer, _tokenizer_home
+    from .vocabulary import load_tokenizer, rows_apart
+
+    def vocabulary_at(directory):
+        if directory is None or not any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
+            return None
+        tokenizer = load_tokenizer(directory)
+        return None if tokenizer is None else tokenizer.get_vocab()
+
+    theirs = {task: vocabulary for task, ((path, base), config, _) in found.items()
+              if path is not None and not _reads_own_tokenizer(config)  # (open_clip's own files: refused apart)
+              and (vocabulary := vocabulary_at(_tokenizer_home(path, base))) is not None}
+    if not theirs:
+        return
+    first = next(iter(theirs))
+    reference, ref_name = theirs.pop(first), f"the expert of task {first!r} ({found[first][2]})"
+    for task, vocabulary in theirs.items():
+        apart = rows_apart(reference, vocabulary)
+        if apart:
+            said = "; ".join(f"row {i}: {there!r} there, {here!r} here" for i, there, here in apart[:3])
+            warnings.warn(f"the expert of task {task!r} ({found[task][2]}) numbers {len(apart)} tokens otherwise than "
+                          f"{ref_name} ({said}): a merge laying their embedding rows out by position (without "
+                          f"tokenizer_source) mixed rows of other tokens, and the merged model reads them so; one "
+                          f"laying them out by token (tokenizer_source='union') did not")
 
 
 def _check_tasks(calibration, experts):

@@ -314,6 +314,47 @@ def test_expert_path_maps_an_expert_with_the_same_rows_numbered_otherwise(models
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
+def _numbering_warnings(model, experts, targets="merged_path") -> list:
+    """What E-PMQ over ``experts`` (task -> checkpoint) warns of experts numbering tokens otherwise."""
+    from epmq import QuantSpec, quantize_model
+
+    calibration = {t: [torch.tensor([[1, 2, 3, 4]])] for t in experts}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_model(model, QuantSpec(bits=4, group_size=8), method="epmq", targets=targets,
+                       experts={t: str(p) for t, p in experts.items()}, calibration=calibration, progress=False)
+    return [str(w.message) for w in caught if "tokens otherwise than" in str(w.message)]
+
+
+def _swapped(root):
+    """An expert whose tokenizer holds the same words as the others, two of them numbered the other way."""
+    path = expert(root, "swapped", seed=4)
+    word_level_tokenizer(path, [WORDS[0], WORDS[2], WORDS[1], *WORDS[3:]])
+    return path
+
+
+@pytest.mark.parametrize("targets", ["merged_path", "fp_path"])
+def test_experts_numbering_the_same_tokens_otherwise_are_warned_of_where_no_row_map_bridges_them(targets, models,
+                                                                                                  tmp_path):
+    """HF experts of one embedding size whose tokenizers number the same tokens otherwise (merged by position:
+    rows of other tokens mixed) were walked in silence on the default targets: only open_clip's tokenizer files
+    were compared, and the expert path's row maps read the tokenizers alone. A row under which two experts put
+    other tokens, each held by both, is warned of, as the merges warn; tokens each added in fine-tuning
+    (a union merge's experts) put no row apart."""
+    def unnamed():  # (no tokenizer of its own to compare with: the experts among themselves)
+        model = transformers.AutoModelForCausalLM.from_pretrained(models["base"])
+        model.name_or_path = ""
+        return model
+
+    said = _numbering_warnings(unnamed(), {"a": models["plain"], "b": _swapped(tmp_path)}, targets)
+    assert said == [f"the expert of task 'b' ({tmp_path / 'swapped'}) numbers 2 tokens otherwise than the expert of "
+                    f"task 'a' ({models['plain']}) (row 1: 'w1' there, 'w2' here; row 2: 'w2' there, 'w1' here): a "
+                    f"merge laying their embedding rows out by position (without tokenizer_source) mixed rows of "
+                    f"other tokens, and the merged model reads them so; one laying them out by token "
+                    f"(tokenizer_source='union') did not"]
+    assert not _numbering_warnings(unnamed(), {"chat": models["chat"], "tool": models["tool"]}, targets)
+
+
 def test_expert_path_reads_each_experts_rows_by_token(models):
     """Where an expert numbers the tokens otherwise, its row map puts its own row under each of
     the merged model's tokens it has and leaves the merged model's row for the others."""
