@@ -103,6 +103,7 @@ import warnings
 import zlib
 from contextlib import contextmanager, nullcontext
 from functools import cached_property
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Union
 
@@ -272,7 +273,9 @@ def quantize_model(
                  (HF ``save_pretrained`` directory, ``.safetensors`` file, open_clip checkpoint)
                  or HF hub id (``org/name``, downloaded once, read tensor by tensor).
                  Required by ``method="epmq"`` (same task names as ``calibration``); GPTQ and
-                 RTN take none.
+                 RTN take none. Their tokenizers are compared with the one saved where
+                 ``model.name_or_path`` points (from_pretrained's directory; a model built in
+                 memory may be told it so), else with each other's.
     anchor, weight_anchor   E-PMQ's lam and mu, relative to the expert term (EPMQ_MATH.md).
     targets      "merged_path" | "fp_path" | "expert_path"; see the module docstring.
     layers       which linears (qualified names, e.g. ``"encoder.layers.0.mlp.fc1"``) to
@@ -825,10 +828,14 @@ def _check_expert_tokenizers(found: dict) -> None:
 
 def _warn_of_expert_numbering(model, found: dict) -> None:
     """HF experts (``found`` as ``_check_expert_tokenizers`` takes it) whose tokenizers put other tokens, each held
-    by both, under one row (``vocabulary.rows_apart``) than the first of them: a merge laying the rows out by
-    position (no tokenizer_source) mixed rows of other tokens, in silence here. Warned of, as the merges warn, not
-    refused: merged_path and fp_path read no embeddings, and a merge laying them out by token (tokenizer_source)
-    makes one row of experts numbering a token otherwise (ChatML's tokens added in another order)."""
+    by both, under one row (``vocabulary.rows_apart``) than the model's tokenizer (saved where its name_or_path
+    points, a local directory: a model in memory says it so), else than the first of them: a merge laying the rows
+    out by position (no tokenizer_source) mixed rows of other tokens, in silence here. Warned of, as the merges
+    warn, not refused: merged_path and fp_path read no embeddings, and a merge laying them out by token
+    (tokenizer_source) makes one row of experts numbering a token otherwise (ChatML's tokens added in another
+    order); where the model's epmq_merge.json says it did, nothing is said."""
+    from ._util import read_json_file
+    from .checkpoint import MERGE_RECIPE_FILE
     from .merge_checkpoint import HF_TOKENIZER_FILES, _reads_own_tokenizer, _tokenizer_home
     from .vocabulary import load_tokenizer, rows_apart
 
@@ -838,13 +845,21 @@ def _warn_of_expert_numbering(model, found: dict) -> None:
         tokenizer = load_tokenizer(directory)
         return None if tokenizer is None else tokenizer.get_vocab()
 
+    home = getattr(model, "name_or_path", None)
+    home = Path(home) if isinstance(home, (str, os.PathLike)) and str(home) else None
+    home = home if home is not None and home.is_dir() else None  # (a hub id's tokenizer is not fetched for this)
+    recipe = home / MERGE_RECIPE_FILE if home is not None else None
+    if recipe is not None and recipe.is_file() and "tokenizer_source" in (read_json_file(recipe) or {}):
+        return
     theirs = {task: vocabulary for task, ((path, base), config, _) in found.items()
               if path is not None and not _reads_own_tokenizer(config)  # (open_clip's own files: refused apart)
               and (vocabulary := vocabulary_at(_tokenizer_home(path, base))) is not None}
-    if not theirs:
-        return
-    first = next(iter(theirs))
-    reference, ref_name = theirs.pop(first), f"the expert of task {first!r} ({found[first][2]})"
+    own = vocabulary_at(home) if theirs else None
+    if own is not None:
+        reference, ref_name = own, f"the model ({home})"
+    elif theirs:
+        first = next(iter(theirs))
+        reference, ref_name = theirs.pop(first), f"the expert of task {first!r} ({found[first][2]})"
     for task, vocabulary in theirs.items():
         apart = rows_apart(reference, vocabulary)
         if apart:

@@ -355,6 +355,26 @@ def test_experts_numbering_the_same_tokens_otherwise_are_warned_of_where_no_row_
     assert not _numbering_warnings(unnamed(), {"chat": models["chat"], "tool": models["tool"]}, targets)
 
 
+def test_experts_numbering_tokens_otherwise_than_the_models_own_tokenizer_are_warned_of(models, tmp_path):
+    """The model's own tokenizer was compared with no expert's on the default targets (a model in memory holds
+    none): the one saved where its name_or_path points (from_pretrained's directory) is, so that a lone expert
+    numbering the model's tokens otherwise is warned of, naming the model. A model merged by laying the rows out
+    by token (tokenizer_source, which its epmq_merge.json records) has nothing said of experts numbering its
+    tokens otherwise; the same model saying nothing of where it came from has its experts compared."""
+    swapped = _swapped(tmp_path)
+    said = _numbering_warnings(transformers.AutoModelForCausalLM.from_pretrained(models["base"]), {"a": swapped})
+    assert len(said) == 1 and said[0].startswith(f"the expert of task 'a' ({swapped}) numbers 2 tokens otherwise "
+                                                 f"than the model ({models['base']}) (row 1: 'w1' there, 'w2' here;")
+    reordered = expert(tmp_path, "reordered", [("<|im_end|>", True), ("<|im_start|>", True)], seed=5)
+    experts = {"chat": models["chat"], "reordered": reordered}
+    merged = merge_checkpoints("task_arithmetic", list(experts.values()), tmp_path / "m", base=models["base"],
+                               tokenizer_source="union", progress=False)
+    assert not _numbering_warnings(transformers.AutoModelForCausalLM.from_pretrained(merged), experts)
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged)
+    model.name_or_path = ""
+    assert len(_numbering_warnings(model, experts)) == 1
+
+
 def test_expert_path_reads_each_experts_rows_by_token(models):
     """Where an expert numbers the tokens otherwise, its row map puts its own row under each of
     the merged model's tokens it has and leaves the merged model's row for the others."""
