@@ -1256,6 +1256,34 @@ def test_a_base_checkpoint_holding_an_adapted_linear_inside_a_converted_tensor_i
         epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "base")
 
 
+def test_quantize_checkpoint_compares_an_adapter_read_on_lora_base_before_reading_the_calibration(tmp_path,
+                                                                                                   monkeypatch):
+    """quantize_checkpoint compares each expert's config with the model's before the model loads and the
+    calibration files are tokenized (minutes at 70B), but read an adapter's base as the one its config names
+    alone, not lora_base, which it is read on: an adapter whose named base is gone, read on a lora_base of other
+    heads, was refused only by the walk, once all that was done. Its lora_base is compared at once."""
+    import epmq.quantize_files
+
+    def llama(name, heads):  # (q, k, v and o 24x24 whatever the heads: head_dim 24 // heads)
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=96, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=heads,
+            num_key_value_heads=heads, max_position_embeddings=64)).save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    own, other = llama("own", heads=4), llama("other", heads=2)
+    make_adapter(own, tmp_path / "adapter", seed=3)
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": str(tmp_path / "gone")}))
+    (tmp_path / "a.txt").write_text("the cat sat on the mat .\n")
+    monkeypatch.setattr(epmq.quantize_files, "calibrated", lambda *a, **k: pytest.fail("the calibration was read"))
+    with pytest.raises(ValueError, match=r"the expert of task 'a' \(\S*adapter\) reads its weights as \{.*"
+                                         r"'num_attention_heads': 2.*\}, the model as \{.*'num_attention_heads': 4"):
+        epmq.quantize_checkpoint(own, tmp_path / "q", spec=epmq.QuantSpec(bits=4, group_size=8),
+                                 calibration={"a": tmp_path / "a.txt"}, experts={"a": tmp_path / "adapter"},
+                                 lora_base=other, progress=False)
+
+
 def test_an_adapter_whose_base_reads_the_weights_otherwise_is_refused_by_quantize_model(tmp_path):
     """An expert checkpoint whose config.json splits the same-shaped weights into other heads is
     refused by quantize_model; a LoRA adapter's expert is W_0 + (alpha/r) B A on its base, whose
