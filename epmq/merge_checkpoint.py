@@ -1666,20 +1666,26 @@ def _tokenizes_alike(mine: Path, theirs: Path) -> bool:
     pipeline and vocabulary (its padding and truncation aside, which open_clip sets as it reads) and special
     tokens. A slow tokenizer (no tokenizers pipeline: transformers 5's CTRL's, XLM's) by its class, vocabulary,
     special tokens and the ids it reads ``TOKENIZER_PROBE`` and its own tokens as (merges, lower-casing, which
-    its files give). False where either does not load."""
-    def reading(directory):
-        tokenizer = load_tokenizer(directory)
-        if tokenizer is None:
-            return None
-        if getattr(tokenizer, "backend_tokenizer", None) is None:
-            vocabulary = tokenizer.get_vocab()
-            probe = " ".join([TOKENIZER_PROBE, *vocabulary])
-            return type(tokenizer).__name__, vocabulary, tokenizer.special_tokens_map, tokenizer.encode(probe)
-        pipeline = json.loads(tokenizer.backend_tokenizer.to_str())
-        return {**pipeline, "padding": None, "truncation": None}, tokenizer.special_tokens_map
+    its files give); a slow one beside a fast one (BertJapaneseTokenizer's beside BertTokenizer's), whose classes
+    and pipelines cannot be alike, by the rest of that. False where either does not load."""
+    tokenizers = [load_tokenizer(mine)]
+    tokenizers += [load_tokenizer(theirs)] if tokenizers[0] is not None else []
+    if len(tokenizers) < 2 or tokenizers[1] is None:
+        return False
+    pipelines = [getattr(t, "backend_tokenizer", None) for t in tokenizers]
+    if None not in pipelines:
+        mine, theirs = ((json.loads(p.to_str()) | {"padding": None, "truncation": None}, t.special_tokens_map)
+                        for p, t in zip(pipelines, tokenizers))
+        return mine == theirs
+    if pipelines == [None, None] and type(tokenizers[0]).__name__ != type(tokenizers[1]).__name__:
+        return False  # (two slow ones: their rules are their classes' code)
 
-    read = reading(mine)
-    return read is not None and read == reading(theirs)
+    def reading(tokenizer):
+        vocabulary = tokenizer.get_vocab()
+        probe = " ".join([TOKENIZER_PROBE, *sorted(vocabulary, key=vocabulary.get)])  # (a fast one's: unordered)
+        return vocabulary, tokenizer.special_tokens_map, tokenizer.encode(probe)
+
+    return reading(tokenizers[0]) == reading(tokenizers[1])
 
 
 def _text_tokenizer(config: dict, fields: Sequence[str], nested: bool) -> dict:

@@ -3973,6 +3973,37 @@ def test_open_clip_models_of_slow_tokenizers_that_load_alike_are_not_refused(tmp
         _check_quietly(base, unknown)
 
 
+def test_open_clip_models_of_a_slow_tokenizer_and_a_fast_one_that_read_alike_are_not_refused(tmp_path):
+    """A directory of a slow tokenizer alone (transformers 5's BertJapaneseTokenizer: no tokenizers pipeline) beside
+    one of a fast tokenizer alone (BertTokenizer's tokenizer.json) was refused whatever they read: one's pipeline
+    was compared with the other's reading of the probe. They are compared as two slow ones are, but for their
+    classes, which differ: by vocabulary, special tokens and what they read the probe as. A fast one splitting
+    the probe's CJK characters apart, which the slow one reads as one word, is still refused."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "Hello", ",", "WORLD", "!", "it", "'", "s", "3", ".",
+             "na", "##ï", "##ve", "Café", "—", "東", "京", "end"]
+
+    def save(name, tokenizer):
+        path = _open_clip_checkpoint(tmp_path / name, vision_cfg={"layers": 2, "width": 32, "head_width": 8},
+                                     text_cfg={"width": 32, "heads": 4, "layers": 2,
+                                               "hf_tokenizer_name": "someone/tok"})
+        (path / "vocab.txt").write_text("".join(f"{w}\n" for w in words))
+        tokenizer(str(path / "vocab.txt")).save_pretrained(path)
+        if tokenizer is not slow_tokenizer:
+            (path / "vocab.txt").unlink(missing_ok=True)  # (its tokenizer.json alone)
+        return path
+
+    def slow_tokenizer(vocab):
+        return transformers.BertJapaneseTokenizer(vocab, word_tokenizer_type="basic", do_lower_case=False)
+
+    slow = save("slow", slow_tokenizer)
+    _check_quietly(slow, save("whole", lambda vocab: transformers.BertTokenizer(
+        vocab=vocab, do_lower_case=False, tokenize_chinese_chars=False)))
+    with pytest.raises(ValueError, match=r"model split holds other tokenizer files than the base \(other contents of "
+                                         r"tokenizer_config\.json; tokenizer\.json: model split's alone; vocab\.txt: "
+                                         r"the base's alone\)"):
+        _check_quietly(slow, save("split", lambda vocab: transformers.BertTokenizer(vocab=vocab, do_lower_case=False)))
+
+
 def test_a_lora_adapter_without_tokenizer_files_is_tokenized_by_the_base_it_is_merged_on(tmp_path):
     """An adapter holding no tokenizer files is tokenized by its base's, and the merge reads it on lora_base (or
     the merge's base) where one is given: its files were taken from the base its config names, so an adapter
