@@ -341,24 +341,38 @@ def _bind_holders_on_save(pretrained_model: type) -> None:
     ``lm.save_pretrained``), which shares its config but is not reachable from it: transformers'
     own save then wrote the packed tensors in epmq's layout with no ``quantization_config``, a
     checkpoint that from_pretrained reads with its linears random and load_quantized refuses.
-    Installed once; a call on a bound model (``type(model).save_pretrained(model, ...)``, which
-    the instance attribute otherwise shadows) and one on a model with no packed layer are
+    Installed once (``_SavesHolders``); a call through the class
+    (``type(model).save_pretrained(model, ...)``) and one on a model with no packed layer are
     transformers' own."""
     own = pretrained_model.__dict__["save_pretrained"]
-    if getattr(own, "_epmq_binds_holders", False):
+    if isinstance(own, _SavesHolders):
         return
+    pretrained_model.save_pretrained = _SavesHolders(own)
 
-    @functools.wraps(own)
-    def save_pretrained(self, *args, **kwargs):
-        if "save_pretrained" not in vars(self) and any(isinstance(m, QuantLinear) for m in self.modules()):
-            bind_save_pretrained(self)
-            bound = vars(self).get("save_pretrained")
-            if bound is not None:
-                return bound(*args, **kwargs)
-        return own(self, *args, **kwargs)
 
-    save_pretrained._epmq_binds_holders = True
-    pretrained_model.save_pretrained = save_pretrained
+class _SavesHolders:
+    """A model class's ``save_pretrained`` that binds a model holding ``QuantLinear`` layers
+    (``_bind_holders_on_save``) when called on it. A descriptor, not a function, so that read
+    from the class it is the class's own: a function cannot tell ``type(lm).save_pretrained(lm, d)``
+    from ``lm.save_pretrained(d)``, and so bound ``lm`` on the first of two such calls, writing
+    save_quantized's checkpoint, and was transformers' own on the second."""
+
+    def __init__(self, own):
+        self.own = own
+
+        @functools.wraps(own)
+        def save_pretrained(model, *args, **kwargs):
+            if "save_pretrained" not in vars(model) and any(isinstance(m, QuantLinear) for m in model.modules()):
+                bind_save_pretrained(model)
+                bound = vars(model).get("save_pretrained")
+                if bound is not None:
+                    return bound(*args, **kwargs)
+            return own(model, *args, **kwargs)
+
+        self._binding = save_pretrained
+
+    def __get__(self, model, owner=None):
+        return self.own if model is None else self._binding.__get__(model, owner)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

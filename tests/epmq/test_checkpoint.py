@@ -1994,6 +1994,32 @@ def test_save_pretrained_of_a_model_holding_the_one_quantized(tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "own" / "config.json").read_text())
 
 
+def _files(directory):
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def test_save_pretrained_through_the_class_is_transformers_own_before_the_first_save_too(tmp_path):
+    """``type(lm).save_pretrained(lm, d)`` on a model holding the one quantized bound lm and wrote
+    save_quantized's checkpoint the first time, and transformers' own the second: the same call, two
+    checkpoints. Through the class it is transformers' own each time, as for a model quantized itself;
+    a model with no packed layer saved either way is written as transformers writes it."""
+    lm = _llama(1)
+    epmq.quantize_model(lm.model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    type(lm).save_pretrained(lm, tmp_path / "first")
+    type(lm).save_pretrained(lm, tmp_path / "second")
+    assert "quantization_config" not in json.loads((tmp_path / "first" / "config.json").read_text())
+    assert _files(tmp_path / "first") == _files(tmp_path / "second")
+    lm.save_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]["bits"] == 4
+    plain = _llama(2)
+    plain.save_pretrained(tmp_path / "plain")
+    type(plain).save_pretrained(plain, tmp_path / "plain-class")
+    assert "save_pretrained" not in vars(plain)
+    import transformers
+    transformers.PreTrainedModel.save_pretrained(plain, tmp_path / "own")
+    assert _files(tmp_path / "plain") == _files(tmp_path / "plain-class") == _files(tmp_path / "own")
+
+
 @pytest.mark.parametrize("kwargs", [{"state_dict": {}}, {"push_to_hub": True}, {"safe_serialization": False},
                                     {"variant": "fp16"}, {"save_original_format": False},
                                     {"distributed_checkpoint": True}, {"commit_message": "x"}])
