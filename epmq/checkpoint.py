@@ -341,13 +341,21 @@ def _bind_holders_on_save(pretrained_model: type) -> None:
     ``lm.save_pretrained``), which shares its config but is not reachable from it: transformers'
     own save then wrote the packed tensors in epmq's layout with no ``quantization_config``, a
     checkpoint that from_pretrained reads with its linears random and load_quantized refuses.
-    Installed once (``_SavesHolders``); a call through the class
+    Installed once per class (``_SavesHolders``); a call through the class
     (``type(model).save_pretrained(model, ...)``) and one on a model with no packed layer are
-    transformers' own."""
-    own = pretrained_model.__dict__["save_pretrained"]
-    if isinstance(own, _SavesHolders):
-        return
-    pretrained_model.save_pretrained = _SavesHolders(own)
+    the class's own. A subclass's own ``save_pretrained`` is installed on too, else it shadows
+    transformers' for its models: one that writes the state dict itself (never reaching
+    transformers') wrote the packed tensors with no ``quantization_config``. The subclasses are
+    walked at each bind, so a class defined before the model it holds was quantized is one."""
+    import inspect
+
+    classes = [pretrained_model]
+    while classes:
+        cls = classes.pop()
+        classes += cls.__subclasses__()
+        own = cls.__dict__.get("save_pretrained")
+        if inspect.isfunction(own):  # (one installed already is no function)
+            cls.save_pretrained = _SavesHolders(own)
 
 
 class _SavesHolders:

@@ -2020,6 +2020,37 @@ def test_save_pretrained_through_the_class_is_transformers_own_before_the_first_
     assert _files(tmp_path / "plain") == _files(tmp_path / "plain-class") == _files(tmp_path / "own")
 
 
+def test_save_pretrained_of_a_subclass_of_its_own_holding_the_one_quantized(tmp_path):
+    """A model class whose own save_pretrained writes the state dict itself, never calling
+    transformers': after quantize_model(lm.model), lm.save_pretrained wrote the packed tensors with
+    no quantization_config (from_pretrained read the linears as random). It writes save_quantized's
+    checkpoint, as a model quantized itself does; through the class it is the class's own."""
+    import transformers
+    from safetensors.torch import save_file
+
+    class OwnSave(transformers.LlamaForCausalLM):
+        def save_pretrained(self, directory, **kwargs):
+            Path(directory).mkdir()
+            self.config.save_pretrained(directory)
+            save_file({k: t for k, t in self.state_dict().items() if k != "lm_head.weight"},
+                      str(Path(directory) / "model.safetensors"))
+
+    torch.manual_seed(1)
+    lm = OwnSave(_llama(1).config).eval()
+    epmq.quantize_model(lm.model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    epmq.save_quantized(lm, tmp_path / "q")
+    lm.save_pretrained(tmp_path / "p")
+    assert_same_checkpoint(tmp_path / "q", tmp_path / "p")
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(epmq.load_quantized(tmp_path / "p", OwnSave(lm.config))(ids).logits, lm(ids).logits)
+    type(lm).save_pretrained(lm, tmp_path / "own")
+    assert "quantization_config" not in json.loads((tmp_path / "own" / "config.json").read_text())
+    plain = OwnSave(lm.config)
+    plain.save_pretrained(tmp_path / "plain")
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["config.json", "model.safetensors"]
+
+
 @pytest.mark.parametrize("kwargs", [{"state_dict": {}}, {"push_to_hub": True}, {"safe_serialization": False},
                                     {"variant": "fp16"}, {"save_original_format": False},
                                     {"distributed_checkpoint": True}, {"commit_message": "x"}])
