@@ -260,8 +260,11 @@ class _SavePretrained:
             refused.append("distributed_checkpoint=True")
         if kwargs.pop("safe_serialization", True) is False:
             refused.append("safe_serialization=False (the format is safetensors)")
-        if getattr(model, "_hf_peft_config_loaded", False):  # (transformers then writes the adapters only,
-            # in PEFT's format: nothing of the quantized layers, so its own save is the right one)
+        # adapters loaded through transformers: it writes them alone, in PEFT's format, nothing of the
+        # quantized layers; no packed layer left (each replaced by an nn.Linear of its dequantize()): a
+        # float model, which save_quantized refuses. transformers' own save is the right one for both
+        if getattr(model, "_hf_peft_config_loaded", False) or not any(
+                isinstance(m, QuantLinear) for m in model.modules()):
             return type(model).save_pretrained(
                 model, save_directory, is_main_process=is_main_process, state_dict=state_dict,
                 push_to_hub=push_to_hub, max_shard_size=max_shard_size, variant=variant, token=token,

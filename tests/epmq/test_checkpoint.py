@@ -2051,6 +2051,31 @@ def test_save_pretrained_of_a_subclass_of_its_own_holding_the_one_quantized(tmp_
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["config.json", "model.safetensors"]
 
 
+@pytest.mark.parametrize("holder", [False, True])
+def test_save_pretrained_of_a_model_whose_packed_layers_were_all_replaced_is_transformers_own(holder, tmp_path):
+    """A model quantized (itself, or the one it holds) and saved, whose packed layers were then
+    each replaced by an nn.Linear of its dequantize(): save_pretrained stayed bound to
+    save_quantized, which refused the float model ("no QuantLinear layer: quantize it first").
+    It is saved as transformers saves it, and from_pretrained reads it back."""
+    import transformers
+
+    lm = _llama(1)
+    epmq.quantize_model(lm.model if holder else lm, epmq.QuantSpec(bits=4, group_size=16), method="rtn",
+                        progress=False)
+    lm.save_pretrained(tmp_path / "q")
+    for name, m in list(lm.named_modules()):
+        if isinstance(m, ckpt.QuantLinear):
+            linear = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            linear.weight.data = m.dequantize()
+            lm.set_submodule(name, linear)
+    lm.save_pretrained(tmp_path / "fp")
+    type(lm).save_pretrained(lm, tmp_path / "own")
+    assert _files(tmp_path / "fp") == _files(tmp_path / "own")
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "fp")(ids).logits, lm(ids).logits)
+
+
 @pytest.mark.parametrize("kwargs", [{"state_dict": {}}, {"push_to_hub": True}, {"safe_serialization": False},
                                     {"variant": "fp16"}, {"save_original_format": False},
                                     {"distributed_checkpoint": True}, {"commit_message": "x"}])
