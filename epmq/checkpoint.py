@@ -41,6 +41,7 @@ import filecmp
 import functools
 import glob
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -350,15 +351,13 @@ def _bind_holders_on_save(pretrained_model: type) -> None:
     transformers' for its models: one that writes the state dict itself (never reaching
     transformers') wrote the packed tensors with no ``quantization_config``. The subclasses are
     walked at each bind, so a class defined before the model it holds was quantized is one."""
-    import inspect
-
     classes = [pretrained_model]
     while classes:
         cls = classes.pop()
         classes += cls.__subclasses__()
         own = cls.__dict__.get("save_pretrained")
         if inspect.isfunction(own):  # (one installed already is no function)
-            cls.save_pretrained = _SavesHolders(own)
+            cls.save_pretrained = _SavesHolders(own, overrides=cls is not pretrained_model)
 
 
 class _SavesHolders:
@@ -366,19 +365,35 @@ class _SavesHolders:
     (``_bind_holders_on_save``) when called on it. A descriptor, not a function, so that read
     from the class it is the class's own: a function cannot tell ``type(lm).save_pretrained(lm, d)``
     from ``lm.save_pretrained(d)``, and so bound ``lm`` on the first of two such calls, writing
-    save_quantized's checkpoint, and was transformers' own on the second."""
+    save_quantized's checkpoint, and was transformers' own on the second.
 
-    def __init__(self, own):
+    ``overrides``: ``own`` is a subclass's, shadowing transformers'. One that can call
+    ``super()`` is run, so that what it adds (a tokenizer, a card, a generation config) is kept,
+    its ``super().save_pretrained`` binding the model; where it returns with the model not bound it
+    wrote the packed layers itself, which is said. One that cannot is not run: the model is bound
+    and saved through at once."""
+
+    def __init__(self, own, overrides: bool = False):
         self.own = own
+        runs_own = overrides and "super" in inspect.unwrap(own).__code__.co_names
 
         @functools.wraps(own)
         def save_pretrained(model, *args, **kwargs):
-            if "save_pretrained" not in vars(model) and any(isinstance(m, QuantLinear) for m in model.modules()):
+            holds = "save_pretrained" not in vars(model) and any(isinstance(m, QuantLinear) for m in model.modules())
+            if holds and not runs_own:
                 bind_save_pretrained(model)
                 bound = vars(model).get("save_pretrained")
                 if bound is not None:
                     return bound(*args, **kwargs)
-            return own(model, *args, **kwargs)
+            saved = own(model, *args, **kwargs)
+            if runs_own and holds and "save_pretrained" not in vars(model):
+                raise RuntimeError(
+                    f"{own.__qualname__} returned without calling super().save_pretrained, which epmq "
+                    f"routes to save_quantized for a model holding packed layers: what it wrote holds them "
+                    f"with no quantization_config, which from_pretrained and serving engines read as an "
+                    f"unquantized model (its linears random). Save with epmq.save_quantized(model, directory), "
+                    f"or have it call super().save_pretrained")
+            return saved
 
         self._binding = save_pretrained
 
@@ -924,8 +939,6 @@ def _built_as_linear_subclasses(model, layers) -> dict:
     """``{packed layer: class}`` of the layers whose modules transformers builds as subclasses of nn.Linear
     (Falcon's FalconLinear), which optimum's convert_model does not take for linears (it checks the exact
     type). Found by building the model's class on the meta device, only where its module defines one."""
-    import inspect
-
     source, config = sys.modules.get(type(model).__module__), getattr(model, "config", None)
     if source is None or config is None or not any(
             inspect.isclass(c) and issubclass(c, nn.Linear) and c is not nn.Linear for c in vars(source).values()):

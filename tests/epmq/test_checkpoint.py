@@ -2076,6 +2076,40 @@ def test_save_pretrained_of_a_model_whose_packed_layers_were_all_replaced_is_tra
         assert torch.equal(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "fp")(ids).logits, lm(ids).logits)
 
 
+def test_save_pretrained_of_a_subclass_of_its_own_that_calls_super_keeps_what_it_adds(tmp_path):
+    """A model class whose own save_pretrained calls super().save_pretrained and adds a file:
+    after quantize_model(lm.model), lm.save_pretrained writes save_quantized's checkpoint through
+    the super() call and the file beside it. One that calls super() for something else, writing
+    the state dict itself, is named, and what it wrote said to be read as unquantized."""
+    import transformers
+
+    class Carded(transformers.LlamaForCausalLM):
+        def save_pretrained(self, directory, **kwargs):
+            super().save_pretrained(directory, **kwargs)
+            (Path(directory) / "README.md").write_text("card")
+
+    class StateDictOnly(transformers.LlamaForCausalLM):
+        def save_pretrained(self, directory, **kwargs):
+            Path(directory).mkdir()
+            torch.save(super().state_dict(), Path(directory) / "pytorch_model.bin")
+
+    config = _llama(1).config
+    for cls in (Carded, StateDictOnly):
+        torch.manual_seed(1)
+        lm = cls(config).eval()
+        epmq.quantize_model(lm.model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+        if cls is Carded:
+            lm.save_pretrained(tmp_path / "p")
+            assert (tmp_path / "p" / "README.md").read_text() == "card"
+            (tmp_path / "p" / "README.md").unlink()
+            epmq.save_quantized(lm, tmp_path / "q")
+            assert_same_checkpoint(tmp_path / "q", tmp_path / "p")
+        else:
+            with pytest.raises(RuntimeError, match=r"StateDictOnly\.save_pretrained.*super\(\)\.save_pretrained.*"
+                                                   r"unquantized.*epmq\.save_quantized"):
+                lm.save_pretrained(tmp_path / "own")
+
+
 @pytest.mark.parametrize("kwargs", [{"state_dict": {}}, {"push_to_hub": True}, {"safe_serialization": False},
                                     {"variant": "fp16"}, {"save_original_format": False},
                                     {"distributed_checkpoint": True}, {"commit_message": "x"}])
