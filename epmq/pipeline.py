@@ -456,27 +456,43 @@ def _val(avg: float) -> float:
     return round(avg, 12)
 
 
-def choose_scale(bench, plan: MergePlan):
+def choose_scale(bench, plan: MergePlan, progress: bool = False):
     """``(scale, merged state, {scale: val avg})``: the scale of ``plan.scales`` whose merge has
     the best average accuracy on the validation split (never test); ties go to the first.
     One merged model is held at a time: the best one's scale is kept, and it is merged again
-    unless it was the last (keeping its state held two while the next was merged)."""
-    return _choose_scale(bench, plan)[:3]
+    unless it was the last (keeping its state held two while the next was merged).
+    ``progress``: a bar of the merges, naming the scale being merged."""
+    return _choose_scale(bench, plan, progress)[:3]
 
 
-def _choose_scale(bench, plan: MergePlan):
+def _choose_scale(bench, plan: MergePlan, progress: bool = False):
     """``choose_scale``'s answer and the chosen merge's validation accuracies (``evaluate``'s)."""
+    from tqdm.auto import tqdm
+
     best, scores, state = None, {}, None
-    for i, s in enumerate(plan.scales):
-        state = None  # (the last candidate's, dropped before the next is made)
-        state = merged_state(bench, plan, s)
-        val = bench.evaluate(state, split="val")
-        scores[str(s)] = val["avg"]
-        if best is None or _val(scores[str(s)]) > _val(best[0]):
-            best = (scores[str(s)], s, i, val)
-    if best[2] != len(plan.scales) - 1:
-        state = None
-        state = merged_state(bench, plan, best[1])
+    # (a merge and a validation pass a scale, ten scales a merge in the paper configs: minutes
+    # at paper scale, said by nothing until the step's line; the merges' own bars are off)
+    with tqdm(total=len(plan.scales), desc=f"merge/{plan.label}", unit="merge", leave=False,
+              disable=not progress) as bar:
+
+        def merge_at(s, note=""):
+            if plan.method not in UNSCALED_MERGES:
+                bar.set_postfix_str(f"scale {_number(s)}{note}")
+            merged = merged_state(bench, plan, s)
+            bar.update()
+            return merged
+
+        for i, s in enumerate(plan.scales):
+            state = None  # (the last candidate's, dropped before the next is made)
+            state = merge_at(s)
+            val = bench.evaluate(state, split="val")
+            scores[str(s)] = val["avg"]
+            if best is None or _val(scores[str(s)]) > _val(best[0]):
+                best = (scores[str(s)], s, i, val)
+        if best[2] != len(plan.scales) - 1:
+            state = None
+            bar.total += 1
+            state = merge_at(best[1], " again (the best)")
     return best[1], state, scores, best[3]
 
 
@@ -588,7 +604,7 @@ class Runner:
         self._write_table()
 
     def _choose_scale(self, mp: MergePlan) -> dict:
-        scale, state, scores, val = _choose_scale(self.bench, mp)
+        scale, state, scores, val = _choose_scale(self.bench, mp, self.progress)
         # (its validation accuracies are those it was chosen by: evaluated again, a whole pass a merge)
         return dict(val=val, test=self.bench.evaluate(state, split="test"), scale=scale, val_by_scale=scores)
 

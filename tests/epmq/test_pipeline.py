@@ -904,6 +904,37 @@ def test_choose_scale_holds_one_merged_model_at_a_time(monkeypatch):
     assert max(held) == 0, f"merged states alive as the next was made: {held}"
 
 
+def test_the_merges_of_a_scale_sweep_show_their_progress(calls_list, tmp_path, quiet, capsys, monkeypatch):
+    """epmq run merged once a scale (ten in the paper configs, each with its validation pass)
+    with no bar until the step's line: a bar of the merges, naming the scale being merged and
+    the best one's merge again, each counted; none where the run is quiet."""
+    from tqdm.auto import tqdm
+
+    class Scored(Bench):
+        def evaluate(self, state, split="test"):
+            avg = 0.9 if torch.equal(state["w"], pipeline.merged_state(Bench(), sweep, 0.3)["w"]) else 0.5
+            return {"a": avg, "b": avg, "avg": avg}
+
+    sweep = MergePlan("task_arithmetic", scales=[0.1, 0.3, 0.5])
+    closed, close = set(), tqdm.close  # (the merges done of how many, as each bar ends)
+    monkeypatch.setattr(tqdm, "close", lambda self: closed.add((getattr(self, "desc", None), self.n, self.total))
+                        or close(self))
+    for progress in (True, False):
+        capsys.readouterr()
+        closed.clear()
+        results = pipeline.run(Scored(), plan(merges=[sweep], methods=["rtn"]), tmp_path / str(progress),
+                               progress=progress, log=quiet)
+        assert results["steps"]["merge/TA"]["scale"] == 0.3
+        err = capsys.readouterr().err
+        if not progress:
+            assert err == ""
+            continue
+        for said in ("merge/TA", "0/3", "scale 0.1]", "1/3", "scale 0.3]", "2/3", "scale 0.5]",
+                     "3/4", "scale 0.3 again (the best)]"):
+            assert said in err, (said, err)
+        assert {c for c in closed if c[0] == "merge/TA"} == {("merge/TA", 4, 4)}, closed
+
+
 def test_the_chosen_scales_validation_is_evaluated_once(calls_list, tmp_path, quiet):
     """The merge step evaluated the chosen scale's merge on validation twice: once to choose it,
     then again with its test evaluation (one whole pass over the validation split per merge,
