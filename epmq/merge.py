@@ -249,7 +249,8 @@ def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True, as
     the result. ``as_saved``: tensors of a transformers module that ``save_pretrained`` splits
     or fuses (transformers 5's fused MoE experts) are merged as the tensors it saves, each its
     own ``merge_tensor(saved name, ...)`` (the merge of its checkpoint), and put back in the
-    module's layout. ``progress``: a bar of the tensors merged, named after ``method``."""
+    module's layout. ``progress``: a bar of the tensors merged, named after ``method`` (none where
+    ``out`` counts them on a bar of its own, as ``merge_checkpoints``' writer does)."""
     from tqdm.auto import tqdm
 
     experts = _listed_experts(experts)
@@ -278,7 +279,7 @@ def _merge_each(base, experts, merge_tensor, out=None, lazy=False, tied=True, as
     done = set()  # (the names merged with an earlier one's saved tensors)
     # (TSV's and Iso-C's SVD per tensor took minutes on a 7B model, said by nothing)
     for name in tqdm(reference.keys(), total=len(reference), desc=f"merge {method}", unit="tensor",
-                     disable=not progress):
+                     disable=not progress or getattr(out, "progress", None) is not None):
         if name in done:
             continue
         if name in aliases:  # (one tensor, merged once: DARE's masks drawn per name differed)
@@ -734,7 +735,7 @@ def ties(
     _check_some_kept(kept, len(expert_sds), "density", "TIES")
     weights = _check_weights(_listed(weights), len(expert_sds), divide=False)  # (before the thresholds' pass)
     thresholds = (
-        _global_thresholds(base_sd, expert_sds, kept) if scope == "global" else None
+        _global_thresholds(base_sd, expert_sds, kept, progress) if scope == "global" else None
     )
 
     def sparsify(name, k, tau):
@@ -1488,10 +1489,14 @@ def _bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: Callable[[int], float]) -> list:
+def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: Callable[[int], float],
+                       progress: bool = False) -> list:
     """Each expert's magnitude threshold over all float tensors of the model (``density(k)`` of
     its entries kept), streamed twice, every expert's in the same passes: each pass reads the
-    base once (it was read twice per expert, 2K + 1 times with the merge's)."""
+    base once (it was read twice per expert, 2K + 1 times with the merge's). ``progress``: a
+    bar of the tensors read, both passes."""
+    from tqdm.auto import tqdm
+
     aliases = _common_aliases([base, *experts])  # (a tied tensor counts once)
     def dtype_and_size(name):  # (a lazy checkpoint's from its header, not a read of it all)
         if hasattr(base, "dtype_of"):
@@ -1514,8 +1519,13 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: C
                 if ranks[k] is not None:  # (one expert's task vector at a time)
                     W_k = _checked(name, _who(expert, k), expert[name], W_0)
                     yield k, (W_k.to(work) - W_0.to(work)).abs()
+            bar.update()
 
-    return _kth_largest_ranks(task_vectors, ranks)
+    # (every model read twice, before the merge's first tensor: minutes on a large model, the
+    # merge's bar still at 0 until then)
+    with tqdm(total=2 * len(names), desc="ties: global thresholds", unit="tensor", leave=False,
+              disable=not progress) as bar:
+        return _kth_largest_ranks(task_vectors, ranks)
 
 
 def conv1d_weights(model: nn.Module) -> set:

@@ -121,7 +121,7 @@ class _TiedWriter:
     names): the merged value goes to both."""
 
     def __init__(self, writer: ShardWriter, ties: Mapping[str, list]):
-        self.writer, self.ties, self.dtype = writer, ties, writer.dtype
+        self.writer, self.ties, self.dtype, self.progress = writer, ties, writer.dtype, writer.progress
 
     def __setitem__(self, name: str, t: torch.Tensor):
         self.writer[name] = t
@@ -2097,11 +2097,12 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
         with atomic_directory(out, marker=RECIPE_FILE) as tmp:
             writer = ShardWriter(tmp, _bytes(max_shard_size), dtype=DTYPES.get(dtype), progress=bar)
             writer = _TiedWriter(writer, ties) if ties else writer
-            # (progress=False: the writer's bar counts the tensors)
+            # (the writer's bar counts the tensors, not the merge's: its progress shows the passes before
+            # them, TIES' global thresholds)
             if method == "slerp":
-                fn(sources[0], sources[1], out=writer, progress=False, **params)
+                fn(sources[0], sources[1], out=writer, progress=progress, **params)
             elif method in ("average", "karcher"):
-                fn(sources, out=writer, progress=False, **params)
+                fn(sources, out=writer, progress=progress, **params)
             elif method == "regmean":
                 # (its parameters checked on no tensors first: merged, they were read only after
                 # every model's statistics, minutes to hours of loading and calibrating)
@@ -2115,10 +2116,10 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                                                       dict(samples=samples, seq_len=seq_len,
                                                            batch_size=batch_size, seed=seed), spill_dir, out,
                                                       progress=progress)
-                fn(sources, grams, transposed=transposed, out=writer, progress=False, **params)
+                fn(sources, grams, transposed=transposed, out=writer, progress=progress, **params)
                 shutil.rmtree(spill_dir)
             else:
-                fn(base_state, sources, out=writer, progress=False, **params)
+                fn(base_state, sources, out=writer, progress=progress, **params)
             for name in base_only:
                 t = base_state.state[name]
                 # (cast by the writer: the merged tensors are checked as they are made, these were written inf)

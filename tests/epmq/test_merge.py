@@ -2792,3 +2792,23 @@ def test_a_merge_in_memory_shows_its_tensors_unless_told_not_to(method, gen, cap
         assert f"merge {method}: 100%" in err and "2/2" in err, err
         torch.testing.assert_close(getattr(merge, method)(*inputs, progress=False), merged)
     assert capsys.readouterr().err == ""
+
+
+def test_ties_global_thresholds_pass_shows_its_progress(gen, capsys, monkeypatch):
+    """TIES' global trim reads every expert's tensors twice (the top-k over the whole model)
+    before the merge's first tensor, minutes on a large model with no bar: a bar of both passes'
+    tensors; silent with progress=False."""
+    from tqdm.auto import tqdm
+
+    base = {"w": torch.randn(4, 4, generator=gen), "b": torch.randn(4, generator=gen),
+            "c": torch.randn(3, generator=gen)}
+    experts = [{name: t + 0.1 * torch.randn(t.shape, generator=gen) for name, t in base.items()} for _ in range(2)]
+    closed, close = set(), tqdm.close  # (the tensors read of how many, as each bar ends)
+    monkeypatch.setattr(tqdm, "close", lambda self: closed.add((getattr(self, "desc", None), self.n, self.total))
+                        or close(self))
+    merged = merge.ties(base, experts, density=0.5)
+    err = capsys.readouterr().err
+    assert "ties: global thresholds" in err and "merge ties: 100%" in err, err
+    assert ("ties: global thresholds", 6, 6) in closed, closed
+    torch.testing.assert_close(merge.ties(base, experts, density=0.5, progress=False), merged)
+    assert capsys.readouterr().err == ""

@@ -503,6 +503,19 @@ def test_a_merge_on_disk_shows_one_bar_of_its_tensors(checkpoints, tmp_path, cap
     assert "merge tsv" not in capsys.readouterr().err
 
 
+def test_a_ties_merge_on_disk_shows_its_global_thresholds_pass(checkpoints, tmp_path, capsys):
+    """TIES' global trim reads every model twice before the first merged tensor is written (the
+    writer's bar at 0 all along, minutes on a large model): a bar of that pass under the merge's
+    own, once; none with progress off."""
+    root, _, _ = checkpoints
+    models = [root / "e0", root / "e1"]
+    merge_checkpoints("ties", models, tmp_path / "out", base=root / "base", params={"density": 0.3})
+    err = capsys.readouterr().err
+    assert "ties: global thresholds" in err and err.count("merge ties: 100%") == 1, err
+    merge_checkpoints("ties", models, tmp_path / "quiet", base=root / "base", params={"density": 0.3}, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_sources_by_hub_id(checkpoints, tmp_path, monkeypatch):
     """``org/name`` sources that are no local path come from the HF hub: here its cache layout,
     read offline; the base's tokenizer and config come along."""
