@@ -1944,10 +1944,12 @@ def _aligned(tensors: dict) -> dict:
     return tensors
 
 
-def _load_tensors(directory: Path, qconfig: dict, device="cpu", progress: bool = False) -> dict:
+def _load_tensors(directory: Path, qconfig: dict, device="cpu", progress: bool = False,
+                  title: Optional[str] = None) -> dict:
     """Every tensor of the checkpoint: from its one file, else from the shards of its index (the
     order ``from_pretrained`` takes: ``save_pretrained`` leaves an earlier sharded save's index
-    beside the single file it writes). ``progress``: a bar of the bytes read, file by file."""
+    beside the single file it writes). ``progress``: a bar of the bytes read, file by file, named
+    ``title`` (default: the directory's name)."""
     from safetensors.torch import load_file
 
     device = torch.device(device)
@@ -1982,7 +1984,7 @@ def _load_tensors(directory: Path, qconfig: dict, device="cpu", progress: bool =
         _weights_file(directory, qconfig)]
     tensors = {}
     # (tens of GB of shards took minutes, said by nothing)
-    with _bytes_bar(f"load {directory.name}", sum(f.stat().st_size for f in files), progress) as bar:
+    with _bytes_bar(f"load {title or directory.name}", sum(f.stat().st_size for f in files), progress) as bar:
         for file in files:
             tensors.update(read(file))
             bar.update(file.stat().st_size)
@@ -2137,7 +2139,9 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     # (a path that does not exist is said to be missing, not "not a GPTQ checkpoint"; another
     # tool's GPTQ checkpoint is usually a hub repository: read from its snapshot, as experts are)
     check_path(directory, "directory")
-    directory = local_checkpoint(directory, directory=True)
+    given, directory = directory, local_checkpoint(directory, directory=True)
+    # (a hub id's snapshot directory is named by its commit hash, which the user never gave)
+    title = Path(os.path.abspath(directory)).name if directory == Path(given) else str(given)
     qconfig = _read_qconfig(directory)
     checkpoint_format = qconfig["checkpoint_format"]
     if model is None:
@@ -2148,7 +2152,7 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     given, model = model, wrapped_model(model)  # (into a torch.compile'd or DataParallel model's own)
     empty = any(p.is_meta for p in model.parameters())
     device = torch.device("cpu" if device is None else device)
-    tensors = _load_tensors(directory, qconfig, device if empty else "cpu", progress)
+    tensors = _load_tensors(directory, qconfig, device if empty else "cpu", progress, title)
     ours = qconfig.get("epmq")
     listed = ours["modules"] if ours else _modules_from_tensors(tensors, qconfig)
     tied = ours.get("tied", {}) if ours else {}

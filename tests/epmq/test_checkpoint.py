@@ -424,10 +424,11 @@ def test_a_name_a_loading_rule_would_rename_to_no_tensor_is_kept(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
-def test_load_by_hub_id_from_the_hub_cache(tmp_path, monkeypatch):
+def test_load_by_hub_id_from_the_hub_cache(tmp_path, monkeypatch, capsys):
     """``load_quantized("org/name")``: a GPTQ checkpoint on the HF hub, read from its snapshot in
     the hub's cache (here laid out as the hub lays it out: files are links into blobs/, read
-    offline), which is left as it was; a directory that does not exist is said to be missing."""
+    offline), which is left as it was; its bar is titled by the id given, not by the snapshot's
+    commit hash; a directory that does not exist is said to be missing."""
     import huggingface_hub.constants as hub
 
     model = build("llama")
@@ -445,7 +446,10 @@ def test_load_by_hub_id_from_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
     before = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "hub").rglob("*"))
+    capsys.readouterr()
     loaded = epmq.load_quantized("org/llama-gptq")
+    err = capsys.readouterr().err
+    assert "load org/llama-gptq: 100%" in err and commit not in err, err
     item = inputs("llama", 1, torch.Generator().manual_seed(0))[0]
     torch.testing.assert_close(output(loaded, item), output(model, item), rtol=0, atol=0)
     assert sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "hub").rglob("*")) == before
