@@ -97,6 +97,7 @@ import os
 import re
 import sys
 import textwrap
+import threading
 import time
 import types
 import warnings
@@ -1956,19 +1957,38 @@ def _expert_tensors(block) -> list:
             if t.is_floating_point() and id(t) not in packed]
 
 
+class _OfOneThread(type):
+    """The metaclass of a warning category (``thread``: a thread's id) that holds the warnings of
+    that thread alone, whatever their class: a filter of it acts on that thread's warnings only."""
+
+    def __subclasscheck__(cls, category):
+        return threading.get_ident() == cls.thread
+
+
 @contextmanager
 def _warnings_of(name):
     """The body's warnings, said as layer ``name``'s: the solver's (a layer damped more than
-    percdamp asked) name none, and a walk solves hundreds."""
-    said = []
+    percdamp asked) name none, and a walk solves hundreds. Only this thread's: the filters and
+    the hook are the process's, and another thread's warnings meanwhile (the experts'
+    read-ahead's) were said as the layer's, past the caller's filters."""
+    said, thread = [], threading.get_ident()
+    shown_elsewhere = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if threading.get_ident() == thread:
+            said.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+        else:  # (judged by the caller's filters, as outside a solve: shown as they would have been)
+            shown_elsewhere(message, category, filename, lineno, file, line)
 
     def say_again():
         for w in said:
             warnings.warn_explicit(f"{name}: {w.message}", w.category, w.filename, w.lineno, source=w.source)
 
     try:
-        with warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always")  # (the caller's filters judge them as said again, named)
+        with warnings.catch_warnings():
+            # (all of this thread's: the caller's filters judge them as said again, named)
+            warnings.simplefilter("always", _OfOneThread("ThisThreadsWarning", (Warning,), {"thread": thread}))
+            warnings.showwarning = show
             yield
     except BaseException:  # (a solve that failed too: what it said before its error)
         with contextlib.suppress(Warning):  # (under -W error the failure, not a warning, says why)

@@ -369,6 +369,32 @@ def test_a_solve_that_warned_then_failed_ends_in_its_error_under_warnings_as_err
             quantize(fam, model, method="gptq", experts=None, layers=r"mlp\.down_proj")
 
 
+def test_a_warning_of_another_thread_during_a_solve_is_not_said_as_the_layers(gen, monkeypatch):
+    """The solver's warnings are said again, named by the layer, caught by the process's
+    filters and hook: what another thread (the experts' read-ahead) warned meanwhile was said as
+    the layer's too, and escaped the caller's filters. It is said as it was, judged by them."""
+    import threading
+
+    fam = Family("llama", gen, n_samples=1)
+    solve = quant.gptq
+
+    def warns_beside_another_thread(*args, **kwargs):
+        beside = threading.Thread(target=lambda: [warnings.warn(m) for m in ("read ahead", "not wanted")])
+        beside.start()
+        beside.join()
+        warnings.warn("damped again")
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(quant, "gptq", warns_beside_another_thread)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", "not wanted")
+        quantize(fam, fam.merged(), method="gptq", experts=None, layers=r"mlp\.down_proj")
+    layers = [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    messages = sorted(str(w.message) for w in said if re.search("damped again|read ahead|not wanted", str(w.message)))
+    assert messages == sorted([*(f"{n}: damped again" for n in layers), "read ahead", "read ahead"]), messages
+
+
 def test_a_layer_of_tiny_inputs_is_quantized(gen):
     """Block 1's MLP sees inputs of order 1e-27 (its norm's weight): GPTQ's Hessian of them, in
     float64, has a mean diagonal near 1e-52, which the solver refused ('scale it'), ending the
