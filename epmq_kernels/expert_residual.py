@@ -536,6 +536,11 @@ def _check_float_out(t, name):
         raise ValueError(f"{name} must be float32 or float64 for the Triton kernels, got {t.dtype}")
     if t.stride(1) != 1:
         raise ValueError(f"{name} must have unit stride along its last dimension")
+    if t.shape[0] > 1 and t.stride(0) < t.shape[1]:
+        # (an expanded H: the kernel added each tile into rows that are one row, silently, where the
+        # reference's add_ refuses it)
+        raise ValueError(f"{name}'s rows share memory (strides {tuple(t.stride())}: an expanded tensor?); "
+                         f"give one whose elements are each its own, e.g. {name}.clone()")
 
 
 _RESIDUAL_CHOSEN = {}

@@ -957,6 +957,21 @@ def test_xxt_refuses_an_output_without_unit_stride(gen):
             accumulate_xxt_triton(H, rand(gen, 4, 16))
 
 
+
+def test_xxt_refuses_an_output_whose_rows_share_memory(gen):
+    """An expanded H (stride 0 between rows: every row one row) has unit stride along its rows, so
+    it passed the layout check and the kernel added every tile into the same d elements, silently,
+    where the reference's in-place add refuses it; refused, and nothing written."""
+    d = 16
+    row = torch.zeros(1, d, device=DEVICE)
+    H = row.expand(d, d)
+    assert H.stride(1) == 1
+    with pytest.raises(ValueError, match=r"H's rows share memory \(strides \(0, 1\)"):
+        accumulate_xxt_triton(H, rand(gen, 4, d))
+    assert not bool(row.any())
+    with pytest.raises(RuntimeError, match="single memory location"):
+        accumulate_xxt_reference(H, rand(gen, 4, d))
+
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_xxt_of_strided_activations(gen, x_dtype):
     """Token rows read through a transposed view (column stride != 1) or every other feature."""
