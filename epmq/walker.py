@@ -840,6 +840,7 @@ def _warn_of_expert_numbering(model, found: dict) -> None:
     from .merge_checkpoint import HF_TOKENIZER_FILES, _reads_own_tokenizer, _tokenizer_home
     from .vocabulary import load_tokenizer, rows_apart
 
+    @functools.lru_cache(maxsize=None)  # (adapters on one base: its tokenizer loaded once)
     def vocabulary_at(directory):
         if directory is None or not any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
             return None

@@ -1284,6 +1284,24 @@ def test_quantize_checkpoint_compares_an_adapter_read_on_lora_base_before_readin
                                  lora_base=other, progress=False)
 
 
+def test_adapters_on_one_base_have_its_tokenizer_loaded_once_to_compare_their_numbering(base_dir, tmp_path,
+                                                                                        monkeypatch):
+    """quantize_model compares each expert's tokenizer with the model's: adapters without tokenizer files of
+    their own are tokenized by their base's, which was loaded again for each of them (seconds each, for a
+    vocabulary of 128k tokens) and for the model loaded from it."""
+    import epmq.vocabulary
+
+    loads = []
+    load = epmq.vocabulary.load_tokenizer
+    monkeypatch.setattr(epmq.vocabulary, "load_tokenizer", lambda path: (loads.append(path), load(path))[1])
+    adapters, _ = adapters_and_experts(base_dir, tmp_path, seeds=[4, 5])
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    calibration = {t: [torch.randint(0, 96, (2, 8))] for t in "ab"}
+    epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=8), method="epmq", calibration=calibration,
+                        experts={"a": str(adapters[0]), "b": str(adapters[1])}, progress=False)
+    assert loads == [base_dir]
+
+
 def test_an_adapter_whose_base_reads_the_weights_otherwise_is_refused_by_quantize_model(tmp_path):
     """An expert checkpoint whose config.json splits the same-shaped weights into other heads is
     refused by quantize_model; a LoRA adapter's expert is W_0 + (alpha/r) B A on its base, whose
