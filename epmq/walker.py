@@ -802,36 +802,48 @@ def _check_expert_configs(model, sources, experts, targets: str = "merged_path")
         reference, ref_name = configs[first], f"expert of task {first!r} ({found[first][2]})"
     _check_architectures(None, [found[t][0] for t in tasks], [f"of task {t!r} ({found[t][2]})" for t in tasks],
                          experts=True, reference=reference, configs=[found[t][1] for t in tasks], ref_name=ref_name)
-    _check_expert_tokenizers({t: (found[t][3], configs[t], found[t][2]) for t in tasks})
+    _check_expert_tokenizers({t: (found[t][3], configs[t], found[t][2]) for t in tasks}, _model_home(model))
     if targets != "expert_path":  # (there each expert runs through its row of each of the model's tokens)
         _warn_of_expert_numbering(model, {t: (found[t][3], configs[t], found[t][2]) for t in tasks})
 
 
-def _check_expert_tokenizers(found: dict) -> None:
+def _model_home(model) -> Optional[Path]:
+    """The local directory ``model.name_or_path`` names (from_pretrained's; a model built in memory, an open_clip
+    one, may be given it), whose tokenizer files are the model's; None where it names none (a hub id's tokenizer
+    is not fetched to compare with)."""
+    home = getattr(model, "name_or_path", None)
+    home = Path(home) if isinstance(home, (str, os.PathLike)) and str(home) else None
+    return home if home is not None and home.is_dir() else None
+
+
+def _check_expert_tokenizers(found: dict, home: Optional[Path] = None) -> None:
     """Experts (``found``: task -> its checkpoint's path and base, its config, its description) tokenized by their
-    directories' own files (open_clip's HF tokenizers: ``_reads_own_tokenizer``) whose files differ, refused in
-    the merges' words: E-PMQ's targets are each expert's outputs on the model's calibration tokens, which an
-    expert tokenizing its texts otherwise reads as other tokens. A model in memory keeps no tokenizer (no
-    module of an open_clip model holds it, nor its directory): the experts are compared with the first of them,
-    as a merge without a base compares its models; the model's tokens can be those of one of them at most."""
-    from .merge_checkpoint import _check_tokenizer_files, _reads_own_tokenizer, _tokenizer_home
+    directories' own files (open_clip's HF tokenizers: ``_reads_own_tokenizer``) whose files differ from those of
+    the model's directory ``home`` (``_model_home``), refused in the merges' words: E-PMQ's targets are each
+    expert's outputs on the model's calibration tokens, which an expert tokenizing its texts otherwise reads as
+    other tokens. A model in memory keeps no tokenizer (no module of an open_clip model holds it): without a home
+    holding tokenizer files, the experts are compared with the first of them, as a merge without a base compares
+    its models; the model's tokens can be those of one of them at most."""
+    from .merge_checkpoint import HF_TOKENIZER_FILES, _check_tokenizer_files, _reads_own_tokenizer, _tokenizer_home
 
     homes = {t: _tokenizer_home(path, base) for t, ((path, base), config, _) in found.items()
              if path is not None and _reads_own_tokenizer(config)}
-    if len(homes) < 2:
+    if homes and home is not None and any((home / name).is_file() for name in HF_TOKENIZER_FILES):
+        reference, ref_name, others = home, f"model ({home})", list(homes)
+    elif len(homes) >= 2:
+        first, *others = homes
+        reference, ref_name = homes[first], f"expert of task {first!r} ({found[first][2]})"
+    else:
         return
-    first, *others = homes
     for task in others:
-        _check_tokenizer_files(homes[task], homes[first], f"the expert of task {task!r} ({found[task][2]})",
-                               f"expert of task {first!r} ({found[first][2]})",
+        _check_tokenizer_files(homes[task], reference, f"the expert of task {task!r} ({found[task][2]})", ref_name,
                                "E-PMQ's experts must be of the model's {}")
 
 
 def _warn_of_expert_numbering(model, found: dict) -> None:
     """HF experts (``found`` as ``_check_expert_tokenizers`` takes it) whose tokenizers put other tokens, each held
-    by both, under one row (``vocabulary.rows_apart``) than the model's tokenizer (saved where its name_or_path
-    points, a local directory: a model in memory says it so), else than the first of them: a merge laying the rows
-    out by position (no tokenizer_source) mixed rows of other tokens, in silence here. Warned of, as the merges
+    by both, under one row (``vocabulary.rows_apart``) than the model's tokenizer (saved in ``_model_home``),
+    else than the first of them: a merge laying the rows out by position (no tokenizer_source) mixed rows of other tokens, in silence here. Warned of, as the merges
     warn, not refused: merged_path and fp_path read no embeddings, and a merge laying them out by token
     (tokenizer_source) makes one row of experts numbering a token otherwise (ChatML's tokens added in another
     order); where the model's epmq_merge.json says it did, nothing is said."""
@@ -847,9 +859,7 @@ def _warn_of_expert_numbering(model, found: dict) -> None:
         tokenizer = load_tokenizer(directory)
         return None if tokenizer is None else tokenizer.get_vocab()
 
-    home = getattr(model, "name_or_path", None)
-    home = Path(home) if isinstance(home, (str, os.PathLike)) and str(home) else None
-    home = home if home is not None and home.is_dir() else None  # (a hub id's tokenizer is not fetched for this)
+    home = _model_home(model)
     recipe = home / MERGE_RECIPE_FILE if home is not None else None
     if recipe is not None and recipe.is_file() and "tokenizer_source" in (read_json_file(recipe) or {}):
         return

@@ -2273,6 +2273,41 @@ def test_an_open_clip_model_in_memory_takes_its_own_checkpoint_config_of_any_tok
                              configs=[_open_clip_config({"model_cfg": saved})])
 
 
+def test_open_clip_experts_are_compared_with_the_tokenizer_files_where_the_models_name_or_path_points(gen, tmp_path):
+    """A model in memory keeps no tokenizer: open_clip experts tokenized by their directories' own files were
+    compared among themselves alone, so a lone expert of other files than the model's was walked in silence. A
+    model told where its files are (name_or_path, as from_pretrained sets it on a HF model) has each expert's
+    compared with them."""
+    import copy
+
+    from open_clip.model import CLIP
+
+    from test_merge_checkpoint import _word_tokenizer
+
+    model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 1, "width": 32, "head_width": 8, "patch_size": 8,
+                                                 "image_size": 16},
+                 "text_cfg": {"width": 32, "heads": 4, "layers": 1, "vocab_size": 64, "context_length": 8}}
+    clip = CLIP(**model_cfg).eval()
+    saved = {**model_cfg, "text_cfg": {**model_cfg["text_cfg"], "hf_tokenizer_name": "someone/tok"}}
+    expert = _open_clip_expert(tmp_path / "expert", clip.state_dict(), saved)
+    _word_tokenizer(expert["a"], ["<unk>", "dog", "cat"])
+    (tmp_path / "own").mkdir()
+    _word_tokenizer(tmp_path / "own", ["<unk>", "cat", "dog"])
+    batch = {"image": torch.randn(2, 3, 16, 16, generator=gen), "text": torch.randint(0, 64, (2, 8), generator=gen)}
+
+    def walk(home):
+        model = copy.deepcopy(clip)
+        model.name_or_path = str(home)
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=16), method="epmq", calibration={"a": [batch]},
+                            experts=expert, backend="torch", progress=False,
+                            layers=r"transformer\.resblocks\.0\.mlp\.c_fc")
+
+    with pytest.raises(ValueError, match=r"the expert of task 'a' \(\S*expert\) holds other tokenizer files than "
+                                         r"the model \(\S*own\) \(other contents of tokenizer\.json\)"):
+        walk(tmp_path / "own")
+    walk(expert["a"])
+
+
 @pytest.mark.parametrize("late", [KeyboardInterrupt, RuntimeError])
 def test_an_error_after_a_refusal_the_model_caught_is_raised_as_itself(late):
     """The guard of placeholders raises the refusal of a use in place of the TorchScript interpreter's
