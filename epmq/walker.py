@@ -843,10 +843,11 @@ def _check_expert_tokenizers(found: dict, home: Optional[Path] = None) -> None:
 def _warn_of_expert_numbering(model, found: dict) -> None:
     """HF experts (``found`` as ``_check_expert_tokenizers`` takes it) whose tokenizers put other tokens, each held
     by both, under one row (``vocabulary.rows_apart``) than the model's tokenizer (saved in ``_model_home``),
-    else than the first of them: a merge laying the rows out by position (no tokenizer_source) mixed rows of other tokens, in silence here. Warned of, as the merges
-    warn, not refused: merged_path and fp_path read no embeddings, and a merge laying them out by token
-    (tokenizer_source) makes one row of experts numbering a token otherwise (ChatML's tokens added in another
-    order); where the model's epmq_merge.json says it did, nothing is said."""
+    else than the first of them: a merge laying the rows out by position (no tokenizer_source) mixed rows of
+    other tokens, in silence here. Warned of, as the merges warn, not refused: merged_path and fp_path read no
+    embeddings, and a merge laying them out by token (tokenizer_source) makes one row of experts numbering a
+    token otherwise (ChatML's tokens added in another order); where the model's epmq_merge.json says it did,
+    nothing is said."""
     from ._util import read_json_file
     from .checkpoint import MERGE_RECIPE_FILE
     from .merge_checkpoint import HF_TOKENIZER_FILES, _reads_own_tokenizer, _tokenizer_home
