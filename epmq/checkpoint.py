@@ -36,6 +36,7 @@ removed by the next write to the same target.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import filecmp
 import functools
@@ -229,8 +230,9 @@ class _SavePretrained:
     ``save_quantized`` writes. transformers' own would write the packed tensors in epmq's layout
     with no ``quantization_config``, which ``from_pretrained`` reads as a plain model whose
     linears it leaves random-initialised. Bound to the model as an instance attribute by
-    ``bind_save_pretrained``; holds it by a weak reference (no reference cycle to keep a model's
-    memory alive), and is rebuilt around the copy when the model is deep-copied or pickled."""
+    ``bind_save_pretrained`` (or made for one save by ``_SavesHolders``); holds it by a weak
+    reference (no reference cycle to keep a model's memory alive), and is rebuilt around the copy
+    when the model is deep-copied or pickled."""
 
     def __init__(self, model: nn.Module):
         self._model = weakref.ref(model)
@@ -261,11 +263,7 @@ class _SavePretrained:
             refused.append("distributed_checkpoint=True")
         if kwargs.pop("safe_serialization", True) is False:
             refused.append("safe_serialization=False (the format is safetensors)")
-        # adapters loaded through transformers: it writes them alone, in PEFT's format, nothing of the
-        # quantized layers; no packed layer left (each replaced by an nn.Linear of its dequantize()): a
-        # float model, which save_quantized refuses. transformers' own save is the right one for both
-        if getattr(model, "_hf_peft_config_loaded", False) or not any(
-                isinstance(m, QuantLinear) for m in model.modules()):
+        if not _saves_quantized(model):
             return type(model).save_pretrained(
                 model, save_directory, is_main_process=is_main_process, state_dict=state_dict,
                 push_to_hub=push_to_hub, max_shard_size=max_shard_size, variant=variant, token=token,
@@ -317,14 +315,23 @@ class _ResizeTokenEmbeddings:
         return type(model).resize_token_embeddings(model, *args, **kwargs)
 
 
+def _saves_quantized(model: nn.Module) -> bool:
+    """Whether ``model.save_pretrained`` writes save_quantized's checkpoint: where it holds packed
+    layers, but not where transformers loaded adapters into it (its save writes them alone, in
+    PEFT's format, nothing of the quantized layers) nor where none is left (each replaced by an
+    nn.Linear of its dequantize(): a float model, which save_quantized refuses)."""
+    return not getattr(model, "_hf_peft_config_loaded", False) and any(
+        isinstance(m, QuantLinear) for m in model.modules())
+
+
 def bind_save_pretrained(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` write ``save_quantized``'s checkpoint, where ``model`` (or
     the model a ``torch.compile`` wrapper holds) is a transformers ``PreTrainedModel`` holding
     ``QuantLinear`` layers, and ``model.resize_token_embeddings`` refuse to resize a packed head
     before it resizes the embeddings. Other modules (open_clip's) are left as they are: they have no
     ``save_pretrained``. A transformers model holding the one quantized (``lm`` after
-    ``quantize_model(lm.model)``) is bound when its ``save_pretrained`` is first called, through
-    ``_bind_holders_on_save``; models holding no packed layer keep transformers' own.
+    ``quantize_model(lm.model)``), or one whose class's own save_pretrained calls super(), is saved
+    through ``_bind_holders_on_save``'s; models holding no packed layer keep transformers' own.
     (Under DataParallel too: ``model.module.save_pretrained`` is what its user calls.)"""
     model = wrapped_model(model)
     transformers = sys.modules.get("transformers")  # (not imported: no model of it exists)
@@ -333,14 +340,16 @@ def bind_save_pretrained(model: nn.Module) -> None:
     _bind_holders_on_save(transformers.PreTrainedModel)
     if not isinstance(model, transformers.PreTrainedModel):
         return
-    # (an instance attribute: found before the class's method, by the compiled wrapper's lookup too)
-    model.save_pretrained = _SavePretrained(model)
+    # (an instance attribute: found before the class's method, by the compiled wrapper's lookup too;
+    # but for a class's own that calls super(), which would be skipped: it is run, super() saving here)
+    if not getattr(inspect.getattr_static(type(model), "save_pretrained"), "runs_own", False):
+        model.save_pretrained = _SavePretrained(model)
     model.resize_token_embeddings = _ResizeTokenEmbeddings(model)
 
 
 def _bind_holders_on_save(pretrained_model: type) -> None:
-    """Have transformers' ``PreTrainedModel.save_pretrained`` bind (``bind_save_pretrained``) a
-    model holding ``QuantLinear`` layers that was never bound itself, then save through it. The
+    """Have transformers' ``PreTrainedModel.save_pretrained`` write save_quantized's checkpoint
+    (``_SavePretrained``) for a model holding ``QuantLinear`` layers that was not bound itself. The
     quantized module may be a part of the model saved (``quantize_model(lm.model)``, then
     ``lm.save_pretrained``), which shares its config but is not reachable from it: transformers'
     own save then wrote the packed tensors in epmq's layout with no ``quantization_config``, a
@@ -360,40 +369,51 @@ def _bind_holders_on_save(pretrained_model: type) -> None:
             cls.save_pretrained = _SavesHolders(own, overrides=cls is not pretrained_model)
 
 
+# the ids of the models saved through save_quantized within the class's own save_pretrained running
+# (``_SavesHolders``): those of its super().save_pretrained
+_SAVED_THROUGH_SUPER = contextvars.ContextVar("epmq_saved_through_super", default=None)
+
+
 class _SavesHolders:
-    """A model class's ``save_pretrained`` that binds a model holding ``QuantLinear`` layers
-    (``_bind_holders_on_save``) when called on it. A descriptor, not a function, so that read
+    """A model class's ``save_pretrained`` that saves a model holding ``QuantLinear`` layers through
+    ``_SavePretrained`` (``_bind_holders_on_save``). A descriptor, not a function, so that read
     from the class it is the class's own: a function cannot tell ``type(lm).save_pretrained(lm, d)``
     from ``lm.save_pretrained(d)``, and so bound ``lm`` on the first of two such calls, writing
     save_quantized's checkpoint, and was transformers' own on the second.
 
     ``overrides``: ``own`` is a subclass's, shadowing transformers'. One that can call
-    ``super()`` is run, so that what it adds (a tokenizer, a card, a generation config) is kept,
-    its ``super().save_pretrained`` binding the model; where it returns with the model not bound it
-    wrote the packed layers itself, which is said. One that cannot is not run: the model is bound
-    and saved through at once."""
+    ``super()`` (``runs_own``) is run, at every save, so that what it adds (a tokenizer, a card, a
+    generation config) is kept, its ``super().save_pretrained`` writing save_quantized's checkpoint;
+    one that returns without that wrote the packed layers itself, which is said. One that cannot is
+    not run: the model is saved through save_quantized at once."""
 
     def __init__(self, own, overrides: bool = False):
         self.own = own
-        runs_own = overrides and "super" in inspect.unwrap(own).__code__.co_names
+        self.runs_own = overrides and "super" in inspect.unwrap(own).__code__.co_names
 
         @functools.wraps(own)
         def save_pretrained(model, *args, **kwargs):
-            holds = "save_pretrained" not in vars(model) and any(isinstance(m, QuantLinear) for m in model.modules())
-            if holds and not runs_own:
-                bind_save_pretrained(model)
-                bound = vars(model).get("save_pretrained")
-                if bound is not None:
-                    return bound(*args, **kwargs)
-            saved = own(model, *args, **kwargs)
-            if runs_own and holds and "save_pretrained" not in vars(model):
-                raise RuntimeError(
-                    f"{own.__qualname__} returned without calling super().save_pretrained, which epmq "
-                    f"routes to save_quantized for a model holding packed layers: what it wrote holds them "
-                    f"with no quantization_config, which from_pretrained and serving engines read as an "
-                    f"unquantized model (its linears random). Save with epmq.save_quantized(model, directory), "
-                    f"or have it call super().save_pretrained")
-            return saved
+            if "save_pretrained" in vars(model) or not _saves_quantized(model):
+                return own(model, *args, **kwargs)
+            saved = _SAVED_THROUGH_SUPER.get()
+            if not self.runs_own:
+                if saved is not None:
+                    saved.add(id(model))
+                return _SavePretrained(model)(*args, **kwargs)
+            token = _SAVED_THROUGH_SUPER.set(set()) if saved is None else None  # (the outermost override's)
+            try:
+                result = own(model, *args, **kwargs)
+                if id(model) not in _SAVED_THROUGH_SUPER.get():
+                    raise RuntimeError(
+                        f"{own.__qualname__} returned without calling super().save_pretrained, which epmq "
+                        f"routes to save_quantized for a model holding packed layers: what it wrote holds them "
+                        f"with no quantization_config, which from_pretrained and serving engines read as an "
+                        f"unquantized model (its linears random). Save with epmq.save_quantized(model, "
+                        f"directory), or have it call super().save_pretrained")
+            finally:
+                if token is not None:
+                    _SAVED_THROUGH_SUPER.reset(token)
+            return result
 
         self._binding = save_pretrained
 

@@ -2080,11 +2080,13 @@ def test_save_pretrained_of_a_model_whose_packed_layers_were_all_replaced_is_tra
         assert torch.equal(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "fp")(ids).logits, lm(ids).logits)
 
 
-def test_save_pretrained_of_a_subclass_of_its_own_that_calls_super_keeps_what_it_adds(tmp_path):
-    """A model class whose own save_pretrained calls super().save_pretrained and adds a file:
-    after quantize_model(lm.model), lm.save_pretrained writes save_quantized's checkpoint through
-    the super() call and the file beside it. One that calls super() for something else, writing
-    the state dict itself, is named, and what it wrote said to be read as unquantized."""
+@pytest.mark.parametrize("holder", [True, False])
+def test_save_pretrained_of_a_subclass_of_its_own_that_calls_super_keeps_what_it_adds(holder, tmp_path):
+    """A model class whose own save_pretrained calls super().save_pretrained and adds a file: it
+    was skipped for a model quantized itself (bound to save_quantized), and for one holding the one
+    quantized ran on the first save only (which bound it). It is run at every save, its super() call
+    writing save_quantized's checkpoint. One that calls super() for something else, writing the
+    state dict itself, is named, and what it wrote said to be read as unquantized."""
     import transformers
 
     class Carded(transformers.LlamaForCausalLM):
@@ -2101,13 +2103,15 @@ def test_save_pretrained_of_a_subclass_of_its_own_that_calls_super_keeps_what_it
     for cls in (Carded, StateDictOnly):
         torch.manual_seed(1)
         lm = cls(config).eval()
-        epmq.quantize_model(lm.model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+        epmq.quantize_model(lm.model if holder else lm, epmq.QuantSpec(bits=4, group_size=16), method="rtn",
+                            progress=False)
         if cls is Carded:
-            lm.save_pretrained(tmp_path / "p")
-            assert (tmp_path / "p" / "README.md").read_text() == "card"
-            (tmp_path / "p" / "README.md").unlink()
             epmq.save_quantized(lm, tmp_path / "q")
-            assert_same_checkpoint(tmp_path / "q", tmp_path / "p")
+            for directory in (tmp_path / "p", tmp_path / "again"):
+                lm.save_pretrained(directory)
+                assert (directory / "README.md").read_text() == "card"
+                (directory / "README.md").unlink()
+                assert_same_checkpoint(tmp_path / "q", directory)
         else:
             with pytest.raises(RuntimeError, match=r"StateDictOnly\.save_pretrained.*super\(\)\.save_pretrained.*"
                                                    r"unquantized.*epmq\.save_quantized"):
