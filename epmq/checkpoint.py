@@ -238,7 +238,7 @@ class _SavePretrained:
         self._model = weakref.ref(model)
 
     def __reduce__(self):  # (the model is memoised by then: the copy's own is bound)
-        return type(self), (self._model(),)
+        return _bound_again, (type(self), self._model())
 
     def __call__(self, save_directory, is_main_process: bool = True, state_dict=None, push_to_hub: bool = False,
                  max_shard_size="50GB", variant=None, token=None, save_peft_format: bool = True,
@@ -290,7 +290,7 @@ class _ResizeTokenEmbeddings:
         self._model = weakref.ref(model)
 
     def __reduce__(self):
-        return type(self), (self._model(),)
+        return _bound_again, (type(self), self._model())
 
     def __call__(self, *args, **kwargs):
         model = self._model()
@@ -313,6 +313,15 @@ class _ResizeTokenEmbeddings:
                     f"cannot be resized to {n} tokens, and the embeddings were left as they are. Resize the "
                     f"float model before quantizing it, or replace the head with an nn.Linear of its dequantize()")
         return type(model).resize_token_embeddings(model, *args, **kwargs)
+
+
+def _bound_again(binding: type, model: nn.Module):
+    """``binding`` (``_SavePretrained``, ``_ResizeTokenEmbeddings``) of the copy of a model, unpickled
+    or deep-copied. In a process that quantized and loaded nothing, transformers' save_pretrained was
+    not routed (``_bind_holders_on_save``): a model holding the one unpickled (``lm`` after
+    ``quantize_model(lm.model)``) saved the packed tensors with no quantization_config."""
+    _bind_holders_on_save(sys.modules["transformers"].PreTrainedModel)  # (the model's class imported it)
+    return binding(model)
 
 
 def _saves_quantized(model: nn.Module) -> bool:

@@ -2118,6 +2118,26 @@ def test_save_pretrained_of_a_subclass_of_its_own_that_calls_super_keeps_what_it
                 lm.save_pretrained(tmp_path / "own")
 
 
+def test_a_model_holding_the_one_quantized_unpickled_where_nothing_was_quantized(tmp_path, monkeypatch):
+    """``torch.save(lm)`` after quantize_model(lm.model), loaded in a process that quantized nothing:
+    transformers' save_pretrained was not routed there (only a quantize or a load routed it), and
+    lm.save_pretrained wrote the packed tensors with no quantization_config. Unpickling the
+    quantized model routes it, and lm saves save_quantized's checkpoint."""
+    import pickle
+
+    import transformers
+
+    lm = _llama(1)
+    epmq.quantize_model(lm.model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+    pickled = pickle.dumps(lm)
+    # (the process that loads it: transformers' save_pretrained as it is before epmq routes it)
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", transformers.PreTrainedModel.save_pretrained)
+    loaded = pickle.loads(pickled)
+    loaded.save_pretrained(tmp_path / "p")
+    epmq.save_quantized(lm, tmp_path / "q")
+    assert_same_checkpoint(tmp_path / "q", tmp_path / "p")
+
+
 @pytest.mark.parametrize("kwargs", [{"state_dict": {}}, {"push_to_hub": True}, {"safe_serialization": False},
                                     {"variant": "fp16"}, {"save_original_format": False},
                                     {"distributed_checkpoint": True}, {"commit_message": "x"}])
