@@ -974,9 +974,11 @@ def test_the_write_of_a_checkpoint_shows_its_bytes_shard_by_shard_unless_told_no
     assert capsys.readouterr().err == ""
 
 
-def test_the_read_of_a_checkpoint_shows_its_bytes_shard_by_shard_unless_told_not_to(gen, tmp_path, capsys):
+def test_the_read_of_a_checkpoint_shows_its_bytes_shard_by_shard_unless_told_not_to(gen, tmp_path, capsys,
+                                                                                   monkeypatch):
     """load_quantized read tens of GB of shards (minutes) with no word: a bar of the bytes read,
-    advanced as each shard is read; silent with progress=False."""
+    advanced as each shard is read, named by the directory (given as ".", its own name);
+    silent with progress=False."""
     from tqdm import tqdm
 
     fam, model = quantized(gen)
@@ -991,6 +993,9 @@ def test_the_read_of_a_checkpoint_shows_its_bytes_shard_by_shard_unless_told_not
         assert "load q: 100%" in err and f"{size}/{size}" in err, err
         epmq.load_quantized(tmp_path / "q", model and fam.fresh(), progress=False)
         assert capsys.readouterr().err == ""
+    monkeypatch.chdir(tmp_path / "q")  # (".": the bar said "load " and nothing)
+    epmq.load_quantized(".")
+    assert "load q: 100%" in capsys.readouterr().err
 
 
 def test_a_damaged_index_or_shard_is_named(gen, tmp_path):
