@@ -1643,6 +1643,28 @@ def _meta_hint(model, error) -> str:
     return "" if name is None else f"; the model's {name} is on the meta device: it was never loaded"
 
 
+def _positional_hint(model, item) -> str:
+    """Which of the forward's parameters the elements of a positional ``item`` went to. A labelled
+    dataset's batches, ``(images, labels)`` as a torchvision ImageFolder's DataLoader yields them, gave
+    the labels as the second parameter (HF CLIP's vision tower's interpolate_pos_encoding), and the
+    model's own error ("Boolean value of Tensor with more than one value is ambiguous") said nothing of it."""
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        return ""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # (a forward of no signature: nothing to name)
+        return ""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p.name for p in params if p.kind in kinds]
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
+        return ""  # (*args: the forward takes them all, so the position says nothing)
+    went = (f"and {type(model).__name__}.forward takes {len(positional)} ({', '.join(positional)})"
+            if len(item) > len(positional) else
+            f"to {type(model).__name__}.forward's {', '.join(positional[:len(item)])}")
+    return (f"; its {len(item)} elements were given by position, {went}: a labelled dataset's batches, "
+            f"(inputs, labels)? give the model's inputs alone, or a dict of them")
+
+
 def _warn_unquantized_matrices(stacks, share: float = 0.05) -> None:
     """Warn when the blocks hold weight matrices outside any linear layer (fused 3-D MoE
     experts of a model the adapter does not rebuild, raw parameters) worth more than ``share``
@@ -4003,7 +4025,8 @@ class _Walk:
                                 # a misspelt input's name before any block: the model's own error,
                                 # named as the calibration's; a block's ValueErrors are epmq's own)
                                 raise ValueError(f"calibration[{task!r}] item {n}: the model cannot run it "
-                                                 f"({_error_said(e)}){_meta_hint(self.model, e)}") from e
+                                                 f"({_error_said(e)}){_meta_hint(self.model, e)}"
+                                                 f"{_positional_hint(self.model, item)}") from e
                             else:
                                 if e is not now["raised"]:  # (the model's own code between the blocks)
                                     where = (f"after block {stack.names[now['called'][0]]!r}" if now["called"]

@@ -277,6 +277,25 @@ def test_a_buffer_left_on_the_meta_device_is_named(gen):
         quantize(fam, model, method="gptq", experts=None)
 
 
+@pytest.mark.parametrize("arch", ["hf_clip_vision", "open_clip_vit"])
+def test_a_labelled_batch_given_by_position_is_named(gen, arch):
+    """A labelled dataset's batches, ``(images, labels)`` as a torchvision ImageFolder's DataLoader
+    yields them: the labels went to the forward's second parameter, and the walk said only the
+    model's error ("Boolean value of Tensor with more than one value is ambiguous" for HF CLIP's
+    vision tower, whose second is interpolate_pos_encoding; "takes 2 positional arguments but 3
+    were given" for open_clip's): which parameters the elements went to is named."""
+    fam = Family(arch, gen, n_samples=1)
+    model = fam.merged()
+    before = snapshot(model)
+    images = {t: item["pixel_values"] if isinstance(item, dict) else item for t, (item,) in fam.calibration.items()}
+    labelled = {t: [(x, torch.arange(x.shape[0]))] for t, x in images.items()}
+    went = r"interpolate_pos_encoding" if arch == "hf_clip_vision" else r"takes 1 \(x\)"
+    with pytest.raises(ValueError, match=r"item 0: the model cannot run it \(.*\); its 2 elements were given by "
+                                         rf"position, .*{went}.*\(inputs, labels\)"):
+        quantize(fam, model, method="gptq", experts=None, calibration=labelled)
+    assert_untouched(model, before)
+
+
 @pytest.mark.parametrize("targets", ["merged_path", "expert_path"])
 def test_an_expert_on_the_meta_device_is_named(gen, targets):
     """An expert module built on the meta device (``torch.device("meta")``, accelerate's
