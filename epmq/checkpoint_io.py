@@ -534,6 +534,12 @@ class CheckpointReader:
                              torch.load(str(file), map_location="cpu", mmap=zipfile.is_zipfile(file),
                                         weights_only=True))
                 except Exception as e:
+                    pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+                    if pickled is not None:  # (torch's own text asks for weights_only=False, which nothing here takes)
+                        raise self.error(f"{self.what}: {file} holds a pickled {pickled.group(1)}, not a state dict: "
+                                         f"epmq reads tensors alone, never running a pickle's code; load it where "
+                                         f"you trust it and save its weights, torch.save(model.state_dict(), "
+                                         f"path)") from e
                     raise self.error(f"{self.what}: cannot read {file}: {type(e).__name__}: {e}") from e
                 for wrapper in _WRAPPERS:
                     if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):

@@ -1526,6 +1526,29 @@ def test_checkpoint_forms_that_mislead_are_named(checkpoints, tmp_path, capsys):
                           progress=False)
 
 
+def test_a_model_pickled_whole_is_named(checkpoints, tmp_path, capsys):
+    """A model saved whole, ``torch.save(model)`` (the task-vectors CLIP experts are pickled
+    ImageEncoder modules): the refusal was torch's page on weights_only, telling the user to load the
+    file with weights_only=False, which no epmq command can; it names the pickled class and what to
+    save instead, from the API and the CLI alike."""
+    root, base, experts = checkpoints
+    whole = tiny_llama(0)
+    whole.load_state_dict(experts[0])
+    torch.save(whole, tmp_path / "whole.pt")
+    said = (r"whole\.pt holds a pickled transformers\.models\.llama\.modeling_llama\.LlamaForCausalLM, not a "
+            r"state dict: .*torch\.save\(model\.state_dict\(\), path\)")
+    with pytest.raises(ValueError, match=said):
+        merge_checkpoints("task_arithmetic", [tmp_path / "whole.pt"], tmp_path / "m", base=root / "base",
+                          progress=False)
+    recipe = tmp_path / "whole.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(root / "base"),
+                                      "models": [str(tmp_path / "whole.pt"), str(root / "e1")]}))
+    assert main(["merge", "--quiet", str(recipe), str(tmp_path / "m2")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(said, err) and "weights_only" not in err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m2").exists()
+
+
 def test_an_index_listing_a_tensor_in_another_shard_reads_it_from_the_shard_holding_it(checkpoints, tmp_path):
     """An index that lists a tensor in a shard without it, another shard holding it (a hub
     repository's index edited by hand, shards re-split): from_pretrained reads every shard's
