@@ -2590,13 +2590,13 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
     next to a code near its zero point costs more than the output's rounding (fp16 x = 6e4:
     0.06 absolute against 6e-4); fp32 activations take an exact path instead. The tensor-core
     paths use the scales in the activations' dtype, and all but ``mma`` may dequantize the
-    weight into it (``dqmm``, ``wgmma``, and ``splitk`` or ``gemm`` configs without SCALE_AFTER
-    whose K slices span groups; the autotuner may pick one at any M): for fp16 activations keep
-    the scales in float16's normal range (the checkpoint format's dtype) and every weight ``(q -
-    z) s`` within float16's range (65504), as an fp16 model's are. Beyond it such a weight is
-    +-inf there, and the outputs of its column inf, or NaN where its infinite weights meet
-    activations of both signs or a zero, where the reference is finite (the GEMV's and mma's
-    stay so); bf16 and fp32 activations have the room.
+    weight into it (``dqmm``, ``wgmma``, and ``splitk`` or ``gemm`` tiles that straddle groups
+    or, without SCALE_AFTER, K slices that span them; the autotuner may pick one at any M): for
+    fp16 activations keep the scales in float16's normal range (the checkpoint format's dtype)
+    and every weight ``(q - z) s`` within float16's range (65504), as an fp16 model's are.
+    Beyond it such a weight is +-inf there, and the outputs of its column inf, or NaN where its
+    infinite weights meet activations of both signs or a zero, where the reference is finite
+    (the GEMV's and mma's stay so); bf16 and fp32 activations have the room.
     Non-finite activations: a NaN gives NaN in every output, as in the reference. An inf at M = 1
     makes every output of the 16-bit GEMV without HALF2 NaN (the bias and zero-point terms it
     takes off after the sum are inf too: inf - inf), where the reference gives +-inf, NaN only
