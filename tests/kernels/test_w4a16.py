@@ -1181,8 +1181,9 @@ def test_out_may_be_the_input(gen, path, M):
 def test_out_may_share_memory_with_the_scales(gen):
     """``out`` a view of the scales (same dtype and columns): computed into a new tensor first, as
     for ``out`` sharing x's memory (dqmm dequantized its second chunk from scales its first
-    product had overwritten; on a GPU the other paths race the same way, which the interpreter,
-    one program at a time, cannot show)."""
+    product had overwritten; on a GPU the tiled paths could race the same way, a tile of some
+    rows reading scales that a finished tile of other rows had overwritten, which the
+    interpreter, one program at a time, cannot show)."""
     path, M = "dqmm", 5
     K, N, group_size = 128, 40, 4  # (G = 32 rows of scales: room for M rows of out)
     qweight, scales, zeros, _ = make_problem(gen, K, N, group_size)
