@@ -2391,11 +2391,11 @@ def test_the_check_of_blocks_reading_what_a_later_block_sets_holds_each_hidden_s
     depth, seen, left, alive = 4, [], [], []
     check = walker._check_read_before_changed
 
-    def counted(stack, task, called):
+    def counted(stack, task, n, called):
         held = {id(copy): copy for block, hidden, named, versions, first in called.values() for copy in (hidden, first)}
         seen.append(len(held))
         left[:] = [weakref.ref(copy) for copy in held.values()]
-        return check(stack, task, called)
+        return check(stack, task, n, called)
 
     def after():  # (the walk lets what fails past the blocks pass: counted, asserted below)
         if left:
