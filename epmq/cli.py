@@ -391,9 +391,8 @@ def quantize_options(config: dict):
 
 
 def _quantize(args) -> int:
-    import torch
-
     from .quantize_files import REPORT_FILE, quantize_checkpoint
+    from .walker import _out_of_memory
 
     config = _yaml_mapping(Path(args.config), QUANTIZE_KEYS, ("model", "method"), QUANTIZE_CONFIG)
     _check_paths(config, ("model", "lora_base"), args.config)
@@ -405,14 +404,15 @@ def _quantize(args) -> int:
         spec, options = quantize_options(config)
         out = quantize_checkpoint(config["model"], args.out, spec=spec, device=args.device,
                                   resume=not args.fresh, progress=not args.quiet, **options)
-    # (OSError: a disk that fills up, a directory not writable; OutOfMemoryError: a GPU a late block
-    # outgrew, a RuntimeError, which would end in a traceback saying nothing of the blocks kept)
-    except (ValueError, OSError, torch.OutOfMemoryError) as e:
-        message = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-        # (the walk's note of the block, calibration item and pass an error was raised in: said too)
-        message += "".join(f"\n{note}" for note in getattr(e, "__notes__", ()))
-        raise CLIError(message + _blocks_kept(args.out, message)) from e
-    except Exception as e:  # (another error keeps its traceback: the blocks kept said beneath it)
+    except Exception as e:
+        # (OSError: a disk that fills up, a directory not writable; out of memory: a GPU or the CPU a late
+        # block outgrew, a RuntimeError, which would end in a traceback saying nothing of the blocks kept)
+        if isinstance(e, (ValueError, OSError)) or _out_of_memory(e):
+            message = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            # (the walk's note of the block, calibration item and pass an error was raised in: said too)
+            message += "".join(f"\n{note}" for note in getattr(e, "__notes__", ()))
+            raise CLIError(message + _blocks_kept(args.out, message)) from e
+        # (another error keeps its traceback: the blocks kept said beneath it)
         kept = _blocks_kept(args.out, str(e))
         if kept:
             e.add_note(kept.lstrip("\n"))
