@@ -238,7 +238,7 @@ class _SavePretrained:
         self._model = weakref.ref(model)
 
     def __reduce__(self):  # (the model is memoised by then: the copy's own is bound)
-        return _bound_again, (type(self), self._model())
+        return type(self), (self._model(),)
 
     def __call__(self, save_directory, is_main_process: bool = True, state_dict=None, push_to_hub: bool = False,
                  max_shard_size="50GB", variant=None, token=None, save_peft_format: bool = True,
@@ -290,7 +290,7 @@ class _ResizeTokenEmbeddings:
         self._model = weakref.ref(model)
 
     def __reduce__(self):
-        return _bound_again, (type(self), self._model())
+        return type(self), (self._model(),)
 
     def __call__(self, *args, **kwargs):
         model = self._model()
@@ -313,15 +313,6 @@ class _ResizeTokenEmbeddings:
                     f"cannot be resized to {n} tokens, and the embeddings were left as they are. Resize the "
                     f"float model before quantizing it, or replace the head with an nn.Linear of its dequantize()")
         return type(model).resize_token_embeddings(model, *args, **kwargs)
-
-
-def _bound_again(binding: type, model: nn.Module):
-    """``binding`` (``_SavePretrained``, ``_ResizeTokenEmbeddings``) of the copy of a model, unpickled
-    or deep-copied. In a process that quantized and loaded nothing, transformers' save_pretrained was
-    not routed (``_bind_holders_on_save``): a model holding the one unpickled (``lm`` after
-    ``quantize_model(lm.model)``) saved the packed tensors with no quantization_config."""
-    _bind_holders_on_save(sys.modules["transformers"].PreTrainedModel)  # (the model's class imported it)
-    return binding(model)
 
 
 def _saves_quantized(model: nn.Module) -> bool:
@@ -354,6 +345,18 @@ def bind_save_pretrained(model: nn.Module) -> None:
     if not getattr(inspect.getattr_static(type(model), "save_pretrained"), "runs_own", False):
         model.save_pretrained = _SavePretrained(model)
     model.resize_token_embeddings = _ResizeTokenEmbeddings(model)
+
+
+def route_save_pretrained() -> None:
+    """Route transformers' save_pretrained (``_bind_holders_on_save``) where it is not yet: in a
+    process that quantized and loaded nothing, a model holding packed layers that was unpickled
+    (``torch.save(lm)`` after ``quantize_model(lm.model)`` or ``quantize_model(clip.encoder)``)
+    saved the packed tensors with no quantization_config. Called as a ``QuantLinear`` is unpickled,
+    when the classes of the model holding it are imported."""
+    transformers = sys.modules.get("transformers")  # (not imported: no model of it holds the layer)
+    if transformers is not None and not isinstance(
+            transformers.PreTrainedModel.__dict__.get("save_pretrained"), _SavesHolders):
+        _bind_holders_on_save(transformers.PreTrainedModel)
 
 
 def _bind_holders_on_save(pretrained_model: type) -> None:

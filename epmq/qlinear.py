@@ -550,6 +550,12 @@ class QuantLinear(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         return dict(state, _derived={})  # (what the forward derived is rebuilt, not pickled)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        from .checkpoint import route_save_pretrained  # (checkpoint imports this module)
+
+        route_save_pretrained()
+
     def _grid(self, dtype):
         """``(z, s, runs)``: zero points and scales ``[G, N]`` in ``dtype``, and whether
         ``g_idx`` is ``k // (K / G)`` (static groups, per channel): unpacked once, not per call."""

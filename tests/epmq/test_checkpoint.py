@@ -2123,23 +2123,31 @@ def test_save_pretrained_of_a_subclass_of_its_own_that_calls_super_keeps_what_it
                 lm.save_pretrained(tmp_path / "own")
 
 
-def test_a_model_holding_the_one_quantized_unpickled_where_nothing_was_quantized(tmp_path, monkeypatch):
-    """``torch.save(lm)`` after quantize_model(lm.model), loaded in a process that quantized nothing:
+@pytest.mark.parametrize("quantized", ["model", "encoder"])
+def test_a_model_holding_the_one_quantized_unpickled_where_nothing_was_quantized(quantized, tmp_path, monkeypatch):
+    """``torch.save(lm)`` after quantize_model(lm.model) (a transformers model) or
+    quantize_model(clip.encoder) (a torch module), loaded in a process that quantized nothing:
     transformers' save_pretrained was not routed there (only a quantize or a load routed it), and
-    lm.save_pretrained wrote the packed tensors with no quantization_config. Unpickling the
-    quantized model routes it, and lm saves save_quantized's checkpoint."""
+    save_pretrained wrote the packed tensors with no quantization_config. Unpickling a packed layer
+    routes it, and the model saves save_quantized's checkpoint."""
     import pickle
 
     import transformers
 
-    lm = _llama(1)
-    epmq.quantize_model(lm.model, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
-    pickled = pickle.dumps(lm)
+    if quantized == "model":
+        model = _llama(1)
+    else:
+        torch.manual_seed(1)
+        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+            patch_size=8)).eval()
+    epmq.quantize_model(getattr(model, quantized), epmq.QuantSpec(bits=4, group_size=16), method="rtn",
+                        progress=False)
+    pickled = pickle.dumps(model)
     # (the process that loads it: transformers' save_pretrained as it is before epmq routes it)
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", transformers.PreTrainedModel.save_pretrained)
-    loaded = pickle.loads(pickled)
-    loaded.save_pretrained(tmp_path / "p")
-    epmq.save_quantized(lm, tmp_path / "q")
+    pickle.loads(pickled).save_pretrained(tmp_path / "p")
+    epmq.save_quantized(model, tmp_path / "q")
     assert_same_checkpoint(tmp_path / "q", tmp_path / "p")
 
 
