@@ -467,24 +467,13 @@ def choose_scale(bench, plan: MergePlan, progress: bool = False):
 
 def _choose_scale(bench, plan: MergePlan, progress: bool = False):
     """``choose_scale``'s answer and the chosen merge's validation accuracies (``evaluate``'s)."""
-    from tqdm.auto import tqdm
-
     best, scores, state = None, {}, None
     # (a merge and a validation pass a scale, ten scales a merge in the paper configs: minutes
-    # at paper scale, said by nothing until the step's line; the merges' own bars are off)
-    with tqdm(total=len(plan.scales), desc=f"merge/{plan.label}", unit="merge", leave=False,
-              disable=not progress) as bar:
-
-        def merge_at(s, note=""):
-            if plan.method not in UNSCALED_MERGES:
-                bar.set_postfix_str(f"scale {_number(s)}{note}")
-            merged = merged_state(bench, plan, s)
-            bar.update()
-            return merged
-
+    # at paper scale, said by nothing until the step's line)
+    with _merges_bar(plan, len(plan.scales), progress) as bar:
         for i, s in enumerate(plan.scales):
             state = None  # (the last candidate's, dropped before the next is made)
-            state = merge_at(s)
+            state = _merged_shown(bench, plan, s, bar)
             val = bench.evaluate(state, split="val")
             scores[str(s)] = val["avg"]
             if best is None or _val(scores[str(s)]) > _val(best[0]):
@@ -492,8 +481,24 @@ def _choose_scale(bench, plan: MergePlan, progress: bool = False):
         if best[2] != len(plan.scales) - 1:
             state = None
             bar.total += 1
-            state = merge_at(best[1], " again (the best)")
+            state = _merged_shown(bench, plan, best[1], bar, " again (the best)")
     return best[1], state, scores, best[3]
+
+
+def _merges_bar(plan: MergePlan, total: int, progress: bool):
+    """A bar of ``total`` merges of ``plan`` (the merges' own bars, of their tensors, are off)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"merge/{plan.label}", unit="merge", leave=False, disable=not progress)
+
+
+def _merged_shown(bench, plan: MergePlan, scale, bar, note: str = ""):
+    """``merged_state``, counted on ``bar``, which names the scale being merged."""
+    if plan.method not in UNSCALED_MERGES:
+        bar.set_postfix_str(f"scale {_number(scale)}{note}")
+    state = merged_state(bench, plan, scale)
+    bar.update()
+    return state
 
 
 class Runner:
@@ -520,6 +525,7 @@ class Runner:
         self.store = Store(self.out, identity, resume, log)
         self._plots_gone = False
         self._serving_said = set()  # (the engine warnings of the run's checkpoints said so far)
+        self._chosen = None  # (the merged state its merge step chose, while the run takes it)
 
     def step(self, key: str, params: dict, fn: Callable[[], dict], *, redo: bool = False) -> dict:
         done = None if redo else self.store.get(key, params)
@@ -572,7 +578,10 @@ class Runner:
             if mp.method == "regmean":  # (its passes, a task each, shown as they run; a resumed merge's too)
                 expert_grams(bench, progress=self.progress)
             merged = self.step(f"merge/{mp.label}", _merge_params(mp), lambda mp=mp: self._choose_scale(mp))
-            state = merged_state(bench, mp, merged["scale"])
+            state, self._chosen = self._chosen, None
+            if state is None:  # (the step was done before: its chosen scale merged again, shown)
+                with _merges_bar(mp, 1, self.progress) as bar:
+                    state = _merged_shown(bench, mp, merged["scale"], bar)
             for bits in plan.bits:
                 for method, targets, label in self._rows():
                     self._quantize_rows(mp, merged["scale"], state, bits, method, targets, label)
@@ -606,7 +615,9 @@ class Runner:
     def _choose_scale(self, mp: MergePlan) -> dict:
         scale, state, scores, val = _choose_scale(self.bench, mp, self.progress)
         # (its validation accuracies are those it was chosen by: evaluated again, a whole pass a merge)
-        return dict(val=val, test=self.bench.evaluate(state, split="test"), scale=scale, val_by_scale=scores)
+        result = dict(val=val, test=self.bench.evaluate(state, split="test"), scale=scale, val_by_scale=scores)
+        self._chosen = state  # (what the run quantizes next: it was merged again, a whole merge)
+        return result
 
     def _cell_params(self, mp, scale, bits, method, targets, anchor) -> dict:
         # the merge this quantizes (its method and parameters: its label alone may stay the

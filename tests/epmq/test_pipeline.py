@@ -935,6 +935,30 @@ def test_the_merges_of_a_scale_sweep_show_their_progress(calls_list, tmp_path, q
         assert {c for c in closed if c[0] == "merge/TA"} == {("merge/TA", 4, 4)}, closed
 
 
+def test_the_merge_a_run_chose_is_quantized_as_made_not_merged_again(calls_list, tmp_path, quiet, capsys,
+                                                                    monkeypatch):
+    """After its merge step had chosen a scale (and merged it), the run merged that scale once
+    more for its quantizers, a whole merge of the model with nothing shown: the step's merge is
+    quantized. A resumed run, whose step was done before, merges it once, on the merges' bar."""
+    made, merge = [], pipeline.merged_state
+
+    def counted(bench, plan, scale):
+        if isinstance(bench, Bench):  # (not check_merges' tiny state)
+            made.append(scale)
+        return merge(bench, plan, scale)
+
+    monkeypatch.setattr(pipeline, "merged_state", counted)
+    sweep = plan(merges=[MergePlan("task_arithmetic", scales=[0.3, 0.5])], methods=["rtn"])
+    pipeline.run(Bench(), sweep, tmp_path, log=quiet, progress=False)
+    assert made == [0.3, 0.5, 0.3], made  # (the two candidates, then the best again: a tie, the first)
+    made.clear()
+    capsys.readouterr()
+    pipeline.run(Bench(), sweep, tmp_path, log=quiet)
+    assert made == [0.3], made
+    err = capsys.readouterr().err
+    assert "merge/TA" in err and "scale 0.3]" in err, err
+
+
 def test_the_chosen_scales_validation_is_evaluated_once(calls_list, tmp_path, quiet):
     """The merge step evaluated the chosen scale's merge on validation twice: once to choose it,
     then again with its test evaluation (one whole pass over the validation split per merge,
