@@ -11,7 +11,10 @@ memory holds a few tensors of each source and at most one shard of the result. T
 what ``save_pretrained`` writes: the same tensor names as the sources, ``model.safetensors`` or ``max_shard_size`` shards with
 ``model.safetensors.index.json``, and the non-weight files of the base (or first model)
 directory: ``config.json`` (its ``dtype`` updated), tokenizer and generation config. It loads
-with ``from_pretrained`` and is a ready input to ``epmq.quantize_model``. The models' tensors
+with ``from_pretrained`` and is a ready input to ``epmq.quantize_model``. An open_clip model's (its
+weights read beside its ``open_clip_config.json``) is written as open_clip's hub layout:
+``open_clip_model.safetensors`` and that config, without the transformers config.json of a LAION
+checkpoint's other copy. The models' tensors
 are found under the base's names (one prefix rewrite per model: ``CLIPVisionModel`` checkpoints
 of transformers 4 and 5 differ by ``vision_model.``; Qwen3-VL-MoE's fused experts, which
 transformers 4 saved transposed, are read in the layout of the checkpoint whose config the output
@@ -46,8 +49,8 @@ import torch
 
 from . import merge as merge_lib
 from ._util import check_json_file, loading_bars, read_json_file
-from .checkpoint import (MERGE_RECIPE_FILE, OPEN_CLIP_CONFIG_FILE, WEIGHT_SUFFIXES, ShardWriter, _bytes, _signature,
-                         atomic_directory, check_output, is_quantized)
+from .checkpoint import (MERGE_RECIPE_FILE, OPEN_CLIP_CONFIG_FILE, WEIGHT_SUFFIXES, WEIGHTS_FILE, ShardWriter, _bytes,
+                         _signature, atomic_directory, check_output, is_quantized)
 from .checkpoint_io import (DTYPES, Binding, CheckpointError, CheckpointReader, LazyStateDict, hub_reference,
                             json_files, key_renaming, loads_transposed, local_checkpoint, tie_order, weights_in)
 from .checks import all_finite, check_calibration_paths, check_outside_calibration, check_path, device_argument
@@ -481,8 +484,9 @@ def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
     """The non-weight files of a checkpoint directory (config, tokenizer, generation config);
     not its weights in any format, nor its model card, which describe another model. A weights
     file's directory counts if it holds a ``config.json``."""
+    open_clip = _reads_open_clip(source)
     if not source.is_dir():
-        if not (source.parent / "config.json").is_file():
+        if not (source.parent / "config.json").is_file() and not open_clip:
             warnings.warn(f"{source} is a weights file with no config.json beside it: the merge "
                           f"has no config, so from_pretrained cannot load it (add one)")
             return
@@ -493,7 +497,10 @@ def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
             continue
         if (entry.name.startswith(".") or not entry.is_file()
                 or entry.name.endswith(WEIGHT_SUFFIXES + OTHER_WEIGHT_SUFFIXES)
-                or entry.name in (RECIPE_FILE, "README.md")):
+                or entry.name in (RECIPE_FILE, "README.md")
+                # (transformers' config of a LAION checkpoint's other copy: from_pretrained built its CLIPModel
+                # from it and left every weight random, the merged tensors bearing open_clip's names)
+                or open_clip and entry.name == "config.json"):
             continue
         shutil.copy2(entry, target / entry.name)
     config = target / "config.json"
@@ -515,12 +522,26 @@ def _written_dtype(state, names) -> Optional[str]:
     return next((name for name, dtype in DTYPES.items() if {dtype} == dtypes), None)
 
 
+def _as_open_clip_weights(directory: Path) -> None:
+    """The merged weights in ``directory`` under open_clip's name for them, which its hub loader fetches
+    (``create_model("hf-hub:...")`` fetches no other file, and built the model random-initialised, a log line
+    aside); shards, which no open_clip loader reads, warned of."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME
+
+    if (directory / WEIGHTS_FILE).is_file():
+        (directory / WEIGHTS_FILE).rename(directory / HF_SAFE_WEIGHTS_NAME)
+    else:
+        warnings.warn(f"the merged open_clip model is written in shards (max_shard_size), which open_clip does not "
+                      f"load (it reads one weights file, {HF_SAFE_WEIGHTS_NAME}): give a max_shard_size above the "
+                      f"model's size to write it whole")
+
+
 def _check_companions(source: Path) -> None:
     """A ValueError naming a JSON file ``_copy_companions`` would carry that is empty or no JSON
     (an interrupted copy or download of a tokenizer.json): the merge wrote it into its output,
     whose tokenizer then did not load, after all its work."""
     if not source.is_dir():
-        if not (source.parent / "config.json").is_file():
+        if not (source.parent / "config.json").is_file() and not _reads_open_clip(source):
             return  # (no files are copied: warned as they are)
         source = source.parent
     for entry in sorted(source.glob("*.json")):
@@ -978,6 +999,18 @@ def _warn_averaged_matrices(model, grams) -> None:
                       f"they have no Gram matrix and are merged by their plain average")
 
 
+def _reads_open_clip(path: Path) -> bool:
+    """Whether the weights read of checkpoint ``path`` (a directory or a weights file) are open_clip's: an
+    open_clip_config.json beside them, and no config.json or an open_clip weights file read. (LAION's hub
+    checkpoints hold transformers' copy and open_clip's, each with its config: the one of the weights read, or
+    an open_clip file read by transformers' config was another architecture than its fine-tunes.)"""
+    home = path if path.is_dir() else path.parent
+    if not (home / OPEN_CLIP_CONFIG_FILE).is_file():
+        return False
+    weights = weights_in(path) if path.is_dir() else path
+    return not (home / "config.json").is_file() or (weights is not None and weights.name.startswith("open_clip_"))
+
+
 def _config(path: Path, base: Optional[Path] = None) -> dict:
     """A checkpoint's ``config.json`` ({} if none; open_clip's open_clip_config.json as
     ``_open_clip_config`` reads it, where there is no config.json or the weights read are open_clip's
@@ -989,13 +1022,8 @@ def _config(path: Path, base: Optional[Path] = None) -> dict:
         trained_on = _config(home) if home is not None and home.is_dir() else {}
         return trained_on if trained_on or base is None else _config(base)
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    open_clip = config.with_name(OPEN_CLIP_CONFIG_FILE)
-    # (LAION's hub checkpoints hold transformers' copy and open_clip's, each with its config: the one of the
-    # weights read, or an open_clip file read by transformers' config was another architecture than its fine-tunes)
-    weights = weights_in(path) if path.is_dir() else path
-    if open_clip.is_file() and (not config.is_file() or (weights is not None
-                                                         and weights.name.startswith("open_clip_"))):
-        return _open_clip_config(read_json_file(open_clip))
+    if _reads_open_clip(path):
+        return _open_clip_config(read_json_file(config.with_name(OPEN_CLIP_CONFIG_FILE)))
     if not config.is_file():
         return {}
     content = read_json_file(config)
@@ -2129,6 +2157,8 @@ def merge_checkpoints(method: str, models: Sequence[Source], out: Source, *,
                                      f"merge into float32 or bfloat16")
                 writer[name] = t
             writer.finish()
+            if _reads_open_clip(companions):
+                _as_open_clip_weights(tmp)
             # (without dtype, the tensors keep the base's, else the first model's: a config copied from another model
             # (files_from) said that one's, and from_pretrained loads by what it says; their own is left as it is)
             _copy_companions(companions, tmp, dtype if dtype is not None or reference_key == own_key

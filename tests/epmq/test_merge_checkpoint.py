@@ -2875,6 +2875,49 @@ def test_an_open_clip_weight_file_beside_a_transformers_config_is_compared_by_it
         merge_checkpoints("task_arithmetic", [save("quickgelu", quick_gelu=True)], tmp_path / "out2", **merge)
 
 
+def test_an_open_clip_merge_is_written_as_open_clip_loads_it(tmp_path):
+    """A merge of open_clip checkpoints was written as model.safetensors, a name open_clip's hub loader
+    never fetches (create_model("hf-hub:...") built the model random-initialised, a log line aside). Of a
+    LAION checkpoint's open_clip file, transformers' config.json of its other copy came along, and
+    from_pretrained built a CLIPModel from it, every weight random (the tensors bear open_clip's names);
+    of an open_clip file alone, its open_clip_config.json was left behind. Each is written in open_clip's
+    hub layout, which open_clip loads."""
+    import open_clip
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, "image_size": 16,
+                                                  "patch_size": 8},
+                 "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 32, "heads": 4, "layers": 2}}
+
+    def save(name):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
+                                                                           "preprocess_cfg": {}}))
+        state = {k: v.contiguous() for k, v in CLIP(**model_cfg).state_dict().items()}
+        save_file(state, str(tmp_path / name / "open_clip_model.safetensors"))
+        return tmp_path / name, state
+
+    (base, base_state), (a, a_state), (b, b_state) = save("base"), save("a"), save("b")
+    laion = tmp_path / "laion"
+    laion.mkdir()
+    for entry in base.iterdir():
+        (laion / entry.name).write_bytes(entry.read_bytes())
+    (laion / "config.json").write_text(json.dumps({"model_type": "clip"}))  # (its transformers copy's)
+    want = merge.task_arithmetic(base_state, [a_state, b_state], scale=0.5, progress=False)
+    for name, source in (("dir", base), ("file", base / "open_clip_model.safetensors"),
+                         ("laion", laion / "open_clip_model.safetensors")):
+        out = merge_checkpoints("task_arithmetic", [a, b], tmp_path / f"out_{name}", base=source,
+                                params={"scale": 0.5}, progress=False)
+        assert {p.name for p in out.iterdir() if p.suffix in (".json", ".safetensors") and p.name[0] != "."} == {
+            open_clip.constants.HF_SAFE_WEIGHTS_NAME, "open_clip_config.json", RECIPE_FILE}, name
+        loaded = open_clip.create_model(f"local-dir:{out}").state_dict()
+        assert all(torch.equal(loaded[k], want[k]) for k in want), name
+    with pytest.warns(UserWarning, match=r"written in shards \(max_shard_size\), which open_clip does not load"):
+        merge_checkpoints("task_arithmetic", [a, b], tmp_path / "shards", base=base, params={"scale": 0.5},
+                          max_shard_size="10KB", progress=False)
+
+
 def test_timm_checkpoints_whose_configs_build_another_model_are_refused(tmp_path):
     """timm's hub checkpoints (save_for_hf: config.json giving its architecture and model_args, no
     model_type) were compared on nothing: a fine-tune pooling its tokens' mean (global_pool avg)
