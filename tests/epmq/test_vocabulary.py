@@ -375,6 +375,25 @@ def test_experts_numbering_tokens_otherwise_than_the_models_own_tokenizer_are_wa
     assert len(_numbering_warnings(model, experts)) == 1
 
 
+def test_an_expert_tokenizer_that_does_not_load_is_warned_of_on_the_default_targets(models, tmp_path):
+    """The numbering check of the default targets (which read no embedding rows) loaded each HF expert's
+    tokenizer and let a corrupt tokenizer.json (an interrupted copy) end the walk, which went on before the check:
+    it is warned of, naming the file, and the walk goes on; the other experts are still compared."""
+    from epmq import QuantSpec, quantize_model
+
+    cut = expert(tmp_path, "cut", seed=6)
+    (cut / "tokenizer.json").write_text((cut / "tokenizer.json").read_text()[:40])
+    experts = {"a": cut, "b": _swapped(tmp_path)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_model(transformers.AutoModelForCausalLM.from_pretrained(models["base"]),
+                       QuantSpec(bits=4, group_size=8), method="epmq", experts={t: str(p) for t, p in experts.items()},
+                       calibration={t: [torch.tensor([[1, 2, 3, 4]])] for t in experts}, progress=False)
+    said = [str(w.message) for w in caught]
+    assert any(str(cut / "tokenizer.json") in m and "not compared" in m for m in said), said
+    assert sum("numbers 2 tokens otherwise than the model" in m for m in said) == 1, said
+
+
 def test_expert_path_reads_each_experts_rows_by_token(models):
     """Where an expert numbers the tokens otherwise, its row map puts its own row under each of
     the merged model's tokens it has and leaves the merged model's row for the others."""
