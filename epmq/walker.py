@@ -162,10 +162,10 @@ LAZY_EXPERT_BLOCKS = True
 # is not kept, nor any after it: they are run again for each group. Results do not depend on it.
 EXPERT_TARGET_INPUTS_KEPT_BYTES = 1 << 30
 # Bytes of hidden states AUTO's check of blocks handed a shared object (``_check_read_before_changed``) keeps
-# on the device the model runs on, per item checked (each task's first of each shape), until its last block
-# ran: the input and output of each block handed one (Gemma 4's every layer, its keys and values shared: 62
-# layers of 2048 tokens 5376 wide in bf16 held 2.7 GB there for the check alone). Past it they are held on
-# the CPU (pinned for a GPU), each moved back for its block's call again. Results do not depend on it.
+# on the device the model runs on, per item checked (each task's first, and each longer than those before it),
+# until its last block ran: the input and output of each block handed one (Gemma 4's every layer, its keys and
+# values shared: 62 layers of 2048 tokens 5376 wide in bf16 held 2.7 GB there for the check alone). Past it they
+# are held on the CPU (pinned for a GPU), each moved back for its block's call again. Results do not depend on it.
 READ_CHECK_KEPT_BYTES = 256 << 20
 
 
@@ -3865,11 +3865,15 @@ class _Walk:
                 if j == 0:  # (a copy: the model may write it in place before the pass stops)
                     now["hidden"] = hidden.clone() if isinstance(hidden, torch.Tensor) else hidden
                     # (the checks of what a block's call or a later block changes in its arguments: on each
-                    # task's first item of each shape, as a block may read them on another length alone, past
-                    # a sliding window's width; on every item they call once more every block so handed)
-                    shape = now["task"], getattr(hidden, "shape", None)
-                    now["probing"] = stream is self.q and shape not in now["probed"]
-                    now["probed"].add(shape)
+                    # task's first item and each one longer, along any dimension, than all those checked
+                    # before it, as a block may read them on a longer item alone, past a sliding window's
+                    # width; each check calls every block so handed once more, so not on every item of
+                    # distinct lengths: of n items in random order, about ln n are checked, the longest too)
+                    shape, longest = tuple(getattr(hidden, "shape", ())), now["probed"].get(now["task"])
+                    now["probing"] = stream is self.q and (
+                        longest is None or any(size > most for size, most in zip(shape, longest)))
+                    if now["probing"]:
+                        now["probed"][now["task"]] = shape if longest is None else tuple(map(max, shape, longest))
                 else:
                     if not _chained(hidden, now["passed"]):
                         stack.replay = True
@@ -3926,7 +3930,7 @@ class _Walk:
         while True:
             for key in ("again", "repeats", "looping"):
                 now.pop(key, None)
-            now["probed"] = set()  # (task, input shape) of the items the checks ran on
+            now["probed"] = {}  # task -> the largest size along each dimension of the items checked
             try:
                 self._probe(s, stream, now, recorder)
                 if stack.replay and stack.prefix not in self.report.replayed:

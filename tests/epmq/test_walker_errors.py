@@ -2315,6 +2315,25 @@ def test_a_block_reading_what_a_later_block_sets_on_an_object_is_walked_as_the_m
     assert_same_statistics(seen, hand)
 
 
+def test_the_checks_of_a_handed_object_run_on_each_item_longer_than_those_checked_before(gen, monkeypatch):
+    """AUTO's check of what a later block changes ran on each task's first item of each shape: every item of
+    calibration of distinct lengths, each calling every block so handed once more. It runs on the first item
+    and each one longer than all checked before it (the longest among them), here items 0, 2 and 5 of 6."""
+    from epmq import walker
+
+    checked, check = [], walker._check_read_before_changed
+
+    def counted(stack, task, n, called):
+        checked.append((task, n))
+        return check(stack, task, n, called)
+
+    monkeypatch.setattr(walker, "_check_read_before_changed", counted)
+    items = [torch.randn(rows, 16, generator=gen) for rows in (6, 4, 8, 5, 8, 9)]
+    epmq.quantize_model(LateFlaggingNet(reads=False), SPEC, method="gptq", calibration={"a": items, "b": items[1:2]},
+                        backend="torch", progress=False, adapter=epmq.adapters.AUTO)
+    assert checked == [("a", 0), ("a", 2), ("a", 5), ("b", 0)]
+
+
 class LongFlagged(LateFlagged):
     """LateFlagged reading ``ctx`` only on an input longer than 4 tokens (another path on another length, as a
     sliding window past its width)."""
