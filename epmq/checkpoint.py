@@ -1967,7 +1967,7 @@ def _modules_from_tensors(tensors: dict, qconfig: dict) -> dict:
 def _aligned(tensors: dict) -> dict:
     """``tensors`` with each CPU tensor whose data does not start on a 64-byte boundary copied to one
     that does. safetensors hands CPU tensors at the file's own alignment (4 bytes, 2 for float16);
-    a model built on meta takes them as its weights, where CPU BLAS sums in another order than for
+    a model built on meta takes them as its weights (assign), where CPU BLAS sums in another order than for
     the same weight allocated by torch: a full-precision layer of the loaded model differed from the
     saved one in the last bit (7e-9 in LongCat-Flash's unquantized experts), and ran slower."""
     for key, t in tensors.items():
@@ -1994,7 +1994,7 @@ def _load_tensors(directory: Path, qconfig: dict, device="cpu", progress: bool =
                 if not (isinstance(tensors, dict) and all(isinstance(t, torch.Tensor) for t in tensors.values())):
                     raise ValueError("not a state dict (tensor name -> tensor)")
                 return tensors
-            return _aligned(load_file(str(file), device=device))
+            return load_file(str(file), device=device)
         except FileNotFoundError:
             raise
         except Exception as e:  # (SafetensorError: a truncated or foreign file; the reader names none)
@@ -2185,6 +2185,8 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     empty = any(p.is_meta for p in model.parameters())
     device = torch.device("cpu" if device is None else device)
     tensors = _load_tensors(directory, qconfig, device if empty else "cpu", progress, title)
+    if empty:  # (a model given copies them into its own parameters)
+        _aligned(tensors)
     ours = qconfig.get("epmq")
     listed = ours["modules"] if ours else _modules_from_tensors(tensors, qconfig)
     tied = ours.get("tied", {}) if ours else {}
