@@ -892,10 +892,11 @@ def _check_tasks(calibration, experts):
         raise TypeError("experts must be a mapping task name -> expert (module, state dict or path)")
     no_expert = [t for t in calibration if t not in experts]
     no_data = [t for t in experts if t not in calibration]
-    if no_expert:
-        raise ValueError(f"tasks {no_expert} have calibration data but no expert")
-    if no_data:
-        raise ValueError(f"tasks {no_data} have an expert but no calibration data")
+    # (both at once: a task's name spelled two ways, which one side alone does not show)
+    said = ([f"tasks {no_expert} have calibration data but no expert"] * bool(no_expert)
+            + [f"tasks {no_data} have an expert but no calibration data"] * bool(no_data))
+    if said:
+        raise ValueError("; ".join(said))
 
 
 def _refuse_adapter_layers(stacks) -> None:

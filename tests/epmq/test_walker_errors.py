@@ -97,6 +97,11 @@ def test_tasks_must_match_between_calibration_and_experts(gen):
     calibration = {t: c for t, c in fam.calibration.items() if t != "svhn"}
     with pytest.raises(ValueError, match=r"\['svhn'\] have an expert but no calibration data"):
         quantize(fam, fam.merged(), calibration=calibration)
+    # (a task named otherwise on each side: both names said)
+    renamed = {("svhm" if t == "svhn" else t): e for t, e in fam.experts.items()}
+    with pytest.raises(ValueError, match=r"\['svhn'\] have calibration data but no expert; "
+                                         r"tasks \['svhm'\] have an expert but no calibration data"):
+        quantize(fam, fam.merged(), experts=renamed)
 
 
 def test_method_arguments(gen):
