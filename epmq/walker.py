@@ -177,10 +177,10 @@ class QuantReport:
     """What ``quantize_model`` did, one dict per quantized linear in ``layers``:
 
     name, block, method, targets, shape ``[out, in]``, bits, group_size, loss (the solver's
-    ``tr((Q - W*) H (Q - W*)^T)``), expert_loss / anchor_loss / weight_anchor_loss (E-PMQ's
-    three terms; None for RTN and for GPTQ on the merged path; GPTQ with fp-path targets
-    reports its objective, ``sum_k ||Q X_k - W_m X~_k||^2``, as expert_loss, its anchor
-    terms 0), damp, damp_retries, dead_columns, seconds (solver),
+    ``tr((Q - W*) H (Q - W*)^T)``; RTN's, which has no H, ``||Q - W||_F^2``), expert_loss /
+    anchor_loss / weight_anchor_loss (E-PMQ's three terms; None for RTN and for GPTQ on the
+    merged path; GPTQ with fp-path targets reports its objective, ``sum_k ||Q X_k - W_m X~_k||^2``,
+    as expert_loss, its anchor terms 0), damp, damp_retries, dead_columns, seconds (solver),
     n_tokens (calibration tokens seen); solved_on, only for a layer the GPU had no memory for
     ("cpu (out of GPU memory)"); hessian_of, only for a linear that read the same tensor as an
     earlier one: that linear's name (their Hessian was accumulated and factored once, for it).
