@@ -2075,6 +2075,20 @@ def _empty_open_clip_model(directory: Path) -> nn.Module:
     return model.eval()
 
 
+def _check_given_config(model: nn.Module, directory: Path) -> None:
+    """Refuse a transformers model given to ``load_quantized`` whose config reads the checkpoint's
+    weights as other computations than its config.json says (another activation, head count,
+    softcapping, ...), and warn where it runs them a little otherwise (another norm epsilon, RoPE,
+    sliding window): the tensors fit either way, so the outputs would be silently another model's."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "to_dict") or not (directory / HF_CONFIG_FILE).is_file():
+        return
+    from .merge_checkpoint import _check_reading  # (it imports this module)
+
+    _check_reading(config.to_dict(), read_json(directory / HF_CONFIG_FILE), "the model given", "checkpoint",
+                   "pass a model of the checkpoint's {} (or model=None, built from its config.json)", experts=True)
+
+
 def _empty_hf_model(directory: Path) -> nn.Module:
     """The transformers model that ``directory/config.json`` names, its parameters on meta."""
     if not (directory / HF_CONFIG_FILE).is_file():
@@ -2148,7 +2162,9 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     AutoGPTQ, transformers' GPTQ integration: v1 or v2, any bit width ``QuantLinear`` holds)
     load too: every ``qweight`` in them is a layer.
 
-    ``model``: a fresh instance of the checkpoint's architecture, whose tensors are overwritten.
+    ``model``: a fresh instance of the checkpoint's architecture, whose tensors are overwritten
+    (a transformers model whose config computes otherwise than the checkpoint's config.json is
+    refused, or warned of where it runs the weights a little otherwise: ``_check_given_config``).
     ``adapter``: the ``epmq.Adapter`` (or list of them) the model was quantized with, if it is not
     registered (default: the registered ones whose blocks hold the checkpoint's layers).
     ``None`` (transformers models, and open_clip ones with an ``open_clip_config.json``): the
@@ -2182,6 +2198,8 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
         raise ValueError("device= is for a model built from the checkpoint (model=None); move a "
                          "model of your own with .to()")
     given, model = model, wrapped_model(model)  # (into a torch.compile'd or DataParallel model's own)
+    if given is not None:
+        _check_given_config(model, directory)
     empty = any(p.is_meta for p in model.parameters())
     device = torch.device("cpu" if device is None else device)
     tensors = _load_tensors(directory, qconfig, device if empty else "cpu", progress, title)

@@ -118,7 +118,8 @@ def test_v1_cannot_store_a_zero_point_of_zero(gen, tmp_path):
 def test_load_rejects_another_architecture(gen, tmp_path):
     fam, model = quantized(gen)
     epmq.save_quantized(model, tmp_path / "q")
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj"):
+    # (its config's head_dim first: the tensors it names would not fit either)
+    with pytest.raises(ValueError, match=r"the model given reads its weights as \{'head_dim': 12\}"):
         epmq.load_quantized(tmp_path / "q", _wider_llama())
     with pytest.raises(FileNotFoundError, match="quantize_config.json"):
         epmq.load_quantized(tmp_path, fam.fresh())
@@ -184,6 +185,27 @@ def test_hooks_on_the_layers_load_quantized_replaces_are_kept(gen, tmp_path):
     assert not o_proj._forward_hooks and not fresh.model.layers[0].mlp.up_proj._forward_pre_hooks
     assert not torch.equal(hooked, output(fresh, fam.test_item))
 
+
+
+def test_a_model_given_to_load_quantized_of_another_config_is_refused_or_warned(gen, tmp_path):
+    """A fresh model given to load_quantized whose config computes otherwise than the checkpoint's
+    config.json (another activation; another norm epsilon) took its tensors, whose shapes fit, and
+    served another model's outputs without a word: the first is refused, the second warned of."""
+    import transformers
+
+    fam, model = quantized(gen)
+    epmq.save_quantized(model, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    other = {**config, "hidden_act": "gelu" if config["hidden_act"] != "gelu" else "silu"}
+    fresh = type(model)(transformers.LlamaConfig(**other))
+    with pytest.raises(ValueError, match=r"the model given reads its weights as \{'hidden_act'.*the checkpoint "
+                                         r"as \{'hidden_act'"):
+        epmq.load_quantized(tmp_path / "q", fresh, progress=False)
+    fresh = type(model)(transformers.LlamaConfig(**{**config, "rms_norm_eps": 0.5}))
+    with pytest.warns(UserWarning, match=r"the model given runs its weights with \{'rms_norm_eps': 0\.5\}"):
+        epmq.load_quantized(tmp_path / "q", fresh, progress=False)
+    assert torch.equal(output(epmq.load_quantized(tmp_path / "q", fam.fresh(), progress=False), fam.test_item),
+                       output(model, fam.test_item))
 
 def _wider_llama():
     import transformers
