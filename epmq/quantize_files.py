@@ -493,7 +493,9 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                                                     seq_len=seq_len, batch_size=batch_size, seed=seed, tower=tower,
                                                     walked=method != "rtn", out=out)
             with loading_bars(progress):
-                net = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto")
+                net, loading = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto",
+                                                   output_loading_info=True)
+            _check_none_missing(model, net, loading)
             net.eval()
             # (a feature extractor's float32 clips met a bf16 model's convolutions: 'expected scalar type
             # Float but found BFloat16', every item refused; transformers' pipelines give them in its dtype)
@@ -545,6 +547,18 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     if resume_dir is not None and os.name == "nt":
         remove(resume_dir)
     return saved
+
+
+def _check_none_missing(model, net, loading: Mapping) -> None:
+    """Refuse a checkpoint that lacks tensors of the model it builds: from_pretrained initialises them at
+    random, says so only in its load report (under a vision tower's, beside the other tower's keys it does not
+    load), and the walk quantized the noise into a checkpoint."""
+    missing = sorted(loading.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more (e.g. {', '.join(missing[1:3])})" if len(missing) > 1 else ""
+        raise ValueError(f"{model} holds no {missing[0]!r} of {type(net).__name__}{more}: from_pretrained would "
+                         f"leave it random-initialised; give the checkpoint of the whole model (its weights under the "
+                         f"names its config.json's class loads)")
 
 
 def _check_decoder_start(net, batches: Mapping[str, list], directory: Path) -> None:

@@ -1324,6 +1324,35 @@ def test_two_tower_models_and_their_vision_tower(tmp_path):
     assert type(loaded).__name__ == "CLIPVisionModel"
 
 
+def test_a_checkpoint_lacking_a_weight_of_its_model_is_refused(tmp_path):
+    """A checkpoint without one of the model's tensors (a file edited by hand; a merge of open_clip's
+    LAION file written under transformers' config, every tensor under open_clip's names): from_pretrained
+    initialised it at random, said only in transformers' load report (beside the text tower's keys a
+    vision tower does not load), and the walk quantized the noise into a checkpoint. Refused naming it."""
+    from safetensors.torch import load_file, save_file
+
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, image_size=16, patch_size=8), projection_dim=16))
+    clip.save_pretrained(tmp_path / "clip")
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+                                    ).save_pretrained(tmp_path / "clip")
+    tensors = load_file(tmp_path / "clip" / "model.safetensors")
+    del tensors["vision_model.encoder.layers.0.mlp.fc1.weight"]
+    save_file(tensors, tmp_path / "clip" / "model.safetensors", metadata={"format": "pt"})
+    _write_images(tmp_path / "images", 2, seed=3)
+    for method in ("rtn", "gptq"):
+        with pytest.raises(ValueError, match=r"clip holds no 'encoder\.layers\.0\.mlp\.fc1\.weight' of "
+                                             r"CLIPVisionModel: from_pretrained would leave it random"):
+            epmq.quantize_checkpoint(tmp_path / "clip", tmp_path / "out", spec=epmq.QuantSpec(bits=4, group_size=-1),
+                                     method=method, tower="vision", progress=False,
+                                     **({} if method == "rtn" else
+                                        dict(calibration={"a": tmp_path / "images"}, samples=2, batch_size=2)))
+        assert not (tmp_path / "out").exists()
+
+
 def test_siglip2_vision_tower_gets_its_patches_mask_and_grid(tmp_path):
     """SigLIP 2's (NaFlex) processor gives each image's patches with their mask and grid, which
     its vision tower's forward requires: the calibration batches keep them (pixel_values alone
