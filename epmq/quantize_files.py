@@ -36,6 +36,7 @@ import functools
 import inspect
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Union
@@ -493,8 +494,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                                                     seq_len=seq_len, batch_size=batch_size, seed=seed, tower=tower,
                                                     walked=method != "rtn", out=out)
             with loading_bars(progress):
-                net, loading = cls.from_pretrained(directory, dtype=DTYPES[dtype] if dtype else "auto",
-                                                   output_loading_info=True)
+                net, loading = _load_unreporting(cls, directory, _two_tower_keys(directory) if tower == "vision"
+                                                 else (), dtype=DTYPES[dtype] if dtype else "auto")
             _check_none_missing(model, net, loading)
             net.eval()
             # (a feature extractor's float32 clips met a bf16 model's convolutions: 'expected scalar type
@@ -547,6 +548,44 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
     if resume_dir is not None and os.name == "nt":
         remove(resume_dir)
     return saved
+
+
+def _two_tower_keys(directory: Path) -> list:
+    """The tensor names of the two-tower model (CLIPModel, SiglipModel) whose checkpoint ``directory`` is, as its
+    class built on the meta device from config.json has them. Empty where it cannot be built so."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory)
+        with torch.device("meta"):
+            return list(getattr(transformers, config.architectures[0])._from_config(config).state_dict())
+    except Exception:  # (best effort: without them transformers' report stays as it is)
+        return []
+
+
+def _load_unreporting(cls, directory: Path, keys, **kwargs):
+    """``cls.from_pretrained(directory, output_loading_info=True, **kwargs)``, whose load report says nothing of
+    the unexpected checkpoint tensors named ``keys``: a two-tower checkpoint's text tower, projections and logit
+    scale, which its vision tower leaves out on purpose (~23 UNEXPECTED rows, 'not ok if you expect identical
+    arch', even under --quiet). Its other rows (tensors missing, unexpected ones inside the tower) stay."""
+    if not keys:
+        return cls.from_pretrained(directory, output_loading_info=True, **kwargs)
+    attribute = "_keys_to_ignore_on_load_unexpected"
+    # (exact names: transformers searches its patterns unanchored, and names a stray tensor inside the tower
+    # by its name in the tower, which no two-tower name is)
+    ours = {f"^{re.escape(key)}$" for key in keys}
+    own, was = attribute in vars(cls), vars(cls).get(attribute)
+    setattr(cls, attribute, set(getattr(cls, attribute, None) or ()) | ours)
+    try:
+        net, loading = cls.from_pretrained(directory, output_loading_info=True, **kwargs)
+    finally:
+        if own:
+            setattr(cls, attribute, was)
+        else:
+            delattr(cls, attribute)
+    if attribute in vars(net):  # (transformers 5's post_init copies them, and the walk reads an expert's keys by them)
+        setattr(net, attribute, set(vars(net)[attribute]) - ours)
+    return net, loading
 
 
 def _check_none_missing(model, net, loading: Mapping) -> None:

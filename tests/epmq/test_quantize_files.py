@@ -2,6 +2,7 @@
 epmq.quantize_checkpoint and ``epmq quantize`` (after ``epmq merge``)."""
 
 import json
+import logging
 import os
 import random
 import re
@@ -1351,6 +1352,71 @@ def test_a_checkpoint_lacking_a_weight_of_its_model_is_refused(tmp_path):
                                      **({} if method == "rtn" else
                                         dict(calibration={"a": tmp_path / "images"}, samples=2, batch_size=2)))
         assert not (tmp_path / "out").exists()
+
+
+class _Reported(logging.Handler):
+    """The messages transformers logs while installed (its handler writes to the stderr of its import,
+    which pytest's capture fixtures do not see)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()))
+
+    def __enter__(self):
+        logging.getLogger("transformers").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("transformers").removeHandler(self)
+
+
+def test_a_vision_tower_load_reports_no_tensor_of_the_other_tower(tmp_path):
+    """tower: vision loads the vision tower's class from the two-tower checkpoint, and transformers' load report
+    listed every tensor it leaves out on purpose (the text tower's, both projections, the logit scale) as
+    UNEXPECTED, 'not ok if you expect identical arch', even under --quiet. They are not reported; a tensor
+    missing, or one inside the tower the model has no place for, still is (and the former refused)."""
+    from safetensors.torch import load_file, save_file
+
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, image_size=16, patch_size=8), projection_dim=16))
+    clip.save_pretrained(tmp_path / "clip")
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+                                    ).save_pretrained(tmp_path / "clip")
+
+    def quantize():
+        return epmq.quantize_checkpoint(tmp_path / "clip", tmp_path / "out", spec=epmq.QuantSpec(bits=4, group_size=-1),
+                                        method="rtn", tower="vision", progress=False)
+
+    with _Reported() as reported:
+        quantize()
+    assert not any("LOAD REPORT" in m for m in reported.messages), reported.messages
+    # (the class's own patterns are left as they were: a load of its own reports the text tower as before)
+    assert "_keys_to_ignore_on_load_unexpected" not in vars(transformers.CLIPVisionModel)
+    with _Reported() as reported:
+        transformers.CLIPVisionModel.from_pretrained(tmp_path / "clip")
+    assert "text_model.final_layer_norm.weight" in "".join(reported.messages)
+
+    tensors = load_file(tmp_path / "clip" / "model.safetensors")
+    del tensors["vision_model.encoder.layers.0.mlp.fc1.weight"]
+    tensors["vision_model.encoder.layers.1.mlp.fc1.weight"] = torch.zeros(64, 32)  # (a layer the config has not)
+    save_file(tensors, tmp_path / "clip" / "model.safetensors", metadata={"format": "pt"})
+    shutil.rmtree(tmp_path / "out")
+    with _Reported() as reported, pytest.raises(
+            ValueError, match=r"clip holds no 'encoder\.layers\.0\.mlp\.fc1\.weight' of CLIPVisionModel"):
+        quantize()
+    # (transformers 5 names a tensor of the tower by its name in the tower; 4 by the checkpoint's)
+    rows = {(key.strip().removeprefix("vision_model."), status.strip())
+            for key, status, *_ in (line.split("|") for m in reported.messages for line in m.splitlines()
+                                    if "|" in line)}
+    assert {("encoder.layers.0.mlp.fc1.weight", "MISSING"), ("encoder.layers.1.mlp.fc1.weight", "UNEXPECTED")
+            } <= rows, rows
+    assert not any(key.startswith(("text_", "logit_", "visual_")) for key, _ in rows), rows
 
 
 def test_siglip2_vision_tower_gets_its_patches_mask_and_grid(tmp_path):
