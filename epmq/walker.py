@@ -522,7 +522,7 @@ def _calibration(calibration, model) -> dict:
         raise TypeError("calibration must be a mapping task name -> iterable of model inputs")
     out = {}
     for task, items in calibration.items():
-        if isinstance(items, (torch.Tensor, Mapping)):
+        if isinstance(items, (torch.Tensor, Mapping, str)):
             raise TypeError(
                 f"calibration[{task!r}] must be an iterable of model inputs (e.g. a list of batches), "
                 f"got a single {type(items).__name__}"
@@ -550,6 +550,11 @@ def _calibration(calibration, model) -> dict:
             if cache is not None:
                 raise ValueError(f"calibration[{task!r}] item {n}: {cache} holds a generation cache of earlier "
                                  f"tokens, which calibration does not run with: give whole sequences")
+            text = next((name for name, t in parts if isinstance(t, str)), None)
+            if hf_model and text is not None:  # (else 'embedding(): ... must be Tensor, not str', as the model's)
+                raise ValueError(f"calibration[{task!r}] item {n}: {'the item' if text in (0, 'input') else text} "
+                                 f"is text: tokenize it first (epmq.calibration.text_windows(texts, tokenizer) "
+                                 f"cuts texts into windows of token ids, or tokenizer(text, return_tensors='pt'))")
             if hf_model:  # (one sequence's ids without their batch dimension: the blocks fail deep inside)
                 flat = next((f"{'the item' if name in (0, 'input') else name} has shape {tuple(t.shape)}"
                              for name, t in parts if name in (0, "input", "input_ids", "decoder_input_ids")

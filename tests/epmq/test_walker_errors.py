@@ -1417,6 +1417,21 @@ def test_token_ids_without_their_batch_dimension_are_named(item):
     epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [ids[None]]}, progress=False)
 
 
+@pytest.mark.parametrize("calibration,named", [({"a": ["some text"]}, "the item"),
+                                                ({"a": [{"input_ids": "some text"}]}, "input_ids")])
+def test_text_given_as_calibration_is_named(calibration, named):
+    """Raw text as an item: the model's embedding failed ('embedding(): argument 'indices' ... must be
+    Tensor, not str'), said as calibration the model cannot run, nothing saying to tokenize it; a
+    task's text given whole was read as items of one character each."""
+    model = build("llama")
+    with pytest.raises(ValueError, match=rf"calibration\['a'\] item 0: {named} is text: tokenize it first "
+                                         r"\(epmq\.calibration\.text_windows"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, progress=False)
+    with pytest.raises(TypeError, match=r"calibration\['a'\] must be an iterable .* got a single str"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": "some text"}, progress=False)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
 def test_hooks_on_a_quantized_layer_are_kept_and_seen_by_the_calibration(gen):
     """A forward hook the caller put on a linear went with it: the QuantLinear in its place
     had none (the model's outputs changed without a word) and the blocks after it were
