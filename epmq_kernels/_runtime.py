@@ -38,6 +38,24 @@ def check_same_device(*tensors, names=None):
     return devices.pop()
 
 
+def shares_memory(out, *inputs) -> bool:
+    """Whether ``out`` may share memory with one of ``inputs``: the byte ranges they span on one
+    device intersect (pointer arithmetic, no pass over the data; conservative for views that
+    interleave, such as a tensor's even and odd columns, and exact for disjoint slices of one
+    buffer, which a comparison of storages took for one). None and non-tensors among them are
+    skipped; an empty tensor spans nothing."""
+
+    def span(t):
+        start = t.data_ptr()
+        return start, start + t.element_size() * (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())))
+
+    if not isinstance(out, torch.Tensor) or out.numel() == 0:
+        return False
+    start, end = span(out)
+    return any(isinstance(t, torch.Tensor) and t.numel() and t.device == out.device
+               and span(t)[0] < end and start < span(t)[1] for t in inputs)
+
+
 def check_device(*tensors, names=None):
     """All tensors on one device, and that device one the kernels can run on."""
     device = check_same_device(*tensors, names=names)

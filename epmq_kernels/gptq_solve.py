@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime
-from ._runtime import check_device, check_same_device, ieee_fp32_matmul, on_tensor_device
+from ._runtime import check_device, check_same_device, ieee_fp32_matmul, on_tensor_device, shares_memory
 from .grid import TINY, dequantize, find_params, is_bits, is_flag, quantize_codes
 
 
@@ -547,6 +547,22 @@ def _workspace(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _check_out_is_its_own(Q, codes, scales, zeros, read):
+    """Refuse outputs that share memory with what the kernel still reads (``read``, as it reads
+    them) or with each other, naming both: programs write their rows of Q while others still
+    read Hinv's rows, the static grid and W (out=SolveOut(Hinv, ...) of a square layer solved
+    from a half-overwritten Hinv, without a word). Q at W's own address is a solve in place:
+    each program reads its rows of a block before it writes them, and later blocks read the
+    workspace, so it is taken."""
+    written = [("out.Q", Q), ("out.codes", codes), ("out.scales", scales), ("out.zeros", zeros)]
+    for k, (name, t) in enumerate(written):
+        for other, u in read + written[:k]:
+            in_place = (name, other) == ("out.Q", "W") and Q.data_ptr() == u.data_ptr()
+            if not in_place and shares_memory(t, u):
+                raise ValueError(f"{name} shares memory with {other}, which the solver reads or writes while it "
+                                 f"writes {name}: give an out of tensors of their own (e.g. torch.empty_like)")
+
+
 @torch.no_grad()  # (its first trailing update is torch.sub(out=), which autograd refuses)
 @on_tensor_device
 def gptq_solve_triton(
@@ -569,7 +585,8 @@ def gptq_solve_triton(
 
     ``block_rows``/``num_warps`` override the launch configuration (benchmarks sweep them).
     ``out``: preallocated ``SolveOut`` to write into (``Q`` and ``codes``; ``scales`` and
-    ``zeros`` too with dynamic groups), e.g. poisoned buffers in tests.
+    ``zeros`` too with dynamic groups), e.g. poisoned buffers in tests; none may share memory with
+    an operand or another output, but ``out.Q`` may be ``W`` itself (solved in place).
     """
     check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group, blocksize)
     # (numpy's, as Python's: what the kernel is specialised on)
@@ -637,6 +654,10 @@ def gptq_solve_triton(
         scales = scales.float().contiguous()
         zeros = zeros.float().contiguous()
         col_group_i32 = col_group.to(torch.int32).contiguous()
+    if out is not None:
+        _check_out_is_its_own(Q, codes, scales if dynamic else None, zeros if dynamic else None,
+                              read=[("W", W), ("R", R), ("Hinv", Hinv)] + ([] if dynamic else [
+                                  ("scales", scales), ("zeros", zeros), ("col_group", col_group_i32)]))
 
     # (numpy's integers, a sweep's values read from an array, reached the kernel as such: the
     # interpreter's bare "cannot convert 4 of type <class 'numpy.int64'> to tensor"; num_warps=0

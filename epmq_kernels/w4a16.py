@@ -191,7 +191,8 @@ import triton
 import triton.language as tl
 from torch.autograd import forward_ad
 
-from ._runtime import INTERPRETED, check_device, check_same_device, on_tensor_device, side_stream, version
+from ._runtime import (INTERPRETED, check_device, check_same_device, on_tensor_device, shares_memory,
+                       side_stream, version)
 from ._gluon import HAS_GLUON
 from .grid import is_flag, is_integer
 from .packing import pack_int4, unpack_int4
@@ -2539,7 +2540,7 @@ def w4a16_dequantize(qweight, scales, zeros, group_size, g_idx=None, *, k_first=
         return _without_derivative("w4a16_dequantize", asked, out, dict(scales=scales), lambda: w4a16_dequantize(
             qweight, scales.detach(), zeros, group_size, g_idx, k_first=k_first, k_rows=k_rows, dtype=dtype,
             backend=backend))
-    if out is not None and _overlaps(out, qweight, scales, zeros, g_idx):
+    if out is not None and shares_memory(out, qweight, scales, zeros, g_idx):
         # (programs wrote rows of out over scales that later programs still read)
         return out.copy_(w4a16_dequantize(qweight, scales, zeros, group_size, g_idx, k_first=k_first,
                                           k_rows=k_rows, dtype=dtype, backend=backend))
@@ -2625,7 +2626,7 @@ def w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=None, *, out=None,
             x_, scales_ = x.detach(), scales.detach() if isinstance(scales, torch.Tensor) else scales
             return _without_derivative("w4a16_matmul", asked, out, dict(x=x, scales=scales), lambda: w4a16_matmul(
                 x_, qweight, scales_, zeros, group_size, g_idx, path=path, config=config, backend=backend))
-    if out is not None and _overlaps(out, x, qweight, scales, zeros, g_idx):
+    if out is not None and shares_memory(out, x, qweight, scales, zeros, g_idx):
         # the kernels would write y while other programs still read x or the weights (dqmm
         # dequantizes a later chunk from scales its first product has overwritten): into a new
         # tensor first, as torch.mm(a, b, out=a) does
@@ -2715,15 +2716,6 @@ def w4a16_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 @w4a16_matmul_op.register_fake
 def _w4a16_matmul_fake(x, qweight, scales, zeros, group_size, g_idx=None):
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
-
-
-def _overlaps(out, *inputs) -> bool:
-    """Whether ``out`` may share memory with one of ``inputs`` (the same storage: cheap, and
-    conservative; None and non-tensors among them are skipped)."""
-    if not isinstance(out, torch.Tensor):
-        return False
-    storage = out.untyped_storage().data_ptr()
-    return any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == storage for t in inputs)
 
 
 # Options of a forced config whose values are tile sizes (tl.arange and the Gluon layouts take

@@ -1163,3 +1163,55 @@ def test_numpys_integers_are_taken_as_group_size_and_blocksize(gen, solve):
     for bad in (dict(group_size=16.0), dict(group_size=np.float64(16)), dict(blocksize=True)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             solve(W, Hinv, bits=4, sym=False, **dict(dict(group_size=16), **bad))
+
+
+def test_an_out_sharing_memory_with_what_the_solver_reads_is_refused_naming_both(gen):
+    """The kernel writes out.Q and out.codes while later programs and columns still read Hinv's
+    rows, the static grid and the other outputs: out=SolveOut(Hinv, ...) of a square layer wrote
+    Q over Hinv's upper rows before the next programs read them, a wrong solve without a word.
+    Each such out is refused naming both tensors (their byte ranges, no pass over the data); Q
+    at W's own address stays a solve in place, each block's columns read before they are
+    written, and disjoint slices of one buffer are taken."""
+    d = 16
+    W, R, Hinv, H = make_problem(gen, d, d, with_R=True)
+    Hinv = Hinv.contiguous()
+    grid = static_grid(W + R, 4, False, 8)
+    n = dict(dtype=torch.float32, device=DEVICE)
+    kw = dict(bits=4, sym=False, R=R, blocksize=8, block_rows=4)
+
+    def codes_buffer():
+        return torch.empty(d, d, dtype=torch.int32, device=DEVICE)
+
+    with pytest.raises(ValueError, match="out.Q shares memory with Hinv"):
+        gptq_solve_triton(W, Hinv, group_size=8, out=SolveOut(Hinv, codes_buffer(), None, None), **kw)
+    with pytest.raises(ValueError, match="out.codes shares memory with Hinv"):
+        gptq_solve_triton(W, Hinv, group_size=8, out=SolveOut(torch.empty(d, d, **n), Hinv.view(torch.int32),
+                                                                None, None), **kw)
+    # a static grid read from the last rows of the buffer Q is written into
+    static = dict(col_group=grid["col_group"], **kw)
+    Q = torch.empty(d, d, **n)
+    scales, zeros = Q.view(-1)[-4 * d :].view(2, d, 2)
+    with pytest.raises(ValueError, match="out.Q shares memory with scales"):
+        gptq_solve_triton(W, Hinv, scales=scales.copy_(grid["scales"]), zeros=zeros.copy_(grid["zeros"]),
+                          out=SolveOut(Q, codes_buffer(), None, None), **static)
+    with pytest.raises(ValueError, match="out.codes shares memory with out.Q"):
+        Q = torch.empty(d, d, **n)
+        gptq_solve_triton(W, Hinv, group_size=8, out=SolveOut(Q, Q.view(torch.int32), None, None), **kw)
+    with pytest.raises(ValueError, match="out.scales shares memory with W"):
+        scales, zeros = W.view(-1)[: 4 * d].view(2, d, 2)
+        gptq_solve_triton(W, Hinv, group_size=8, out=SolveOut(torch.empty(d, d, **n), codes_buffer(), scales, zeros),
+                          **kw)
+
+    reference = dict(bits=4, sym=False, R=R, blocksize=8)
+    ref = gptq_solve_reference(W, Hinv, group_size=8, **reference)
+    W_in_place = W.clone()
+    out = gptq_solve_triton(W_in_place, Hinv, group_size=8, out=SolveOut(W_in_place, codes_buffer(), None, None),
+                            **kw)
+    assert out.Q is W_in_place and torch.equal(out.Q, ref.Q) and torch.equal(out.codes, ref.codes)
+    # disjoint slices of one buffer share no memory: taken
+    ref = gptq_solve_reference(W, Hinv, **grid, **reference)
+    arena = torch.empty(d * d + 4 * d, **n)
+    Q, (scales, zeros) = arena[: d * d].view(d, d), arena[d * d :].view(2, d, 2)
+    out = gptq_solve_triton(W, Hinv, scales=scales.copy_(grid["scales"]), zeros=zeros.copy_(grid["zeros"]),
+                            out=SolveOut(Q, codes_buffer(), None, None), **static)
+    assert torch.equal(out.Q, ref.Q) and torch.equal(out.codes, ref.codes)
