@@ -551,14 +551,13 @@ def _check_out_is_its_own(Q, codes, scales, zeros, read):
     """Refuse outputs that share memory with what the kernel still reads (``read``, as it reads
     them) or with each other, naming both: programs write their rows of Q while others still
     read Hinv's rows, the static grid and W (out=SolveOut(Hinv, ...) of a square layer solved
-    from a half-overwritten Hinv, without a word). Q at W's own address is a solve in place:
-    each program reads its rows of a block before it writes them, and later blocks read the
-    workspace, so it is taken."""
+    from a half-overwritten Hinv, without a word). Q at W's own address solves right, each
+    program reading its rows of a block before writing them, but a solve that failed there
+    was blamed on W ("W has NaN at column 16", W's values gone), so it is refused too."""
     written = [("out.Q", Q), ("out.codes", codes), ("out.scales", scales), ("out.zeros", zeros)]
     for k, (name, t) in enumerate(written):
         for other, u in read + written[:k]:
-            in_place = (name, other) == ("out.Q", "W") and Q.data_ptr() == u.data_ptr()
-            if not in_place and shares_memory(t, u):
+            if shares_memory(t, u):
                 raise ValueError(f"{name} shares memory with {other}, which the solver reads or writes while it "
                                  f"writes {name}: give an out of tensors of their own (e.g. torch.empty_like)")
 
@@ -586,7 +585,7 @@ def gptq_solve_triton(
     ``block_rows``/``num_warps`` override the launch configuration (benchmarks sweep them).
     ``out``: preallocated ``SolveOut`` to write into (``Q`` and ``codes``; ``scales`` and
     ``zeros`` too with dynamic groups), e.g. poisoned buffers in tests; none may share memory with
-    an operand or another output, but ``out.Q`` may be ``W`` itself (solved in place).
+    an operand (W included) or another output.
     """
     check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group, blocksize)
     # (numpy's, as Python's: what the kernel is specialised on)
