@@ -1297,12 +1297,23 @@ def assert_refused(source, tmp_path, match, **kwargs):
                                  method="gptq", calibration={"a": tmp_path / "nothing"}, progress=False, **kwargs)
 
 
-def test_two_tower_models_and_their_vision_tower(tmp_path):
+def _tiny_clip(directory=None):
+    """A two-tower CLIPModel of one layer a tower; saved to ``directory`` with an image processor of
+    its 16-pixel images where one is given."""
     clip = transformers.CLIPModel(transformers.CLIPConfig(
         text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, max_position_embeddings=16),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, image_size=16, patch_size=8), projection_dim=16))
+    if directory is not None:
+        clip.save_pretrained(directory)
+        transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+                                        ).save_pretrained(directory)
+    return clip
+
+
+def test_two_tower_models_and_their_vision_tower(tmp_path):
+    clip = _tiny_clip()
     clip.save_pretrained(tmp_path / "clip")
     assert_refused(tmp_path / "clip", tmp_path, "takes both texts and images: quantize its vision tower")
     assert_refused(tmp_path / "clip", tmp_path, "tower must be 'vision'", tower="text")
@@ -1332,14 +1343,7 @@ def test_a_checkpoint_lacking_a_weight_of_its_model_is_refused(tmp_path):
     vision tower does not load), and the walk quantized the noise into a checkpoint. Refused naming it."""
     from safetensors.torch import load_file, save_file
 
-    clip = transformers.CLIPModel(transformers.CLIPConfig(
-        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=16),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4, image_size=16, patch_size=8), projection_dim=16))
-    clip.save_pretrained(tmp_path / "clip")
-    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
-                                    ).save_pretrained(tmp_path / "clip")
+    _tiny_clip(tmp_path / "clip")
     tensors = load_file(tmp_path / "clip" / "model.safetensors")
     del tensors["vision_model.encoder.layers.0.mlp.fc1.weight"]
     save_file(tensors, tmp_path / "clip" / "model.safetensors", metadata={"format": "pt"})
@@ -1380,14 +1384,7 @@ def test_a_vision_tower_load_reports_no_tensor_of_the_other_tower(tmp_path):
     missing, or one inside the tower the model has no place for, still is (and the former refused)."""
     from safetensors.torch import load_file, save_file
 
-    clip = transformers.CLIPModel(transformers.CLIPConfig(
-        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=16),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4, image_size=16, patch_size=8), projection_dim=16))
-    clip.save_pretrained(tmp_path / "clip")
-    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
-                                    ).save_pretrained(tmp_path / "clip")
+    _tiny_clip(tmp_path / "clip")
 
     def quantize():
         return epmq.quantize_checkpoint(tmp_path / "clip", tmp_path / "out", spec=epmq.QuantSpec(bits=4, group_size=-1),
