@@ -2567,7 +2567,29 @@ def _same_contents(given, now) -> bool:
         for (t, a), (u, b) in zip(leaves, leaves_now))
 
 
-def _check_replayable(stack, i, block, probed) -> None:
+def _longer_than_checked(shape, longest):
+    """``longest`` (the largest size along each dimension of the items checked so far, None before any)
+    grown by an item of ``shape`` where that item is the first or longer along any dimension than all of
+    them, so checked too; else None. (A block may read what its arguments hold on a longer item alone, past
+    a sliding window's width; checking every item of distinct lengths would call each block once more per
+    item: of n items in random order, about ln n are checked so, the longest too.)"""
+    if longest is None:
+        return shape
+    return tuple(map(max, shape, longest)) if any(size > most for size, most in zip(shape, longest)) else None
+
+
+def _items_checked(items) -> list:
+    """The indices of the ``items`` (a task's inputs of a block) ``_longer_than_checked`` checks."""
+    checked, longest = [], None
+    for n, item in enumerate(items):
+        grown = _longer_than_checked(tuple(getattr(item, "shape", ())), longest)
+        if grown is not None:
+            checked.append(n)
+            longest = grown
+    return checked
+
+
+def _check_replayable(stack, i, block, probed, stream) -> None:
     """A ValueError where block ``i`` changes an argument it is handed otherwise on each call (a count
     it advances, a cache it adds to under a name not a cache's) or reads what its call left there (a
     flag it sets on its first call): the model hands the later blocks what its one call left there,
@@ -2575,14 +2597,29 @@ def _check_replayable(stack, i, block, probed) -> None:
     they were given, so that each call got them changed by the ones before and block ``i + 1`` by
     every one (a SimpleNamespace whose count block 0 advances: 2.5x the statistics of the model's).
     One that each call changes alike (Gemma 4's layers storing their keys and values for later ones
-    to read) holds what one call leaves. ``probed``: the task, input, arguments, their
-    ``_versions_of`` and the hidden states the block returned on them of its first call in the walk
-    (``_groups``' probe); where that call changed an argument, the block is called once more, to
-    compare."""
-    task, hidden, named, before, first = probed
-    changed = [name for name, now in _versions_of(named).items() if _changed(before[name], now)]
-    if changed:
-        _check_called_again(stack, i, block, task, 0, hidden, named, changed[0], first)
+    to read) holds what one call leaves. ``probed``: of each task's item 0 whose first call in the walk
+    (``_groups``' probe) changed an argument, the task, input, arguments, the first argument changed and
+    the hidden states the block returned; the block is called once more on it, to compare. Where its
+    blocks ran in the model's own forward (AUTO) they were checked there on the items
+    ``_longer_than_checked`` checks; else it is called on each of those after a task's item 0 too, and once
+    more where that call changed an argument (on a longer item alone: past a sliding window's width)."""
+    prefix = stack.names[i]
+    for task, hidden, named, name, first in probed:
+        with _running(prefix, task, 0, "called again to see whether it changes its arguments"):
+            _check_called_again(stack, i, block, task, 0, hidden, named, name, first)
+    if stack.adapter.runs_blocks:
+        return
+    for task, items in stream.hidden.items():
+        for n in _items_checked(items)[1:]:
+            hidden, named = items[n], stream.kwargs[task][n]
+            before = _versions_of(named)
+            with _running(prefix, task, n, "called to see whether it changes its arguments"):
+                # (a copy: a block may write its input in place, as _groups' probe)
+                output = block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden, **named)
+                changed = [name for name, now in _versions_of(named).items() if _changed(before[name], now)]
+                if changed:
+                    _check_called_again(stack, i, block, task, n, hidden, named, changed[0],
+                                        stack.adapter.hidden_of(output))
 
 
 def _check_called_again(stack, i, block, task, n, hidden, named, name, first) -> None:
@@ -3870,16 +3907,12 @@ class _Walk:
                 now["versions"][j] = _versions_of(named, version, _kept_depth(stack))
                 if j == 0:  # (a copy: the model may write it in place before the pass stops)
                     now["hidden"] = hidden.clone() if isinstance(hidden, torch.Tensor) else hidden
-                    # (the checks of what a block's call or a later block changes in its arguments: on each
-                    # task's first item and each one longer, along any dimension, than all those checked
-                    # before it, as a block may read them on a longer item alone, past a sliding window's
-                    # width; each check calls every block so handed once more, so not on every item of
-                    # distinct lengths: of n items in random order, about ln n are checked, the longest too)
-                    shape, longest = tuple(getattr(hidden, "shape", ())), now["probed"].get(now["task"])
-                    now["probing"] = stream is self.q and (
-                        longest is None or any(size > most for size, most in zip(shape, longest)))
+                    # (the checks of what a block's call or a later block changes in its arguments: each calls
+                    # every block so handed once more, so on the items _longer_than_checked picks alone)
+                    grown = _longer_than_checked(tuple(getattr(hidden, "shape", ())), now["probed"].get(now["task"]))
+                    now["probing"] = stream is self.q and grown is not None
                     if now["probing"]:
-                        now["probed"][now["task"]] = shape if longest is None else tuple(map(max, shape, longest))
+                        now["probed"][now["task"]] = grown
                 else:
                     if not _chained(hidden, now["passed"]):
                         stack.replay = True
@@ -4336,8 +4369,7 @@ class _Walk:
             groups, leader = (self._groups(block, prefix, stack.chosen[i], stack.adapter, first=i == 0)
                               if stack.chosen[i] else ([], {}))
             if stack.chosen[i]:  # (a block not probed is called once per item: what the model does)
-                with _running(prefix, self.probed[0], 0, "called again to see whether it changes its arguments"):
-                    _check_replayable(stack, i, block, self.probed)
+                _check_replayable(stack, i, block, self.probed, self.q)
                 # (its output held on to the next probe: a vision tower's last, through the language model's)
                 self.probed = None
             groups = self._chunked(block, prefix, groups, leader, stack.loops)
@@ -4427,20 +4459,21 @@ class _Walk:
         # does, every later pass over this block gets a copy too (_capture).
         self.writes_input = False
         calls = {}  # linear -> the most calls it got in one probe (a pass stops after them)
-        first_task = next(iter(self.q.hidden))
-        named = self.q.kwargs[first_task][0]
-        given = _versions_of(named)  # (_check_replayable)
+        self.probed = []  # (_check_replayable's: only where a probe changed an argument, its output held)
         try:
             for task in self.q.hidden:
+                named = self.q.kwargs[task][0]
+                given = _versions_of(named)
                 probe = self.q.hidden[task][0]
                 probe = probe.clone() if isinstance(probe, torch.Tensor) else probe
                 before = version(probe) if isinstance(probe, torch.Tensor) else None
                 counted = {rel: len(reads.get(rel, ())) for rel in rels}
                 try:
                     with _running(prefix, task, 0, "the probe of which linears it calls"):
-                        output = block(probe, **self.q.kwargs[task][0])
-                    if task == first_task:
-                        self.probed = first_task, self.q.hidden[task][0], named, given, adapter.hidden_of(output)
+                        output = block(probe, **named)
+                    changed = [name for name, now in _versions_of(named).items() if _changed(given[name], now)]
+                    if changed:
+                        self.probed.append((task, self.q.hidden[task][0], named, changed[0], adapter.hidden_of(output)))
                 except (RuntimeError, IndexError, TypeError) as e:
                     if not first or _out_of_memory(e):  # (an error of the block's, noted; memory, no input's fault)
                         raise

@@ -2380,22 +2380,29 @@ class LongFlaggingNet(FlaggingNet):
         self.layers[1].flags = True
 
 
-@pytest.mark.parametrize("block,refusal", [
+_SELF_FLAGGED = (r"changes its argument 'ctx' \(a SimpleNamespace\) and returns other hidden states when called "
+                 r"again on what that call left there")
+
+
+@pytest.mark.parametrize("block,refusal,adapter", [
     (LongFlagged, r"reads its argument 'ctx' \(a SimpleNamespace\), which a later block changes, and returns other "
-                  r"hidden states when called again on it as the later blocks left it"),
-    (LongSelfFlagged, r"changes its argument 'ctx' \(a SimpleNamespace\) and returns other hidden states when "
-                      r"called again on what that call left there")])
-def test_a_block_that_reads_a_changed_object_only_on_a_longer_item_is_refused(block, refusal, gen):
+                  r"hidden states when called again on it as the later blocks left it", epmq.adapters.AUTO),
+    (LongSelfFlagged, _SELF_FLAGGED, epmq.adapters.AUTO),
+    (LongSelfFlagged, _SELF_FLAGGED, epmq.Adapter("long", block_types=(LongSelfFlagged,)))],
+    ids=["auto-later-block", "auto-own-call", "registered-own-call"])
+def test_a_block_that_reads_a_changed_object_only_on_a_longer_item_is_refused(block, refusal, adapter, gen):
     """Block 0 reads the ``ctx`` a block changes (block 1, or block 0's own call) on an input longer than item
     0's alone: AUTO's checks of blocks reading what their calls or later blocks changed ran on each task's
-    item 0, so block 0 was solved on item 1 times 3, where the model runs it on item 1, without a word. They
-    run on each task's first item of each shape: refused, naming item 1; the model as it was."""
+    item 0, so block 0 was solved on item 1 times 3, where the model runs it on item 1, without a word; a
+    registered adapter's check of a block changing its own arguments, on the first task's item 0 alone, so
+    too (block 0 called twice on item 1, layers.1.fc fed ~1.6x the model's inputs). They run on each task's
+    first item and each one longer than those checked: refused, naming item 1; the model as it was."""
     items = [torch.randn(4, 16, generator=gen), torch.randn(8, 16, generator=gen)]
     model = LongFlaggingNet(block)
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"calibration\['a'\] item 1: block 0 at 'layers' " + refusal):
         epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": items}, backend="torch", progress=False,
-                            adapter=epmq.adapters.AUTO)
+                            adapter=adapter)
     assert_untouched(model, before)
 
 class LateFlaggingDeepNet(nn.Module):
