@@ -2405,6 +2405,22 @@ def test_a_block_that_reads_a_changed_object_only_on_a_longer_item_is_refused(bl
                             adapter=adapter)
     assert_untouched(model, before)
 
+
+def test_a_registered_block_that_changes_its_own_object_only_on_another_task_is_refused(gen):
+    """Block 0 changes the ``ctx`` it reads on task 'b''s input alone (longer than task 'a''s): a registered
+    adapter's check of a block changing its own arguments ran on the first task's item 0 alone, so block 0 was
+    solved on task 'b' times 3 without a word. It runs on each task's first item, as AUTO's: refused, naming
+    task 'b''s item 0; the model as it was."""
+    model = LongFlaggingNet(LongSelfFlagged)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"calibration\['b'\] item 0: block 0 at 'layers' " + _SELF_FLAGGED):
+        epmq.quantize_model(model, SPEC, method="gptq", backend="torch", progress=False,
+                            calibration={"a": [torch.randn(4, 16, generator=gen)],
+                                         "b": [torch.randn(8, 16, generator=gen)]},
+                            adapter=epmq.Adapter("long", block_types=(LongSelfFlagged,)))
+    assert_untouched(model, before)
+
+
 class LateFlaggingDeepNet(nn.Module):
     """``depth`` LateFlagged on one ``ctx``, reading nothing, the last flagging it; ``after`` called on the
     output, past the blocks (the model's forward goes on after the walk's check of the last block)."""
