@@ -2495,6 +2495,11 @@ def _changed(given, now) -> bool:
     return _replaced(given, now) is not None or any(v != w for (_, v), (_, w) in zip(given[1], now[1]))
 
 
+def _changed_arguments(given, named) -> list:
+    """The names of the arguments in ``named`` changed (``_changed``) since their ``_versions_of`` ``given``."""
+    return [name for name, now in _versions_of(named).items() if _changed(given[name], now)]
+
+
 def _kept_depth(stack) -> int:
     """How deep into objects ``_check_kept`` looks: not at all where the adapter's stand-ins run the
     blocks (AUTO), since what they change in an object (Gemma 4's layers storing keys and values for
@@ -2616,7 +2621,7 @@ def _check_replayable(stack, i, block, probed, stream) -> None:
             with _running(prefix, task, n, "called to see whether it changes its arguments"):
                 # (a copy: a block may write its input in place, as _groups' probe)
                 output = block(hidden.clone() if isinstance(hidden, torch.Tensor) else hidden, **named)
-                changed = [name for name, now in _versions_of(named).items() if _changed(before[name], now)]
+                changed = _changed_arguments(before, named)
                 if changed:
                     _check_called_again(stack, i, block, task, n, hidden, named, changed[0],
                                         stack.adapter.hidden_of(output))
@@ -3932,8 +3937,7 @@ class _Walk:
                     with _running(stack.names[j], now["task"], now["n"], "the model's own forward calling it"):
                         output = _run_block(stack, j, block, hidden, named, ran.get(j))
                     ran.setdefault(j, f"calibration[{now['task']!r}] item {now['n']}")
-                    changed = ([name for name, v in _versions_of(named).items() if _changed(given[name], v)]
-                               if probing else [])
+                    changed = _changed_arguments(given, named) if probing else []
                     if changed:
                         with _running(stack.names[j], now["task"], now["n"], "called again to see whether it "
                                                                              "changes its arguments"):
@@ -4471,7 +4475,7 @@ class _Walk:
                 try:
                     with _running(prefix, task, 0, "the probe of which linears it calls"):
                         output = block(probe, **named)
-                    changed = [name for name, now in _versions_of(named).items() if _changed(given[name], now)]
+                    changed = _changed_arguments(given, named)
                     if changed:
                         self.probed.append((task, self.q.hidden[task][0], named, changed[0], adapter.hidden_of(output)))
                 except (RuntimeError, IndexError, TypeError) as e:
