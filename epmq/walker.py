@@ -2584,14 +2584,16 @@ def _longer_than_checked(shape, longest):
 
 
 def _items_checked(items) -> list:
-    """The indices of the ``items`` (a task's inputs of a block) ``_longer_than_checked`` checks."""
-    checked, longest = [], None
-    for n, item in enumerate(items):
-        grown = _longer_than_checked(tuple(getattr(item, "shape", ())), longest)
-        if grown is not None:
-            checked.append(n)
-            longest = grown
-    return checked
+    """The indices of the ``items`` (a task's inputs of a block, all known here, unlike in the model's own
+    forward) checked: item 0 and the first largest along each dimension, the longest among them. (Not
+    ``_longer_than_checked``'s: of items sorted by length it would check every one, a call of each block
+    more per item.)"""
+    shapes = [tuple(getattr(item, "shape", ())) for item in items]
+    checked = {0}
+    for d in range(max(map(len, shapes), default=0)):
+        sizes = [shape[d] if d < len(shape) else -1 for shape in shapes]
+        checked.add(sizes.index(max(sizes)))
+    return sorted(checked)
 
 
 def _check_replayable(stack, i, block, probed, stream) -> None:
@@ -2606,8 +2608,8 @@ def _check_replayable(stack, i, block, probed, stream) -> None:
     (``_groups``' probe) changed an argument, the task, input, arguments, the first argument changed and
     the hidden states the block returned; the block is called once more on it, to compare. Where its
     blocks ran in the model's own forward (AUTO) they were checked there on the items
-    ``_longer_than_checked`` checks; else it is called on each of those after a task's item 0 too, and once
-    more where that call changed an argument (on a longer item alone: past a sliding window's width)."""
+    ``_longer_than_checked`` checks; else it is called on the others ``_items_checked`` picks of a task too,
+    and once more where that call changed an argument (on a longer item alone: past a sliding window's width)."""
     prefix = stack.names[i]
     for task, hidden, named, name, first in probed:
         with _running(prefix, task, 0, "called again to see whether it changes its arguments"):

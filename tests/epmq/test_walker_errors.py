@@ -2421,6 +2421,21 @@ def test_a_registered_block_that_changes_its_own_object_only_on_another_task_is_
     assert_untouched(model, before)
 
 
+def test_a_registered_blocks_check_of_longer_items_calls_it_once_more_whatever_their_order(gen):
+    """The registered adapter's check of items longer than item 0 called each block once more on every item
+    longer than all before it: on calibration sorted by length, on every item. It calls it on the longest
+    alone (and the first largest along any other dimension): one call more than on items of one length."""
+    def calls(rows):
+        model, seen = LongFlaggingNet(LongSelfFlagged), []
+        model.layers[0].register_forward_hook(lambda *_: seen.append(1))
+        epmq.quantize_model(model, SPEC, method="gptq", backend="torch", progress=False,
+                            calibration={"a": [torch.randn(n, 16, generator=gen) for n in rows]},
+                            adapter=epmq.Adapter("long", block_types=(LongSelfFlagged,)))
+        return len(seen)
+
+    assert calls([1, 2, 3, 4]) == calls([4, 4, 4, 4]) + 1
+
+
 class LateFlaggingDeepNet(nn.Module):
     """``depth`` LateFlagged on one ``ctx``, reading nothing, the last flagging it; ``after`` called on the
     output, past the blocks (the model's forward goes on after the walk's check of the last block)."""
