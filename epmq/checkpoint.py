@@ -2187,9 +2187,9 @@ def load_quantized(directory, model: Optional[nn.Module] = None, *, adapter=None
     # (a path that does not exist is said to be missing, not "not a GPTQ checkpoint"; another
     # tool's GPTQ checkpoint is usually a hub repository: read from its snapshot, as experts are)
     check_path(directory, "directory")
-    given, directory = directory, local_checkpoint(directory, directory=True)
+    asked, directory = directory, local_checkpoint(directory, directory=True)
     # (a hub id's snapshot directory is named by its commit hash, which the user never gave)
-    title = Path(os.path.abspath(directory)).name if directory == Path(given) else str(given)
+    title = Path(os.path.abspath(directory)).name if directory == Path(asked) else str(asked)
     qconfig = _read_qconfig(directory)
     checkpoint_format = qconfig["checkpoint_format"]
     if model is None:

@@ -807,9 +807,10 @@ def _check_expert_configs(model, sources, experts, targets: str = "merged_path")
         reference, ref_name = configs[first], f"expert of task {first!r} ({found[first][2]})"
     _check_architectures(None, [found[t][0] for t in tasks], [f"of task {t!r} ({found[t][2]})" for t in tasks],
                          experts=True, reference=reference, configs=[found[t][1] for t in tasks], ref_name=ref_name)
-    _check_expert_tokenizers({t: (found[t][3], configs[t], found[t][2]) for t in tasks}, _model_home(model))
+    tokenized = {t: (found[t][3], configs[t], found[t][2]) for t in tasks}
+    _check_expert_tokenizers(tokenized, _model_home(model))
     if targets != "expert_path":  # (there each expert runs through its row of each of the model's tokens)
-        _warn_of_expert_numbering(model, {t: (found[t][3], configs[t], found[t][2]) for t in tasks})
+        _warn_of_expert_numbering(model, tokenized)
 
 
 def _model_home(model) -> Optional[Path]:
