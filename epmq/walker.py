@@ -464,8 +464,9 @@ def quantize_model(
                "dt_proj: self.dt_proj.weight @ x), which a packed layer serves only by dequantizing its "
                "whole weight at each read"
                if method == "rtn" else
-               "were never called on the calibration data (a path it does not take, as cross-attention "
-               "without encoder inputs, or a weight read without a call, as Jamba's dt_proj)")
+               "were never called on the calibration data's first items (from each task's first the walk "
+               "learns a block's linears; a path it does not take, as cross-attention without encoder "
+               "inputs, or a weight read without a call, as Jamba's dt_proj)")
         warnings.warn(
             f"{len(report.skipped)} linear(s) in the blocks {why}, so they stay in full precision. "
             f"First: {', '.join(report.skipped[:3])}; all in epmq_report.skipped"
@@ -4412,8 +4413,12 @@ class _Walk:
             return lambda module, args: counts.__setitem__(rel, counts.get(rel, 0) + 1)
 
         watched = {rel for taken in self._captured.values() for rel in taken}
-        counted = [block.get_submodule(rel).register_forward_pre_hook(count(rel)) for rel in watched]
-        more = None
+        # (learnt from each task's item 0 alone, _groups: one first called on a later item was left in
+        # full precision, said to be never called)
+        unprobed = [rel for rel in stack.chosen[i] if not isinstance(block.get_submodule(rel), QuantLinear)]
+        counted = [block.get_submodule(rel).register_forward_pre_hook(count(rel))
+                   for rel in watched.union(unprobed)]
+        more, late = None, {}  # late: an unprobed linear -> the first (task, item) that called it
         try:
             for task, hidden in self.q.hidden.items():
                 for n in range(len(hidden)):
@@ -4423,6 +4428,9 @@ class _Walk:
                     taken = self._captured.get((task, n), {})
                     more = more or next(((task, n, rel, k, taken[rel]) for rel, k in counts.items()
                                          if rel in taken and k > taken[rel]), None)
+                    for rel in unprobed:
+                        if rel in counts:
+                            late.setdefault(rel, (task, n))
                     self._advance(self.q, stack, task, n, i, out)
                     if replay:
                         outputs.setdefault(task, []).append(out)
@@ -4434,6 +4442,11 @@ class _Walk:
             warnings.warn(f"{prefix}.{rel} was called {k} times on item {n} of task {task!r}, more than on the "
                           f"items the walk probed: its statistics took the inputs of {taken} of those calls "
                           f"(a block whose calls depend on its data)")
+        if late:
+            said = ", ".join(f"{prefix}.{rel} (item {n} of task {task!r})" for rel, (task, n) in late.items())
+            warnings.warn(f"{said}: called on a later calibration item but on no task's item 0, from which the "
+                          f"walk learns a block's linears, so left in full precision (in epmq_report.skipped); "
+                          f"to quantize it, make an item that calls it a task's first")
         if replay:
             self._replay_next(s, i, self.q, outputs)
 

@@ -624,6 +624,36 @@ def test_a_linear_called_more_often_than_the_probe_saw_is_warned_of():
     assert len(said) == 1 and "layers.0.a was called 2 times on item 1 of task 't'" in said[0]
 
 
+@pytest.mark.parametrize("method", ["gptq", "epmq"])
+def test_a_linear_first_called_on_a_later_item_is_named_with_that_item(gen, method):
+    """The walk learns a block's linears from each task's item 0: one called only on a later item
+    (a branch on its data) was left in full precision, reported as never called on the calibration.
+    Said now, naming the linear and the item that called it; the layers the probe saw are solved."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+            self.b = nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.a(x)
+            return x + (self.b(y) if bool(x.mean() > 0) else y)
+
+    items = [-torch.ones(2, 16) + 0.1 * torch.randn(2, 16, generator=gen),
+             torch.ones(2, 16) + 0.1 * torch.randn(2, 16, generator=gen)]
+    net = Stack(Block()).eval()
+    experts = {"t": {k: v + 0.01 for k, v in net.state_dict().items()}} if method == "epmq" else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epmq.quantize_model(net, epmq.QuantSpec(bits=8, group_size=-1), method=method, calibration={"t": items},
+                            experts=experts, backend="torch", progress=False)
+    said = [str(w.message) for w in caught if "on no task's item 0" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("layers.0.b (item 1 of task 't')")
+    assert net.epmq_report.skipped == ["layers.0.b"] and type(net.layers[0].b) is nn.Linear
+    assert [layer["name"] for layer in net.epmq_report.layers] == ["layers.0.a"]
+
+
 @pytest.mark.parametrize("kind", ["xpu", "mps"])
 def test_an_items_passes_draw_alike_on_any_accelerator(monkeypatch, kind):
     """Every pass of one calibration item runs under its seed, on the model's device too: only CUDA's
