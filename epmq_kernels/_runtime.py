@@ -43,13 +43,13 @@ def shares_memory(out, *inputs) -> bool:
     device intersect (pointer arithmetic, no pass over the data; conservative for views that
     interleave, such as a tensor's even and odd columns, and exact for disjoint slices of one
     buffer, which a comparison of storages took for one). None and non-tensors among them are
-    skipped; an empty tensor spans nothing."""
+    skipped; an empty tensor spans nothing, nor does a meta one (no data: every pointer is 0)."""
 
     def span(t):
         start = t.data_ptr()
         return start, start + t.element_size() * (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())))
 
-    if not isinstance(out, torch.Tensor) or out.numel() == 0:
+    if not isinstance(out, torch.Tensor) or out.numel() == 0 or out.is_meta:
         return False
     start, end = span(out)
     return any(isinstance(t, torch.Tensor) and t.numel() and t.device == out.device

@@ -25,7 +25,8 @@ import triton.language as tl
 from . import _runtime  # (sets TRITON_INTERPRET before the kernels are decorated)
 from . import autotune_cache
 from ._runtime import (_bf16_mm, bf16_mm_emulated, bf16x3_mm, check_device, check_same_device, device_values,
-                       fp32_matmul, ieee_fp32_matmul, on_tensor_device, side_stream_launch, tf32_round, tf32x3_mm)
+                       fp32_matmul, ieee_fp32_matmul, on_tensor_device, shares_memory, side_stream_launch, tf32_round,
+                       tf32x3_mm)
 from .bf16x3 import SPLIT_TILE as _SPLIT_TILE, split_bf16
 from .grid import is_flag
 
@@ -92,8 +93,7 @@ def _check_residual_args(G, W_k, W_m, H_k):
     check_same_device(G, W_k, W_m, H_k, names=["G", "W_k", "W_m", "H_k"])
     # G is written while the product reads the others (tile by tile, in the kernel)
     for name, t in (("W_k", W_k), ("W_m", W_m), ("H_k", H_k)):
-        if G.numel() and t.numel() and not G.is_meta and \
-                G.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+        if shares_memory(G, t):
             raise ValueError(f"G must not share memory with {name}: it is written in place")
 
 
@@ -206,11 +206,9 @@ def _check_fold_args(H_e, H_m, hessians, weights, overwrite):
     # H_e and H_m are written while the Hessians are read (FOLD_ARITY of them a pass, in the
     # kernel): as G in _check_residual_args, sharing memory with what is read is refused
     for out_name, out in (("H_e", H_e), ("H_m", H_m)):
-        if out is None or not out.numel() or out.is_meta:
-            continue
         read = [("H_e", H_e)] if out is H_m else []
         for name, t in read + [(f"Hessian {k}", H_k) for k, H_k in enumerate(hessians)]:
-            if t.numel() and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            if shares_memory(out, t):
                 raise ValueError(f"{out_name} must not share memory with {name}: it is written in place")
 
 
@@ -250,8 +248,7 @@ def _check_xxt_args(H, X):
         raise ValueError(f"X must be [n, {H.shape[0]}] for H {tuple(H.shape)}, got {tuple(X.shape)}")
     check_same_device(H, X, names=["H", "X"])  # (as in _check_residual_args)
     # H is written tile by tile while X is read: as G in _check_residual_args
-    if H.numel() and X.numel() and not H.is_meta and \
-            H.untyped_storage().data_ptr() == X.untyped_storage().data_ptr():
+    if shares_memory(H, X):
         raise ValueError("H must not share memory with X: it is written in place")
 
 

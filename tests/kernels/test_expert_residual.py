@@ -908,6 +908,70 @@ def test_fold_refuses_outputs_sharing_memory_with_what_it_reads(gen):
         fn(H_e, H_m, [H, H], [1.0, 2.0])  # (one Hessian twice: read only)
 
 
+def _arena(*tensors, overlap=0):
+    """Copies of ``tensors`` laid out one after another in one buffer, each starting ``overlap``
+    elements before the one before it ends, as views of it (copied in order: where two overlap,
+    the later one's values are there)."""
+    buf = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
+    views, at = [], 0
+    for t in tensors:
+        at = max(at - overlap, 0)
+        views.append(buf[at:at + t.numel()].view(t.shape).copy_(t))
+        at += t.numel()
+    return views
+
+
+def test_disjoint_slices_of_one_buffer_are_taken_and_overlapping_ones_refused(gen):
+    """The checks compared storages, so an output and its inputs laid out in one buffer (an arena
+    of a layer's statistics) were refused though no element is both read and written; they are
+    compared by the byte ranges they span: disjoint slices are taken by both backends and give
+    what separate tensors give, and slices overlapping by one row are still refused, naming both,
+    the output left as it was."""
+    d_out, d_in = 6, 16
+    G0, W_k, W_m = (rand(gen, d_out, d_in) for _ in range(3))
+    H_k, H_0, H_e0, H_m0 = (gram(gen, 20, d_in, torch.float32) for _ in range(4))
+    X = rand(gen, 9, d_in)
+    for backend in ("torch", "triton"):
+        G, want = _arena(G0, W_k, W_m, H_k), G0.clone()
+        assert accumulate_residual(*G, 0.5, backend=backend) == \
+            accumulate_residual(want, W_k, W_m, H_k, 0.5, backend=backend)
+        assert torch.equal(G[0], want)
+        for k, name in enumerate(("W_k", "W_m", "H_k")):
+            G, shared = _arena(G0, (W_k, W_m, H_k)[k], overlap=d_in)
+            operands = [W_k, W_m, H_k]
+            operands[k], before = shared, G.clone()
+            with pytest.raises(ValueError, match=f"G must not share memory with {name}"):
+                accumulate_residual(G, *operands, 0.5, backend=backend)
+            assert torch.equal(G, before)
+
+        (H, X_in), want = _arena(H_e0, X), H_e0.clone()
+        accumulate_xxt(H, X_in, backend=backend)
+        assert torch.equal(H, accumulate_xxt(want, X, backend=backend))
+        H, X_in = _arena(H_e0, X, overlap=d_in)
+        before = H.clone()
+        with pytest.raises(ValueError, match="H must not share memory with X"):
+            accumulate_xxt(H, X_in, backend=backend)
+        assert torch.equal(H, before)
+
+        (H_e, H_m, *hessians), want_e, want_m = _arena(H_e0, H_m0, H_k, H_0), H_e0.clone(), H_m0.clone()
+        fold_hessians(H_e, H_m, hessians, [0.5, 2.0], backend=backend)
+        fold_hessians(want_e, want_m, [H_k, H_0], [0.5, 2.0], backend=backend)
+        assert torch.equal(H_e, want_e) and torch.equal(H_m, want_m)
+        H_e, H_m = _arena(H_e0, H_m0, overlap=1)
+        with pytest.raises(ValueError, match="H_m must not share memory with H_e"):
+            fold_hessians(H_e, H_m, [H_k], [1.0], backend=backend)
+        H_e, H = _arena(H_e0, H_k, overlap=1)
+        before = H_e.clone()
+        with pytest.raises(ValueError, match="H_e must not share memory with Hessian 1"):
+            fold_hessians(H_e, None, [H_0, H], [1.0, 1.0], backend=backend)
+        assert torch.equal(H_e, before)
+    # meta tensors have no data (every pointer 0), so share none: the references take them, for shapes
+    meta = [torch.zeros(*shape, device="meta") for shape in ((d_out, d_in), (d_out, d_in), (d_out, d_in), (d_in, d_in))]
+    assert accumulate_residual_reference(*meta, 0.5, read=False).device.type == "meta"
+    assert accumulate_xxt_reference(meta[3], meta[0]) is meta[3]
+    fold_hessians_reference(meta[3], None, [meta[3].clone()], [1.0])
+
+
 def test_statistics_keep_no_autograd_graph(gen):
     """Inputs that require a gradient (a layer's weight Parameter, activations hooked from a
     forward outside no_grad): the torch references folded them into G and H with their autograd
