@@ -551,15 +551,24 @@ def _check_out_is_its_own(Q, codes, scales, zeros, read):
     """Refuse outputs that share memory with what the kernel still reads (``read``, as it reads
     them) or with each other, naming both: programs write their rows of Q while others still
     read Hinv's rows, the static grid and W (out=SolveOut(Hinv, ...) of a square layer solved
-    from a half-overwritten Hinv, without a word). Q at W's own address solves right, each
-    program reading its rows of a block before writing them, but a solve that failed there
-    was blamed on W ("W has NaN at column 16", W's values gone), so it is refused too."""
+    from a half-overwritten Hinv, without a word). Q at W's or R's own address solves right,
+    each program reading its rows of a block (and the first trailing update the columns after
+    it) before any are written, but check_solved reads W and R again to name the cause of a
+    solve that failed: there an overflow was blamed on them ("R has NaN at column 2", their
+    values gone) where SolveOverflow, on which epmq.quant retries with more damping, was due.
+    So it is refused too, the error saying why."""
     written = [("out.Q", Q), ("out.codes", codes), ("out.scales", scales), ("out.zeros", zeros)]
     for k, (name, t) in enumerate(written):
         for other, u in read + written[:k]:
-            if shares_memory(t, u):
-                raise ValueError(f"{name} shares memory with {other}, which the solver reads or writes while it "
-                                 f"writes {name}: give an out of tensors of their own (e.g. torch.empty_like)")
+            if not shares_memory(t, u):
+                continue
+            itself = ""
+            if other in ("W", "R") and (t.data_ptr(), t.stride(), t.shape) == (u.data_ptr(), u.stride(), u.shape):
+                itself = (f" (it is {other} itself: the solve in place would be right, but a solve that fails reads "
+                          f"{other} again to name its cause, after {name} overwrote it, and would blame an overflow "
+                          f"on {other}'s values instead of raising SolveOverflow)")
+            raise ValueError(f"{name} shares memory with {other}, which the solver reads or writes while it "
+                             f"writes {name}{itself}: give an out of tensors of their own (e.g. torch.empty_like)")
 
 
 @torch.no_grad()  # (its first trailing update is torch.sub(out=), which autograd refuses)

@@ -1201,9 +1201,17 @@ def test_an_out_sharing_memory_with_what_the_solver_reads_is_refused_naming_both
         gptq_solve_triton(W, Hinv, group_size=8, out=SolveOut(torch.empty(d, d, **n), codes_buffer(), scales, zeros),
                           **kw)
 
-    # in place: solved right, but a failure there was blamed on W's overwritten values
-    with pytest.raises(ValueError, match="out.Q shares memory with W"):
-        gptq_solve_triton(W, Hinv, group_size=8, out=SolveOut(W, codes_buffer(), None, None), **kw)
+    # in place at W's or R's own address: solved right, but a failure there was blamed on their overwritten
+    # values ('R has NaN at column 2') instead of raised as SolveOverflow, so refused, the error saying why;
+    # one overlapping by a row is not R itself, and is refused as any other
+    for name, t in (("W", W), ("R", R)):
+        with pytest.raises(ValueError, match=rf"out.Q shares memory with {name}, .*\(it is {name} itself: the "
+                                             rf"solve in place would be right.*instead of raising SolveOverflow\)"):
+            gptq_solve_triton(W, Hinv, group_size=8, out=SolveOut(t, codes_buffer(), None, None), **kw)
+    arena = torch.empty(2 * d - 1, d, **n)
+    with pytest.raises(ValueError, match=r"out.Q shares memory with R, [^(]*: give an out"):
+        gptq_solve_triton(W, Hinv, group_size=8, out=SolveOut(arena[d - 1:], codes_buffer(), None, None),
+                          **dict(kw, R=arena[:d].copy_(R)))
 
     # disjoint slices of one buffer share no memory: taken
     ref = gptq_solve_reference(W, Hinv, bits=4, sym=False, R=R, blocksize=8, **grid)
