@@ -371,14 +371,34 @@ def _bind_holders_on_save(pretrained_model: type) -> None:
     the class's own. A subclass's own ``save_pretrained`` is installed on too, else it shadows
     transformers' for its models: one that writes the state dict itself (never reaching
     transformers') wrote the packed tensors with no ``quantization_config``. The subclasses are
-    walked at each bind, so a class defined before the model it holds was quantized is one."""
+    walked at each bind, so a class defined before the model it holds was quantized is one; one
+    defined later (imported after the walk, then handed its packed layers) is installed on as it is
+    made, by ``__init_subclass__``."""
     classes = [pretrained_model]
     while classes:
         cls = classes.pop()
         classes += cls.__subclasses__()
-        own = cls.__dict__.get("save_pretrained")
-        if inspect.isfunction(own):  # (one installed already is no function)
-            cls.save_pretrained = _SavesHolders(own, overrides=cls is not pretrained_model)
+        _route_own_save(cls, pretrained_model)
+    own = pretrained_model.__dict__.get("__init_subclass__")
+    if getattr(own, "__func__", None) is not None and getattr(own.__func__, "routes_save_pretrained", False):
+        return
+
+    def __init_subclass__(cls, **kwargs):
+        if own is None:
+            super(pretrained_model, cls).__init_subclass__(**kwargs)
+        else:
+            own.__get__(None, cls)(**kwargs)
+        _route_own_save(cls, pretrained_model)
+
+    __init_subclass__.routes_save_pretrained = True
+    pretrained_model.__init_subclass__ = classmethod(__init_subclass__)
+
+
+def _route_own_save(cls: type, pretrained_model: type) -> None:
+    """``cls``'s own ``save_pretrained`` made a ``_SavesHolders`` (``_bind_holders_on_save``)."""
+    own = cls.__dict__.get("save_pretrained")
+    if inspect.isfunction(own):  # (one installed already is no function)
+        cls.save_pretrained = _SavesHolders(own, overrides=cls is not pretrained_model)
 
 
 # the ids of the models saved through save_quantized within the class's own save_pretrained running

@@ -2082,6 +2082,36 @@ def test_save_pretrained_of_a_subclass_of_its_own_holding_the_one_quantized(tmp_
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_save_pretrained_of_a_subclass_defined_after_the_walk_that_is_handed_packed_layers(tmp_path):
+    """A class whose own save_pretrained writes the state dict itself, defined (imported) after the
+    last quantize or load, whose model is then handed packed layers: only the classes there at a walk
+    were installed on, so its save wrote the packed tensors with no quantization_config (from_pretrained
+    read the linears as random), silently. It writes save_quantized's checkpoint, which loads back."""
+    import transformers
+    from safetensors.torch import save_file
+
+    lm = _llama(1)
+    epmq.quantize_model(lm, epmq.QuantSpec(bits=4, group_size=16), method="rtn", progress=False)
+
+    class DefinedLater(transformers.LlamaForCausalLM):
+        def save_pretrained(self, directory, **kwargs):
+            Path(directory).mkdir()
+            self.config.save_pretrained(directory)
+            save_file({k: t for k, t in self.state_dict().items() if k != "lm_head.weight"},
+                      str(Path(directory) / "model.safetensors"))
+
+    torch.manual_seed(2)
+    later = DefinedLater(lm.config).eval()
+    later.model = lm.model
+    epmq.save_quantized(later, tmp_path / "q")
+    later.save_pretrained(tmp_path / "p")
+    assert_same_checkpoint(tmp_path / "q", tmp_path / "p")
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(epmq.load_quantized(tmp_path / "p", DefinedLater(lm.config))(ids).logits,
+                           later(ids).logits)
+
+
 @pytest.mark.parametrize("holder", [False, True])
 def test_save_pretrained_of_a_model_whose_packed_layers_were_all_replaced_is_transformers_own(holder, tmp_path):
     """A model quantized (itself, or the one it holds) and saved, whose packed layers were then
