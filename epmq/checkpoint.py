@@ -276,6 +276,9 @@ class _SavePretrained:
                              f"epmq.save_quantized(model, directory, max_shard_size=...) directly, or "
                              f"type(model).save_pretrained(model, ...) for transformers' own (which "
                              f"from_pretrained cannot read back quantized)")
+        saved = _SAVED_THROUGH_SUPER.get()
+        if saved is not None:  # (within a class's own save_pretrained, which may save a model it holds)
+            saved.add(id(model))
         if is_main_process:  # (as transformers: the other processes of a distributed run write nothing)
             save_quantized(model, save_directory, max_shard_size=max_shard_size)
 
@@ -402,7 +405,7 @@ def _route_own_save(cls: type, pretrained_model: type) -> None:
 
 
 # the ids of the models saved through save_quantized within the class's own save_pretrained running
-# (``_SavesHolders``): those of its super().save_pretrained
+# (``_SavesHolders``): those of its super().save_pretrained, or of a model it holds (``self.model``'s)
 _SAVED_THROUGH_SUPER = contextvars.ContextVar("epmq_saved_through_super", default=None)
 
 
@@ -415,9 +418,10 @@ class _SavesHolders:
 
     ``overrides``: ``own`` is a subclass's, shadowing transformers'. One that can call
     ``super()`` (``runs_own``) is run, at every save, so that what it adds (a tokenizer, a card, a
-    generation config) is kept, its ``super().save_pretrained`` writing save_quantized's checkpoint;
-    one that returns without that wrote the packed layers itself, which is said. One that cannot is
-    not run: the model is saved through save_quantized at once."""
+    generation config) is kept, its ``super().save_pretrained`` writing save_quantized's checkpoint
+    (or the save_pretrained of a model it holds, ``self.model.save_pretrained``: that one's checkpoint,
+    as for a float model); one that returns without either wrote the packed layers itself, which is
+    said. One that cannot is not run: the model is saved through save_quantized at once."""
 
     def __init__(self, own, overrides: bool = False):
         self.own = own
@@ -427,21 +431,20 @@ class _SavesHolders:
         def save_pretrained(model, *args, **kwargs):
             if "save_pretrained" in vars(model) or not _saves_quantized(model):
                 return own(model, *args, **kwargs)
-            saved = _SAVED_THROUGH_SUPER.get()
             if not self.runs_own:
-                if saved is not None:
-                    saved.add(id(model))
                 return _SavePretrained(model)(*args, **kwargs)
+            saved = _SAVED_THROUGH_SUPER.get()
             token = _SAVED_THROUGH_SUPER.set(set()) if saved is None else None  # (the outermost override's)
             try:
                 result = own(model, *args, **kwargs)
-                if id(model) not in _SAVED_THROUGH_SUPER.get():
+                saved = _SAVED_THROUGH_SUPER.get()
+                if not any(id(m) in saved for m in model.modules()):
                     raise RuntimeError(
-                        f"{own.__qualname__} returned without calling super().save_pretrained, which epmq "
-                        f"routes to save_quantized for a model holding packed layers: what it wrote holds them "
-                        f"with no quantization_config, which from_pretrained and serving engines read as an "
-                        f"unquantized model (its linears random). Save with epmq.save_quantized(model, "
-                        f"directory), or have it call super().save_pretrained")
+                        f"{own.__qualname__} returned without calling super().save_pretrained (nor the "
+                        f"save_pretrained of a model it holds), which epmq routes to save_quantized for a model "
+                        f"holding packed layers: what it wrote holds them with no quantization_config, which "
+                        f"from_pretrained and serving engines read as an unquantized model (its linears random). "
+                        f"Save with epmq.save_quantized(model, directory), or have it call super().save_pretrained")
             finally:
                 if token is not None:
                     _SAVED_THROUGH_SUPER.reset(token)

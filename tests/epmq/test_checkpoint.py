@@ -2175,6 +2175,42 @@ def test_save_pretrained_of_a_subclass_of_its_own_that_calls_super_keeps_what_it
                 lm.save_pretrained(tmp_path / "own")
 
 
+@pytest.mark.parametrize("holder", [False, True])
+def test_save_pretrained_of_a_subclass_of_its_own_that_saves_a_model_it_holds(holder, tmp_path):
+    """A model class whose own save_pretrained (one that can call super()) saves the model it holds,
+    ``self.inner.save_pretrained``: that save wrote save_quantized's checkpoint of the inner model, and
+    the class's was then refused as if it had written the packed layers with no quantization_config. The
+    inner model's checkpoint is kept, and loads back to its outputs."""
+    import transformers
+
+    class Delegates(transformers.PreTrainedModel):
+        config_class = transformers.LlamaConfig
+        _supports_sdpa = True  # (as the model it holds: the same attention, loaded back)
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.inner = transformers.LlamaForCausalLM(config)
+
+        def forward(self, ids):
+            return self.inner(ids)
+
+        def save_pretrained(self, directory, whole=False, **kwargs):
+            if whole:
+                return super().save_pretrained(directory, **kwargs)
+            return self.inner.save_pretrained(directory, **kwargs)
+
+    torch.manual_seed(1)
+    outer = Delegates(_llama(1).config).eval()
+    epmq.quantize_model(outer.inner if holder else outer, epmq.QuantSpec(bits=4, group_size=16), method="rtn",
+                        progress=False)
+    epmq.save_quantized(outer.inner, tmp_path / "q")
+    outer.save_pretrained(tmp_path / "p")
+    assert_same_checkpoint(tmp_path / "q", tmp_path / "p")
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(epmq.load_quantized(tmp_path / "p")(ids).logits, outer(ids).logits)
+
+
 @pytest.mark.parametrize("quantized", ["model", "encoder"])
 def test_a_model_holding_the_one_quantized_unpickled_where_nothing_was_quantized(quantized, tmp_path, monkeypatch):
     """``torch.save(lm)`` after quantize_model(lm.model) (a transformers model) or
