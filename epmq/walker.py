@@ -556,6 +556,10 @@ def _calibration(calibration, model) -> dict:
                 raise ValueError(f"calibration[{task!r}] item {n}: {'the item' if text in (0, 'input') else text} "
                                  f"is text: tokenize it first (epmq.calibration.text_windows(texts, tokenizer) "
                                  f"cuts texts into windows of token ids, or tokenizer(text, return_tensors='pt'))")
+            flag = _flag_given_a_tensor(model, item)
+            if flag is not None:  # (a batch of one label: bool() of it ran, a flag set by the label's value)
+                raise ValueError(f"calibration[{task!r}] item {n}: {flag} is a flag, given a tensor"
+                                 f"{_positional_hint(model, item)}")
             if hf_model:  # (one sequence's ids without their batch dimension: the blocks fail deep inside)
                 flat = next((f"{'the item' if name in (0, 'input') else name} has shape {tuple(t.shape)}"
                              for name, t in parts if name in (0, "input", "input_ids", "decoder_input_ids")
@@ -1653,6 +1657,23 @@ def _meta_hint(model, error) -> str:
         return ""
     name = next((n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None)
     return "" if name is None else f"; the model's {name} is on the meta device: it was never loaded"
+
+
+def _flag_given_a_tensor(model, item) -> Optional[str]:
+    """The parameter of ``model``'s forward, a flag (its default True or False), that a tensor of a
+    positional ``item`` goes to. A labelled dataset's batch of one image, ``(image, label)``, gave
+    the label to HF CLIP's vision tower's interpolate_pos_encoding: a tensor of one value passes
+    as a bool, so the walk ran, with the flag set by the label's value (the larger batches' labels
+    fail there: ``_positional_hint``)."""
+    if not isinstance(item, (tuple, list)) or hasattr(item, "_fields"):
+        return None
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*item)
+    except (TypeError, ValueError):  # (it does not bind: the forward's own error, at the call)
+        return None
+    params = bound.signature.parameters
+    return next((name for name, value in bound.arguments.items()
+                 if isinstance(value, torch.Tensor) and isinstance(params[name].default, bool)), None)
 
 
 def _positional_hint(model, item) -> str:

@@ -282,21 +282,26 @@ def test_a_buffer_left_on_the_meta_device_is_named(gen):
         quantize(fam, model, method="gptq", experts=None)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("arch", ["hf_clip_vision", "open_clip_vit"])
-def test_a_labelled_batch_given_by_position_is_named(gen, arch):
+def test_a_labelled_batch_given_by_position_is_named(gen, arch, batch):
     """A labelled dataset's batches, ``(images, labels)`` as a torchvision ImageFolder's DataLoader
     yields them: the labels went to the forward's second parameter, and the walk said only the
     model's error ("Boolean value of Tensor with more than one value is ambiguous" for HF CLIP's
     vision tower, whose second is interpolate_pos_encoding; "takes 2 positional arguments but 3
-    were given" for open_clip's): which parameters the elements went to is named."""
+    were given" for open_clip's): which parameters the elements went to is named. A batch of one
+    image's label, a tensor of one value, passed as interpolate_pos_encoding's bool: the walk ran,
+    the flag set by the label; a tensor given to a flag is refused before the model runs."""
     fam = Family(arch, gen, n_samples=1)
     model = fam.merged()
     before = snapshot(model)
-    images = {t: item["pixel_values"] if isinstance(item, dict) else item for t, (item,) in fam.calibration.items()}
-    labelled = {t: [(x, torch.arange(x.shape[0]))] for t, x in images.items()}
-    went = r"interpolate_pos_encoding" if arch == "hf_clip_vision" else r"takes 1 \(x\)"
-    with pytest.raises(ValueError, match=r"item 0: the model cannot run it \(.*\); its 2 elements were given by "
-                                         rf"position, .*{went}.*\(inputs, labels\)"):
+    images = {t: (item["pixel_values"] if isinstance(item, dict) else item)[:batch]
+              for t, (item,) in fam.calibration.items()}
+    labelled = {t: [(x, 1 + torch.arange(x.shape[0]))] for t, x in images.items()}
+    said, went = ((r"interpolate_pos_encoding is a flag, given a tensor", r"interpolate_pos_encoding")
+                  if arch == "hf_clip_vision" else (r"the model cannot run it \(.*\)", r"takes 1 \(x\)"))
+    with pytest.raises(ValueError, match=rf"item 0: {said}; its 2 elements were given by position, .*{went}.*"
+                                         r"\(inputs, labels\)"):
         quantize(fam, model, method="gptq", experts=None, calibration=labelled)
     assert_untouched(model, before)
 
