@@ -259,10 +259,30 @@ def unshared(tensor: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def model_home(model) -> Optional[Path]:
+    """The local directory of the files ``model.name_or_path`` names (from_pretrained's), whose tokenizer files are
+    the model's: a directory, or an HF hub id's snapshot in the local hub cache, at the commit the model was loaded
+    from where its config records it (nothing is fetched: a model's weights are in memory, and a walk is no
+    download). None where it names neither, or the hub cache holds no snapshot of it."""
+    name = getattr(model, "name_or_path", None)
+    if not isinstance(name, (str, os.PathLike)) or not str(name):
+        return None
+    if Path(name).is_dir():
+        return Path(name)
+    reference = None if Path(name).exists() else hub_reference(str(name))
+    if reference is None:
+        return None
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    try:
+        return hub_snapshot(reference[0], kind="tokenizer", revision=reference[1] or commit, offline=True)
+    except CheckpointError:
+        return None
+
+
 def on_model_vocabulary(model: nn.Module, experts: Mapping[str, object]) -> dict:
     """``experts``, each one whose tokenizer numbers the tokens otherwise than the tokenizer saved
-    with ``model`` (its ``name_or_path``, a directory or HF hub id: a merge over experts with
-    added tokens, ``tokenizer_source``) wrapped in ``OnVocabulary`` with its row of each of the
+    with ``model`` (``model_home``: its ``name_or_path``, a directory or HF hub id in the hub cache; a merge over
+    experts with added tokens, ``tokenizer_source``) wrapped in ``OnVocabulary`` with its row of each of the
     model's tokens, so that expert-path targets run it on the model's token ids; the others as
     they are. An expert's tokenizer is the one saved with it (a directory or hub id), else, for a
     LoRA adapter, its base's. Where the model's or an expert's tokenizer is unknown, that expert
@@ -285,7 +305,8 @@ def on_model_vocabulary(model: nn.Module, experts: Mapping[str, object]) -> dict
         name = vocabulary_names(model, list(state))[0]
     except ValueError:  # (no token embeddings)
         return dict(experts)
-    own = tokenizer_at(getattr(model, "name_or_path", None) or None)
+    home = model_home(model)
+    own = None if home is None else load_tokenizer(home)
     out, theirs_by_task = {}, {}
     for task, source in experts.items():
         out[task] = source
@@ -319,7 +340,8 @@ def on_model_vocabulary(model: nn.Module, experts: Mapping[str, object]) -> dict
             raise ValueError(f"expert-path targets run each expert on the model's token ids, and the experts of "
                              f"{[first, *differ]} number the tokens differently, so some cannot match the model's "
                              f"ids; the model's own tokenizer, which would map them, is not saved where its "
-                             f"name_or_path ({getattr(model, 'name_or_path', None)!r}) points: load the model from "
+                             f"name_or_path ({getattr(model, 'name_or_path', None)!r}) points, nor in the HF hub "
+                             f"cache: load the model from "
                              f"its directory, or give the experts as epmq.experts.OnVocabulary(expert, "
                              f"epmq.vocabulary.rows_by_token(...))")
     return out

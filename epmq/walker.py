@@ -120,9 +120,9 @@ from .adapters import (Adapter, Part, Transposed, checkpoint_names, find_towers,
 from .adapters import _expression as adapter_expression
 from .calibration import CACHE_KWARGS as _CACHE_KWARGS, token_rows, unpad
 from .checkpoint import bind_save_pretrained
-from .checkpoint_io import ignored_on_load, key_renaming, loads_transposed
+from .checkpoint_io import hub_reference, ignored_on_load, key_renaming, loads_transposed
 from .checks import all_finite, check_number, device_argument
-from .experts import ExpertWeights, OnVocabulary, on_model_vocabulary, unshared
+from .experts import ExpertWeights, OnVocabulary, model_home, on_model_vocabulary, unshared
 from .qlinear import QuantLinear, common_quant_config
 from .read_ahead import ReadAhead
 from .resume import BlockLog, config_of, data_digest, fingerprint, tensor_digest
@@ -813,18 +813,24 @@ def _check_expert_configs(model, sources, experts, targets: str = "merged_path")
     _check_architectures(None, [found[t][0] for t in tasks], [f"of task {t!r} ({found[t][2]})" for t in tasks],
                          experts=True, reference=reference, configs=[found[t][1] for t in tasks], ref_name=ref_name)
     tokenized = {t: (found[t][3], configs[t], found[t][2]) for t in tasks}
-    _check_expert_tokenizers(tokenized, _model_home(model))
+    home = _model_home(model)
+    _check_expert_tokenizers(tokenized, home)
     if targets != "expert_path":  # (there each expert runs through its row of each of the model's tokens)
-        _warn_of_expert_numbering(model, tokenized)
+        _warn_of_expert_numbering(model, tokenized, home)
 
 
 def _model_home(model) -> Optional[Path]:
-    """The local directory ``model.name_or_path`` names (from_pretrained's; a model built in memory, an open_clip
-    one, may be given it), whose tokenizer files are the model's; None where it names none (a hub id's tokenizer
-    is not fetched to compare with)."""
-    home = getattr(model, "name_or_path", None)
-    home = Path(home) if isinstance(home, (str, os.PathLike)) and str(home) else None
-    return home if home is not None and home.is_dir() else None
+    """The local directory of the files ``model.name_or_path`` names (``experts.model_home``: from_pretrained's
+    directory, or a hub id's snapshot in the local hub cache; a model built in memory, an open_clip one, may be
+    given it), whose tokenizer files are the model's. A hub id the cache holds no snapshot of is warned of: its
+    tokenizer is not fetched to compare with, and experts numbering its tokens otherwise went unsaid."""
+    home = model_home(model)
+    name = getattr(model, "name_or_path", None)
+    if home is None and isinstance(name, str) and not Path(name).exists() and hub_reference(name) is not None:
+        warnings.warn(f"the model's name_or_path {name!r} is an HF hub id the local hub cache holds no snapshot of: "
+                      f"its tokenizer is not compared with the experts' (nothing is downloaded for a check; load the "
+                      f"model from a directory holding its tokenizer, or fetch it: hf download {name})")
+    return home
 
 
 def _check_expert_tokenizers(found: dict, home: Optional[Path] = None) -> None:
@@ -851,9 +857,9 @@ def _check_expert_tokenizers(found: dict, home: Optional[Path] = None) -> None:
                                "E-PMQ's experts must be of the model's {}")
 
 
-def _warn_of_expert_numbering(model, found: dict) -> None:
+def _warn_of_expert_numbering(model, found: dict, home: Optional[Path]) -> None:
     """HF experts (``found`` as ``_check_expert_tokenizers`` takes it) whose tokenizers put other tokens, each held
-    by both, under one row (``vocabulary.rows_apart``) than the model's tokenizer (saved in ``_model_home``),
+    by both, under one row (``vocabulary.rows_apart``) than the model's tokenizer (saved in ``home``: ``_model_home``),
     else than the first of them: a merge laying the rows out by position (no tokenizer_source) mixed rows of
     other tokens, in silence here. Warned of, as the merges warn, not refused: merged_path and fp_path read no
     embeddings, and a merge laying them out by token (tokenizer_source) makes one row of experts numbering a
@@ -875,7 +881,6 @@ def _warn_of_expert_numbering(model, found: dict) -> None:
             return None
         return None if tokenizer is None else tokenizer.get_vocab()
 
-    home = _model_home(model)
     recipe = home / MERGE_RECIPE_FILE if home is not None else None
     if recipe is not None and recipe.is_file() and "tokenizer_source" in (read_json_file(recipe) or {}):
         return

@@ -314,8 +314,9 @@ def test_expert_path_maps_an_expert_with_the_same_rows_numbered_otherwise(models
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
-def _numbering_warnings(model, experts, targets="merged_path") -> list:
-    """What E-PMQ over ``experts`` (task -> checkpoint) warns of experts numbering tokens otherwise."""
+def _numbering_warnings(model, experts, targets="merged_path", said_of="tokens otherwise than") -> list:
+    """What E-PMQ over ``experts`` (task -> checkpoint) warns of experts numbering tokens otherwise (of
+    ``said_of``)."""
     from epmq import QuantSpec, quantize_model
 
     calibration = {t: [torch.tensor([[1, 2, 3, 4]])] for t in experts}
@@ -323,7 +324,7 @@ def _numbering_warnings(model, experts, targets="merged_path") -> list:
         warnings.simplefilter("always")
         quantize_model(model, QuantSpec(bits=4, group_size=8), method="epmq", targets=targets,
                        experts={t: str(p) for t, p in experts.items()}, calibration=calibration, progress=False)
-    return [str(w.message) for w in caught if "tokens otherwise than" in str(w.message)]
+    return [str(w.message) for w in caught if said_of in str(w.message)]
 
 
 def _swapped(root):
@@ -373,6 +374,31 @@ def test_experts_numbering_tokens_otherwise_than_the_models_own_tokenizer_are_wa
     model = transformers.AutoModelForCausalLM.from_pretrained(merged)
     model.name_or_path = ""
     assert len(_numbering_warnings(model, experts)) == 1
+
+
+def test_a_model_named_by_hub_id_is_compared_by_the_tokenizer_in_the_hub_cache(models, tmp_path, monkeypatch):
+    """A model whose name_or_path is an HF hub id had no tokenizer to compare the experts' with (only a directory's
+    was read): the hub cache's snapshot of it is read (nothing fetched), so a lone expert numbering its tokens
+    otherwise is warned of, naming it; where the cache holds none, that its tokenizer is not compared is said
+    once, naming the id."""
+    import huggingface_hub.constants as hub
+
+    def model():
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(models["base"])
+        loaded.name_or_path = "org/base"
+        return loaded
+
+    swapped = _swapped(tmp_path)
+    monkeypatch.chdir(tmp_path)  # (no local path "org/base")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    said = _numbering_warnings(model(), {"a": swapped}, said_of="'org/base'")
+    assert len(said) == 1 and "holds no snapshot of: its tokenizer is not compared with the experts'" in said[0]
+    in_hub_cache(tmp_path / "hub", {"base": models["base"]}, monkeypatch)
+    said = _numbering_warnings(model(), {"a": swapped})
+    assert len(said) == 1 and said[0].startswith(f"the expert of task 'a' ({swapped}) numbers 2 tokens otherwise "
+                                                 f"than the model ({tmp_path / 'hub' / 'models--org--base'}")
 
 
 def test_an_expert_tokenizer_that_does_not_load_is_warned_of_on_the_default_targets(models, tmp_path):
