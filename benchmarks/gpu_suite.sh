@@ -30,6 +30,12 @@ nvidia-smi -L || true
 "$PYTHON" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
 # the CUDA tests build models of transformers' classes: an image with an older one fails them
 "$PYTHON" -c 'import transformers; print("transformers", transformers.__version__)' || echo "warning: transformers is missing"
+# Without a card every CUDA test skips and every benchmark says it has nothing to time: a run
+# that measured nothing must not end as "all steps passed" (a torch without CUDA, a hidden GPU)
+if [ "$CARD" = "no-cuda" ]; then
+    echo "== gpu_suite.sh: torch sees no CUDA device (torch.cuda.is_available() is False): nothing to test or time"
+    exit 1
+fi
 
 # Dependencies the card's image may lack (open_clip_torch, which the walker's tests build
 # models with): wheels carried in .whl/ (see benchmarks/README.md) are installed beside it.

@@ -487,6 +487,28 @@ def test_gpu_suite_log_is_whole_when_the_suite_returns(tmp_path):
     assert "== all steps passed" in logs[0].read_text()
 
 
+def test_gpu_suite_without_a_card_refuses_instead_of_passing(tmp_path):
+    """On a machine whose torch sees no CUDA device (a CPU build, a hidden GPU) every CUDA test
+    skipped and every benchmark said it had nothing to time, and the suite ended "all steps
+    passed" with status 0: a GPU session's one call spent on a run that measured nothing, reported
+    as a success. It stops before its steps, saying why, in its log too. Its Python is a stub that
+    answers the card query as torch without CUDA does, so only the suite's own plumbing runs."""
+    import os
+    import subprocess
+
+    stub = tmp_path / "python-stub"
+    stub.write_text('#!/bin/sh\ncase "$*" in *get_device_name*) echo no-cuda ;; *) echo stub "$@" ;; esac\n')
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh")], cwd=tmp_path,
+                            env={**os.environ, "OUT": str(out), "PYTHON": str(stub)},
+                            capture_output=True, text=True, timeout=60)
+    log = (out / "gpu-suite-no-cuda.log").read_text()
+    assert result.returncode != 0, log
+    assert "torch sees no CUDA device" in log
+    assert "== cuda-tests" not in log and "all steps passed" not in log
+
+
 @pytest.mark.parametrize("hidden", [32, 448])
 def test_cli_end_to_end_builds_a_model_that_runs_at_any_width(tmp_path, hidden):
     """``cli_end_to_end.py --hidden 32`` gave its Llama ``hidden // 64 = 0`` attention heads
