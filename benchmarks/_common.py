@@ -121,7 +121,7 @@ def device_info(device) -> dict:
     return dict(
         device=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)),
         sm_count=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
-        cuda=torch.version.cuda, python=platform.python_version(),
+        cuda=torch.version.cuda, python=platform.python_version(), revision=checkout_revision(),
     )
 
 
@@ -369,11 +369,19 @@ def median_of(results):
 
 
 def checkout_revision() -> str:
-    """The checked-out commit, marked when the tracked files differ from it."""
+    """The checked-out commit, marked when the tracked files differ from it. A GPU machine runs a
+    copy of the working tree without its git history: there the caller names the commit in
+    ``$EPMQ_REVISION``, and a result says when nobody did (it had recorded an empty revision)."""
     import subprocess
 
-    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:  # (no git installed)
+        head = ""
+    if not head:
+        given = os.environ.get("EPMQ_REVISION", "").strip()
+        return f"{given} (EPMQ_REVISION)" if given else "unknown (not a git checkout; set EPMQ_REVISION)"
     dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()
     return head + (" (uncommitted changes)" if dirty else "")

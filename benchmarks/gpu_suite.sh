@@ -5,6 +5,7 @@
 # the steps but the GEMV probe took 78, 71, 67 and 60 s on an H200, 2026-12-04, 311 s in all). Results go to ${OUT:-benchmarks/results}, named after the card, the log too.
 #
 #     bash benchmarks/gpu_suite.sh
+#     EPMQ_REVISION=<commit> bash benchmarks/gpu_suite.sh   # a copy of the checkout without .git
 #
 # To add a benchmark, append one `step NAME SECONDS COMMAND...` line in the steps section.
 set -euo pipefail
@@ -28,6 +29,8 @@ echo "== device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
 nvidia-smi -L || true
 "$PYTHON" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
+# the commit measured, as each result's JSON records it (a copy without git history: $EPMQ_REVISION)
+"$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks"); from _common import checkout_revision; print("revision", checkout_revision())' || true
 # the CUDA tests build models of transformers' classes: an image with an older one fails them
 "$PYTHON" -c 'import transformers; print("transformers", transformers.__version__)' || echo "warning: transformers is missing"
 # Without a card every CUDA test skips and every benchmark says it has nothing to time: a run

@@ -61,6 +61,25 @@ def test_benchmarks_write_what_they_measured_when_their_time_is_up():
         assert "raise_on_sigterm()" in text and "except Terminated" in text
 
 
+def test_results_name_the_commit_also_on_a_copy_without_git_history(tmp_path, monkeypatch):
+    """The GPU benchmarks' JSON named the card but not the commit (written by hand in the results'
+    README, after the run), and a GPU machine runs a copy of the checkout without ``.git``, where
+    the CPU benchmarks recorded an empty ``current_revision``: the caller's ``$EPMQ_REVISION``
+    is recorded there, and a run nobody named says so."""
+    common, = _imported("benchmarks", "_common")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.setattr(common, "ROOT", str(tmp_path))
+    monkeypatch.delenv("EPMQ_REVISION", raising=False)
+    assert common.checkout_revision() == "unknown (not a git checkout; set EPMQ_REVISION)"
+    monkeypatch.setenv("EPMQ_REVISION", "3dee622")
+    assert common.checkout_revision() == "3dee622 (EPMQ_REVISION)"
+    for name, value in (("get_device_properties", lambda device: type("P", (), {"multi_processor_count": 1})),
+                        ("get_device_name", lambda device=None: "test card"),
+                        ("get_device_capability", lambda device=None: (9, 0))):
+        monkeypatch.setattr(torch.cuda, name, value)
+    assert common.device_info(0)["revision"] == "3dee622 (EPMQ_REVISION)"
+
+
 def test_gemv_probe_checks_and_compiles():
     """The suite's GEMV probe (benchmarks/gemv_roofline.py): its probes agree with torch under
     the interpreter (``--check``), and all four compile for sm_90, the HALF2 one with its
@@ -115,7 +134,7 @@ def test_solver_and_walker_benchmarks_run_on_the_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
-    bench_solver, bench_walker = _imported("benchmarks", "bench_solver", "bench_walker")
+    bench_solver, bench_walker, common = _imported("benchmarks", "bench_solver", "bench_walker", "_common")
     rows = bench_solver.bench_shape(16, 64, torch.device("cpu"), float("inf"), lambda row: None,
                                     True)
     kinds = [(r["kind"], r.get("residual_precision"), r.get("side_stream", True)) for r in rows]
@@ -132,6 +151,7 @@ def test_solver_and_walker_benchmarks_run_on_the_cpu(tmp_path, monkeypatch):
     assert not result["partial"] and {(r["method"], r["attempt"]) for r in result["rows"]} >= {
         ("gptq", "timed"), ("epmq", "timed"), ("epmq_in_line_reads", "timed"), ("epmq_lora", "timed")}
     assert result["epmq_lora_over_gptq"] > 0 and result["read_ahead_speedup"] > 0
+    assert result["revision"] == common.checkout_revision()
     assert all(r["expert_read_s"] >= 0 for r in result["rows"] if r["method"].startswith("epmq"))
 
 
