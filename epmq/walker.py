@@ -2692,6 +2692,10 @@ def _out_of_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and any(said in str(e) for said in _CPU_OUT_OF_MEMORY))
 
 
+# the model's errors on an item it cannot run (token ids past the vocabulary, other widths or dtypes): the item's
+_ITEMS_ERRORS = (RuntimeError, IndexError, TypeError, NotImplementedError)
+
+
 def _error_said(e: BaseException) -> str:
     """An error in one line, as the walk's refusals quote a block's or the model's: its type and the first
     300 characters of its message's first line."""
@@ -3193,26 +3197,28 @@ class _Walk:
         Each task's first item is run so: one that runs and misses stacks is refused, naming them all
         (``_never_reached``), before any block is quantized (a task's items are most often of one kind,
         text or text with images: another task's missing a tower was refused by the probes once the
-        towers before it were quantized); one the model cannot run leaves those it did not reach after
-        the others (the probes say why)."""
+        towers before it were quantized); one the model cannot run is refused there (``_reached``)."""
         if len(self.stacks) < 2:
             return
         every, order = range(len(self.stacks)), None
         for task, items in self.calibration.items():
-            reached, ran = self._reached(task, 0, items[0], every)
-            if ran and len(reached) < len(self.stacks):
+            reached = self._reached(task, 0, items[0], every)
+            if len(reached) < len(self.stacks):
                 raise self._never_reached(task, 0, [s for s in every if s not in reached])
             if order is None:
                 order = reached + [s for s in every if s not in reached]
         self.stacks = [self.stacks[s] for s in order]
 
-    def _reached(self, task, n, item, candidates) -> tuple:
-        """``(reached, ran)``: which of the stacks ``candidates`` (indices) the model's forward of
-        calibration[task] item ``n`` calls the first block of, in the order it calls them (the pass
-        stopped once all are), and whether the item ran without an error (else the probes say it)."""
+    def _reached(self, task, n, item, candidates) -> list:
+        """Which of the stacks ``candidates`` (indices) the model's forward of calibration[task] item
+        ``n`` calls the first block of, in the order it calls them (the pass stopped once all are). An
+        error of that pass is raised from it, as the probes would (``_cannot_run``): it was swallowed,
+        for the probes to meet it again, but an error of this pass alone (memory, all the stacks in
+        full precision) left the stacks in the modules' order, or had a model that ran whole in the
+        probe refused as never reaching the stacks after the error."""
         reached = []
         if not candidates:
-            return reached, True
+            return reached
 
         def first_call(s):
             def hook(module, args):
@@ -3227,12 +3233,22 @@ class _Walk:
             _call(self.model, item, self.model_device, _item_seed(task, n), self.seeded_devices)
         except _Stop:
             pass
-        except Exception:  # (an item the model cannot run: the probes say so, by task and item)
-            return reached, False
+        except Exception as e:
+            # (no stand-in runs here: a ValueError before any stack is the item's, as in the probes)
+            if not _out_of_memory(e) and (isinstance(e, _ITEMS_ERRORS) or isinstance(e, ValueError) and not reached):
+                raise self._cannot_run(task, n, item, e) from e
+            e.add_note(f"(while the model's forward ran calibration[{task!r}] item {n} to find the order it "
+                       f"reaches the stacks in)")
+            raise
         finally:
             for hook in hooks:
                 hook.remove()
-        return reached, True
+        return reached
+
+    def _cannot_run(self, task, n, item, e) -> ValueError:
+        """The refusal of calibration[task] item ``n``, whose forward failed with ``e``, the item's fault."""
+        return ValueError(f"calibration[{task!r}] item {n}: the model cannot run it ({_error_said(e)})"
+                          f"{_meta_hint(self.model, e)}{_positional_hint(self.model, item)}")
 
     def _never_reached(self, task, n, missed) -> ValueError:
         """The refusal of calibration[task] item ``n``, which reaches none of the stacks ``missed``
@@ -4100,14 +4116,11 @@ class _Walk:
                                 _refuse_stand_in(stack, now["called"], e)
                             if now["past"]:  # (what runs after the stack only had to call it or not)
                                 pass
-                            elif (isinstance(e, (RuntimeError, IndexError, TypeError, NotImplementedError))
-                                  or isinstance(e, ValueError) and not now["started"]):
+                            elif isinstance(e, _ITEMS_ERRORS) or isinstance(e, ValueError) and not now["started"]:
                                 # (token ids past the vocabulary, float ids, other widths or dtypes,
                                 # a misspelt input's name before any block: the model's own error,
                                 # named as the calibration's; a block's ValueErrors are epmq's own)
-                                raise ValueError(f"calibration[{task!r}] item {n}: the model cannot run it "
-                                                 f"({_error_said(e)}){_meta_hint(self.model, e)}"
-                                                 f"{_positional_hint(self.model, item)}") from e
+                                raise self._cannot_run(task, n, item, e) from e
                             else:
                                 if e is not now["raised"]:  # (the model's own code between the blocks)
                                     where = (f"after block {stack.names[now['called'][0]]!r}" if now["called"]
@@ -4118,7 +4131,7 @@ class _Walk:
                         else:
                             if not now["past"]:  # (the model ran whole: which later stacks did it reach?)
                                 later = range(s + 1, len(self.stacks))
-                                reached, _ = self._reached(task, n, item, later)
+                                reached = self._reached(task, n, item, later)
                                 raise self._never_reached(task, n, [s] + [t for t in later if t not in reached])
                         finally:
                             if now["peek"] is not None:

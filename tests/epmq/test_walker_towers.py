@@ -4,6 +4,7 @@ the walk, what it leaves behind, and their checkpoints."""
 import ast
 import json
 import re
+import traceback
 import warnings
 
 import pytest
@@ -1339,6 +1340,33 @@ def test_towers_are_walked_in_the_order_the_forward_reaches_them(gen):
     for name, m in one.named_modules():
         if isinstance(m, epmq.QuantLinear):
             assert torch.equal(m.qweight, packed[name].qweight) and torch.equal(m.scales, packed[name].scales), name
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, RuntimeError])
+def test_an_error_finding_the_order_of_the_towers_is_raised_there(gen, error):
+    """The walk runs each task's first item through the model to find the order it reaches the towers
+    in; an error of that pass was swallowed for the probes to meet again, so one of it alone (memory,
+    every tower in full precision) left Kosmos-2's text model walked first, on the full-precision
+    tower's features, silently. It is raised from that pass: memory as it is, noted; the model's
+    error on the item as the probes refuse it, naming the item."""
+    model, items = tiny_kosmos2(), kosmos2_inputs(2, gen)
+    raised = []
+
+    def once(module, args):
+        if not raised:
+            raised.append(error("no room" if error is torch.OutOfMemoryError else "no such patch"))
+            raise raised[0]
+
+    model.vision_model.model.embeddings.register_forward_pre_hook(once)
+    expected = error if error is torch.OutOfMemoryError else ValueError
+    with pytest.raises(expected) as caught:
+        epmq.quantize_model(model, SPEC_4, method="gptq", calibration={"a": items}, backend="torch", progress=False)
+    if error is torch.OutOfMemoryError:
+        assert caught.value is raised[0] and "to find the order it reaches the stacks in" in caught.value.__notes__[0]
+    else:
+        assert str(caught.value).startswith("calibration['a'] item 0: the model cannot run it (RuntimeError: no such")
+        assert caught.value.__cause__ is raised[0]
+    assert "_reached" in [frame.name for frame in traceback.extract_tb(raised[0].__traceback__)]
 
 
 def tiny_t5gemma2(seed=0):
