@@ -2044,13 +2044,18 @@ def _warnings_of(name):
     the hook are the process's, and another thread's warnings meanwhile (the experts'
     read-ahead's) were said as the layer's, past the caller's filters."""
     said, thread = [], threading.get_ident()
-    shown_elsewhere = warnings.showwarning
+    # (the hook of the whole message, as catch_warnings(record=True) sets it: showwarning's arguments leave out
+    # its source, whose tracemalloc traceback -X tracemalloc shows)
+    shown_elsewhere, shown_elsewhere_whole = warnings.showwarning, warnings._showwarnmsg_impl
 
-    def show(message, category, filename, lineno, file=None, line=None):
+    def show(msg):
         if threading.get_ident() == thread:
-            said.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
-        else:  # (judged by the caller's filters, as outside a solve: shown as they would have been)
-            shown_elsewhere(message, category, filename, lineno, file, line)
+            said.append(msg)
+        # (judged by the caller's filters, as outside a solve: shown as they would have been)
+        elif shown_elsewhere is not warnings._showwarning_orig:
+            shown_elsewhere(msg.message, msg.category, msg.filename, msg.lineno, msg.file, msg.line)
+        else:
+            shown_elsewhere_whole(msg)
 
     def say_again():
         for w in said:
@@ -2060,7 +2065,8 @@ def _warnings_of(name):
         with warnings.catch_warnings():
             # (all of this thread's: the caller's filters judge them as said again, named)
             warnings.simplefilter("always", _OfOneThread("ThisThreadsWarning", (Warning,), {"thread": thread}))
-            warnings.showwarning = show
+            warnings.showwarning = warnings._showwarning_orig  # (so that the whole message's hook is called)
+            warnings._showwarnmsg_impl = show
             yield
     except BaseException:  # (a solve that failed too: what it said before its error)
         with contextlib.suppress(Warning):  # (under -W error the failure, not a warning, says why)

@@ -424,6 +424,25 @@ def test_a_warning_of_another_thread_during_a_solve_is_not_said_as_the_layers(ge
     assert messages == sorted([*(f"{n}: damped again" for n in layers), "read ahead", "read ahead"]), messages
 
 
+def test_a_warning_said_during_a_solve_keeps_its_source():
+    """A warning's source (the object it is about, whose allocation's traceback -X tracemalloc shows)
+    was lost when a solve's warning was said again named by the layer, and when another thread's was
+    shown as it would have been: the hook that caught them is given the warning's fields but its source."""
+    import threading
+
+    from epmq import walker
+
+    mine, theirs = object(), object()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with walker._warnings_of("layers.0.a"):
+            beside = threading.Thread(target=lambda: warnings.warn("read ahead", ResourceWarning, source=theirs))
+            beside.start()
+            beside.join()
+            warnings.warn("damped again", ResourceWarning, source=mine)
+    assert [(str(w.message), w.source) for w in said] == [("read ahead", theirs), ("layers.0.a: damped again", mine)]
+
+
 def test_a_layer_of_tiny_inputs_is_quantized(gen):
     """Block 1's MLP sees inputs of order 1e-27 (its norm's weight): GPTQ's Hessian of them, in
     float64, has a mean diagonal near 1e-52, which the solver refused ('scale it'), ending the
