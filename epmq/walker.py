@@ -95,6 +95,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import textwrap
 import threading
@@ -491,18 +492,22 @@ def quantize_model(
 
 
 def _to_the_end(step: Callable[[], None]) -> None:
-    """``step`` run to its end, from its start again where a Ctrl-C stops it (it must be one that can run
-    twice), and the interrupt raised after: a second Ctrl-C while a stopped walk rolled back left the model
-    half rolled back, some of its blocks quantized."""
-    interrupt = None
-    while True:
-        try:
-            step()
-            break
-        except KeyboardInterrupt as e:
-            interrupt = e
-    if interrupt is not None:
-        raise interrupt
+    """``step`` run to its end, a Ctrl-C meanwhile held until it is and raised then: a second Ctrl-C while a
+    stopped walk rolled back left the model half rolled back, some of its blocks quantized; run again from
+    its start where a Ctrl-C stopped it, it ran for as long as they kept coming. Held by SIGINT's handler,
+    in the main thread, the only one Ctrl-C interrupts; one handler Python did not set is left as it is."""
+    held = []
+    previous = signal.getsignal(signal.SIGINT)
+    holding = previous is not None and threading.current_thread() is threading.main_thread()
+    if holding:
+        signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        step()
+    finally:
+        if holding:
+            signal.signal(signal.SIGINT, previous)
+            if held:  # (to the handler it was meant for: Python's raises KeyboardInterrupt)
+                signal.raise_signal(signal.SIGINT)
 
 
 # --------------------------------------------------------------------------- inputs

@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import gc
 import re
+import signal
 import types
 import warnings
 import weakref
@@ -547,7 +548,7 @@ def test_a_second_interrupt_while_a_stopped_walk_winds_up_leaves_the_model_whole
     def put_back(block, name, value):  # (the rollback's: a linear in the place of a QuantLinear)
         if not interrupted and isinstance(getattr(block, name, None), epmq.QuantLinear):
             interrupted.append(name)
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)  # (a Ctrl-C: the rollback holds it until it is done)
         nn.Module.__setattr__(block, name, value)
 
     close = ReadAhead.close
@@ -569,6 +570,40 @@ def test_a_second_interrupt_while_a_stopped_walk_winds_up_leaves_the_model_whole
     assert interrupted == (["fc"] if second == "rollback" else ["close"])
     assert_untouched(model, before)
     assert all(m.training for m in model.modules())
+
+def test_interrupts_that_keep_coming_while_a_stopped_walk_rolls_back_are_held_until_it_is_done(gen, monkeypatch):
+    """A Ctrl-C that stopped the rollback of a stopped walk ran it again from its start, for as long as
+    they kept coming (a key held down, a script's repeated signals). They are held until the rollback is
+    done, once; then raised, the model whole."""
+    model = Net(Residual).train()
+    before = snapshot(model)
+    solve = quant.gptq
+
+    def first_interrupt(*args, **kwargs):
+        if any(isinstance(m, epmq.QuantLinear) for m in model.modules()):
+            raise KeyboardInterrupt
+        return solve(*args, **kwargs)
+
+    put_backs = []
+
+    def put_back(block, name, value):  # (the rollback's: a linear in the place of a QuantLinear)
+        if isinstance(getattr(block, name, None), epmq.QuantLinear):
+            put_backs.append(name)
+            if len(put_backs) < 50:  # (a bound, for the test to end where each one runs it again)
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+        nn.Module.__setattr__(block, name, value)
+
+    monkeypatch.setattr(quant, "gptq", first_interrupt)
+    monkeypatch.setattr(Residual, "__setattr__", put_back)
+    with pytest.raises(KeyboardInterrupt):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"t": [torch.randn(4, 16, generator=gen)]},
+                            backend="torch", progress=False)
+    assert put_backs == ["fc"]
+    assert_untouched(model, before)
+    assert all(m.training for m in model.modules())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
 
 def test_calibration_that_misses_a_tower(gen):
     """open_clip CLIP run on images only never reaches its text tower."""
