@@ -442,17 +442,21 @@ def quantize_model(
             edits.match_modes()
             edits.forget_output_capture()
 
-        try:
-            if walk is not None:
-                walk._ahead.close()  # (before the sources it reads are closed)
-                if method == "epmq":
-                    report.expert_read_seconds = walk.expert_read_seconds
-            if walk is not None and walk.log is not None:
-                walk.log.close()
+        def close_ahead():
+            _to_the_end(walk._ahead.close)  # (its read in flight done before the sources it reads are closed)
+            if method == "epmq":
+                report.expert_read_seconds = walk.expert_read_seconds
+
+        # (each closed, last to first, whatever one closed before it raised: a Ctrl-C in the read-ahead's
+        # close left the log's lock of resume_dir and the experts' files to the garbage collector)
+        with contextlib.ExitStack() as closing:
+            closing.callback(_to_the_end, restore_modes)
             for source in sources.values():
-                source.close()
-        finally:  # (the modes given back even where a second Ctrl-C stops the read-ahead's wait for its read)
-            _to_the_end(restore_modes)
+                closing.callback(source.close)
+            if walk is not None:
+                if walk.log is not None:
+                    closing.callback(walk.log.close)
+                closing.callback(close_ahead)
     report.seconds = time.perf_counter() - t0
     if report.unreached:  # one warning for the whole walk: an MoE model may have hundreds
         warnings.warn(

@@ -605,6 +605,37 @@ def test_interrupts_that_keep_coming_while_a_stopped_walk_rolls_back_are_held_un
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_an_interrupt_in_the_read_aheads_close_still_closes_the_log_and_the_experts(gen, monkeypatch, tmp_path):
+    """A Ctrl-C in the read-ahead's close (its wait for the read in flight) left the resume log's lock of
+    its directory and the experts' checkpoints open, to the garbage collector (the walk, which holds them,
+    is held by the interrupt's traceback). Each is closed, the modes given back, the interrupt raised."""
+    from epmq import resume
+    from epmq.experts import ExpertWeights
+    from epmq.read_ahead import ReadAhead
+
+    model = Net(Residual).train()
+    experts = {t: {k: v + 0.01 for k, v in model.state_dict().items()} for t in ("a", "b")}
+    closed = []
+    close = ExpertWeights.close
+
+    def closing(source):
+        closed.append(source.task)
+        close(source)
+
+    def interrupted(ahead):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ExpertWeights, "close", closing)
+    monkeypatch.setattr(ReadAhead, "close", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        epmq.quantize_model(model, SPEC, method="epmq", experts=experts, backend="torch", progress=False,
+                            calibration={t: [torch.randn(4, 16, generator=gen)] for t in experts},
+                            resume_dir=tmp_path / "resume")
+    assert sorted(closed) == ["a", "b"]
+    assert str((tmp_path / "resume").resolve()) not in resume._HELD
+    assert all(m.training for m in model.modules())
+
+
 def test_calibration_that_misses_a_tower(gen):
     """open_clip CLIP run on images only never reaches its text tower."""
     fam = Family("open_clip_clip", gen, n_samples=1)
