@@ -4498,9 +4498,10 @@ class _Walk:
                           f"(a block whose calls depend on its data)")
         if late:
             said = ", ".join(f"{prefix}.{rel} (item {n} of task {task!r})" for rel, (task, n) in late.items())
-            warnings.warn(f"{said}: called on a later calibration item but on no task's item 0, from which the "
-                          f"walk learns a block's linears, so left in full precision (in epmq_report.skipped); "
-                          f"to quantize it, make an item that calls it a task's first")
+            warnings.warn(f"{said}: called there but not when the walk probed the block (on each task's item 0, "
+                          f"before its linears were quantized) to learn which linears it calls, so left in full "
+                          f"precision (in epmq_report.skipped); to quantize it, make an item that calls it a "
+                          f"task's first")
         if replay:
             self._replay_next(s, i, self.q, outputs)
 
