@@ -502,9 +502,12 @@ def _to_the_end(step: Callable[[], None]) -> None:
     in the main thread, the only one Ctrl-C interrupts; one handler Python did not set is left as it is."""
     held = []
     previous = signal.getsignal(signal.SIGINT)
-    holding = previous is not None and threading.current_thread() is threading.main_thread()
+    holding = previous is not None
     if holding:
-        signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        try:
+            signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        except ValueError:  # (not the main thread of the main interpreter: no Ctrl-C reaches it)
+            holding = False
     try:
         step()
     finally:

@@ -596,13 +596,28 @@ def test_interrupts_that_keep_coming_while_a_stopped_walk_rolls_back_are_held_un
 
     monkeypatch.setattr(quant, "gptq", first_interrupt)
     monkeypatch.setattr(Residual, "__setattr__", put_back)
+    handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         epmq.quantize_model(model, SPEC, method="gptq", calibration={"t": [torch.randn(4, 16, generator=gen)]},
                             backend="torch", progress=False)
     assert put_backs == ["fc"]
     assert_untouched(model, before)
     assert all(m.training for m in model.modules())
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_a_step_run_to_its_end_outside_the_main_thread_runs_once_its_handler_untouched():
+    """Only the main thread of the main interpreter may set SIGINT's handler, and only it is interrupted
+    by Ctrl-C: elsewhere the step runs as it is (a walk in a worker thread rolls back)."""
+    import threading
+
+    from epmq import walker
+
+    handler, seen = signal.getsignal(signal.SIGINT), []
+    worker = threading.Thread(target=walker._to_the_end, args=(lambda: seen.append(signal.getsignal(signal.SIGINT)),))
+    worker.start()
+    worker.join()
+    assert seen == [handler] and signal.getsignal(signal.SIGINT) is handler
 
 
 def test_an_interrupt_in_the_read_aheads_close_still_closes_the_log_and_the_experts(gen, monkeypatch, tmp_path):
