@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from . import _runtime
-from ._runtime import _bf16_mm, bf16_split, on_tensor_device
+from ._runtime import _bf16_mm, bf16_split, check_device, on_tensor_device, shares_memory
+from .grid import is_integer
 
 SPLIT_TILE = (32, 128, 4)  # BLOCK_R, BLOCK_C, num_warps of the split (and the residual's epilogue)
 
@@ -104,6 +105,10 @@ def split_bf16(X, Y, parts, mid, hi=None):
     if hi is not None and (hi.shape != (n_rows, n_cols) or hi.dtype != torch.bfloat16
                            or (n_cols > 1 and hi.stride(1) != 1)):
         raise ValueError(f"hi must be a [{n_rows}, {n_cols}] bf16 view with unit column stride")
+    # (mid past the parts wrote hi into every one of them, silently: no remainder anywhere)
+    if not is_integer(mid) or not 0 <= mid < parts.shape[1]:
+        raise ValueError(f"mid must be the index of one of the {parts.shape[1]} parts, got {mid!r}")
+    mid = int(mid)  # (numpy's, as Python's: the kernel is specialised on it)
     if X.device.type != "cuda" and not _runtime.INTERPRETED:
         x_hi, x_mid = bf16_split(X.float() if Y is None else X.float() - Y.float())
         for p in range(parts.shape[1]):
@@ -111,6 +116,14 @@ def split_bf16(X, Y, parts, mid, hi=None):
         if hi is not None:
             hi.copy_(x_hi)
         return
+    # (the kernel writes through every pointer given: parts on another device than X wrote into that
+    # device's memory at X's addresses, or failed in the interpreter with 'Cannot copy out of meta tensor')
+    given = [("X", X), ("Y", Y), ("parts", parts), ("hi", hi)]
+    check_device(*(t for _, t in given if t is not None), names=[n for n, t in given if t is not None])
+    for name, out in (("parts", parts), ("hi", hi)):
+        # (programs write their tiles while others still read theirs: unlike torch's, which splits first)
+        if shares_memory(out, X, Y):
+            raise ValueError(f"{name} must not share memory with X or Y: the kernel writes it while reading them")
     X = X if X.stride(1) == 1 else X.contiguous()
     Y = None if Y is None else (Y if Y.stride(1) == 1 else Y.contiguous())
     BR, BC, warps = SPLIT_TILE

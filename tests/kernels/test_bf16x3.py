@@ -2,6 +2,7 @@
 (``_runtime.bf16x3_mm``) and float64, on fresh random matrices: the split layouts, every slice
 and transpose a product may take, and E-PMQ's triangular and symmetric products through them."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,6 +67,32 @@ def test_split_layouts_are_torchs_parts(gen, axis, n_parts, mid, monkeypatch):
     with pytest.raises(ValueError, match="hi must be"):
         split_bf16(X, None, F.transpose(1, 2) if axis == "cols" else F, mid,
                    torch.empty(45, 19, dtype=torch.bfloat16, device=DEVICE))
+
+
+def test_split_refuses_a_mid_past_the_parts_and_parts_it_cannot_write(gen):
+    """A ``mid`` past the parts wrote hi into each (no remainder anywhere), on both paths; parts on
+    another device than X ended in the interpreter's 'Cannot copy out of meta tensor' (on a GPU,
+    writes at X's device's addresses); parts in X's own memory were written by programs while
+    others still read X, a wrong split without a word (512 columns: several column tiles). Each
+    is refused by name, nothing written."""
+    X = rand(gen, 4, 512)
+    parts = torch.zeros(4, 3, 512, dtype=torch.bfloat16, device=DEVICE)
+    for bad in (3, -1, 1.0, True):
+        with pytest.raises(ValueError, match=f"mid must be the index of one of the 3 parts, got {bad!r}"):
+            split_bf16(X, None, parts, bad)
+    assert not parts.any()
+    hi, rest = bf16_split(X)
+    split_bf16(X, None, parts, np.int64(2))  # (numpy's integers are integers)
+    assert torch.equal(parts[:, 2], rest) and torch.equal(parts[:, 0], hi)
+    with pytest.raises(ValueError, match="different devices: X=.*, parts=meta"):
+        split_bf16(X, None, torch.empty(4, 3, 512, dtype=torch.bfloat16, device="meta"), 1)
+    for name, args in (("parts", (X, None, X.view(torch.bfloat16).view(4, 2, 512), 1)),
+                       ("parts", (X[:, :256], X[:, 256:], X.view(torch.bfloat16)[:, :512].view(4, 2, 256), 1)),
+                       ("hi", (X, None, parts, 1, X.view(torch.bfloat16)[:, :512]))):
+        before = X.clone()
+        with pytest.raises(ValueError, match=f"{name} must not share memory with X or Y"):
+            split_bf16(*args)
+        assert torch.equal(X, before)
 
 
 @pytest.mark.parametrize("a_t,b_t", [(False, False), (True, False), (False, True), (True, True)])
