@@ -214,6 +214,31 @@ def test_codes_on_the_meta_device_pack_to_words_of_their_shape(backend):
         assert words.is_meta and words.shape == shape and words.dtype == torch.int32
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_range_check_reads_the_codes_once(gen, backend):
+    """check_range is 'one reduction and a host sync': it took min() and max(), two passes over the
+    codes and two waits for the device; one aminmax now, the same refusal."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reductions(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.min, torch.ops.aten.max, torch.ops.aten.aminmax):
+                self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    codes = random_codes(gen, (16, 24), torch.uint8)
+    with Reductions() as reductions:
+        words = pack_int4(codes, backend=backend)
+    assert reductions.seen == ["aminmax"]
+    assert torch.equal(words, pack_int4(codes, backend=backend, check_range=False))
+    with pytest.raises(ValueError, match=r"0..15, got values in \[0, 16\]"):
+        pack_int4_cols(codes.index_fill(0, torch.tensor([3]), 16), backend=backend)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad inputs
 # ----------------------------------------------------------------------------------------------
