@@ -96,6 +96,7 @@ def _scan_kernel(
     d,
     stride_h,
     N_PARTIAL: tl.constexpr,
+    NARROWS: tl.constexpr,  # H's dtype is wider than vu's (fp64 H, fp32 products)
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -112,19 +113,24 @@ def _scan_kernel(
     lo = tl.full([BLOCK_R, BLOCK_C], float("inf"), ty)
     hi = tl.full([BLOCK_R, BLOCK_C], float("-inf"), ty)
     nan = tl.zeros([BLOCK_R, BLOCK_C], tl.int32)
-    diag = tl.zeros([BLOCK_R], ty)
+    # the diagonal in H's own dtype where the conversion narrows it (one entry a row: the sum is exact), so
+    # that its zeros are H's: in fp32 an fp64 H's 1e-50 is 0, a dead entry the reference, in H's dtype, does
+    # not count. (Only then: half precision converts exactly, and its tile held twice cost registers.)
+    diag_h = tl.zeros([BLOCK_R], H.dtype.element_ty if NARROWS else ty)
     for c0 in range(0, d, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         c_ok = cols < d
         ok = r_ok[:, None] & c_ok[None, :]
-        # (the conversion to fp32 or fp64 is exact: range and NaN are those of H itself)
-        x = tl.load(row_ptr + cols[None, :], mask=ok, other=0.0).to(ty)
+        h = tl.load(row_ptr + cols[None, :], mask=ok, other=0.0)
+        # (to fp32 or fp64, rounded as the reference rounds its range: NaN and order are those of H)
+        x = h.to(ty)
         lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
         hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
         nan = tl.maximum(nan, (x != x).to(tl.int32))
-        diag += tl.sum(tl.where(rows[:, None] == cols[None, :], x, 0.0), axis=1)
+        diag_h += tl.sum(tl.where(rows[:, None] == cols[None, :], h if NARROWS else x, 0.0), axis=1)
         Hv += x * tl.load(vu + cols * 2, mask=c_ok, other=0.0)[None, :]
         Hu += x * tl.load(vu + cols * 2 + 1, mask=c_ok, other=0.0)[None, :]
+    diag = diag_h.to(ty)
     Hv_r = tl.sum(Hv, axis=1)
     Hu_r = tl.sum(Hu, axis=1)
     v_r = tl.load(vu + rows * 2, mask=r_ok, other=0.0)
@@ -135,7 +141,7 @@ def _scan_kernel(
     # (NaN where the program's diagonal has one, as torch's min: min and minimum skip it)
     diag_nan = tl.max(tl.where(r_ok & (diag != diag), 1, 0), axis=0) > 0
     tl.store(out + 2, tl.where(diag_nan, float("nan"), tl.min(tl.where(r_ok, diag, float("inf")), axis=0)))
-    tl.store(out + 3, tl.sum(tl.where(r_ok & (diag == 0), 1.0, 0.0), axis=0).to(ty))
+    tl.store(out + 3, tl.sum(tl.where(r_ok & (diag_h == 0), 1.0, 0.0), axis=0).to(ty))
     tl.store(out + 4, tl.sum(u_r * Hv_r, axis=0))
     tl.store(out + 5, tl.sum(v_r * Hu_r, axis=0))
     # |H v| of the rows: squares in float64 over the largest, which neither underflow nor
@@ -223,7 +229,8 @@ def hessian_numbers_triton(H: torch.Tensor, vu: torch.Tensor) -> torch.Tensor:
     partial = torch.empty(n_programs, _N_PARTIAL, dtype=vu.dtype, device=H.device)
     numbers = torch.empty(N_NUMBERS, dtype=torch.float64, device=H.device)
     _scan_kernel[(n_programs,)](H, vu, partial, d, H.stride(0), N_PARTIAL=_N_PARTIAL,
-                                BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
+                                NARROWS=H.element_size() > vu.element_size(), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+                                num_warps=warps)
     _finish_kernel[(1,)](partial, numbers, n_programs, N_PARTIAL=_N_PARTIAL, BLOCK=_FINISH_BLOCK,
                          num_warps=4)
     return numbers

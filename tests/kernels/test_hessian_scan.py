@@ -59,6 +59,20 @@ def test_range_of_one_signed_matrices(gen, d, sign):
     assert_numbers_close(got, want, H, vu)
 
 
+def test_a_float64_diagonal_entry_below_float32s_range_is_not_dead_with_float32_probes(gen):
+    """With float32 probes the kernel converted an fp64 H to fp32 on load and counted the diagonal's
+    zeros there, where an input whose square underflowed fp32 (1e-50, GELU's far left) is 0: a dead
+    entry the reference, which judges the diagonal in H's dtype, does not count. Counted in H's dtype;
+    the range and the diagonal's minimum are still those rounded to fp32, as the reference's."""
+    d = 17
+    H = gram(gen, d, torch.float64, dead=[3, 9])
+    H[9, 9] = 1e-50
+    vu = probes(gen, d, torch.float32)
+    got, want = hessian_numbers_triton(H, vu), hessian_numbers_reference(H, vu)
+    assert want[3] == 1 and want[2] == 0
+    assert_numbers_close(got, want, H, vu)
+
+
 @pytest.mark.parametrize("defect", ["nan", "nan_on_diagonal", "inf", "-inf", "negative_diagonal",
                                     "asymmetric", "strided", "transposed"])
 def test_numbers_of_matrices_that_are_not_gram(gen, defect, monkeypatch):
@@ -178,11 +192,12 @@ import epmq_kernels.hessian_scan as hs
 import torch
 
 for cap in (90, 80):
-    for h, v in (("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
+    for h, v in (("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64", "fp64"), ("fp64", "fp32")):
         BR, BC, warps = hs._SCAN_TILE[torch.float64 if v == "fp64" else torch.float32]
         sig = dict(H=f"*{h}", vu=f"*{v}", partial=f"*{v}", d="i32", stride_h="i32",
-                   N_PARTIAL="constexpr", BLOCK_R="constexpr", BLOCK_C="constexpr")
-        triton.compile(ASTSource(hs._scan_kernel, sig, constexprs=dict(N_PARTIAL=hs._N_PARTIAL,
+                   N_PARTIAL="constexpr", NARROWS="constexpr", BLOCK_R="constexpr", BLOCK_C="constexpr")
+        narrows = (h, v) == ("fp64", "fp32")
+        triton.compile(ASTSource(hs._scan_kernel, sig, constexprs=dict(N_PARTIAL=hs._N_PARTIAL, NARROWS=narrows,
                                                                        BLOCK_R=BR, BLOCK_C=BC)),
                        target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps))
         sig = dict(partial=f"*{v}", numbers="*fp64", n_programs="i32", N_PARTIAL="constexpr",
