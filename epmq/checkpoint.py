@@ -71,6 +71,7 @@ from .adapters.moe import LinearExperts
 from .checkpoint_io import (key_renaming, local_checkpoint, renamed, saved_key_renaming, shard_weight_map,
                             tie_order)
 from .checks import all_finite, check_path, device_argument, is_int
+from .lora import ADAPTER_CONFIG, is_lora_adapter
 from .packing import SUPPORTED_BITS, pack_cols, packed_length, unpack_cols, unpack_rows
 from .qlinear import (CALL_FIELDS, QuantLinear, _warn_subnormal, common_quant_config, g_idx_problem,
                       in_order_g_idx)
@@ -1450,6 +1451,15 @@ def check_output(directory, *, marker: str = CONFIG_FILE) -> Path:
                      None)
         if holds is None and (directory / marker).is_file():
             holds = f"a checkpoint epmq did not write (its {marker}, no {MANIFEST_FILE})"
+        if holds is None and marker == CONFIG_FILE and is_lora_adapter(directory):
+            # (a model's own save_pretrained writes its PEFT adapters there first, then the base model, as
+            # GraniteSpeech's does: the directory given empty, "choose a new or empty directory" misled)
+            raise ValueError(
+                f"{directory} holds a PEFT adapter ({ADAPTER_CONFIG}; a model class's own save_pretrained, "
+                f"GraniteSpeech's, writes its loaded adapters there before the base model): a quantized checkpoint "
+                f"is not written beside it, as engines read every weights file in the directory. Save the "
+                f"adapters apart (model.save_pretrained with them loaded writes them alone) and the quantized "
+                f"model to another directory (epmq.save_quantized(model, directory))")
         raise ValueError(
             f"{directory} exists and " + (f"holds {holds}" if holds else f"is not an epmq checkpoint (no {marker})")
             + ": refusing to replace it; choose a new or empty directory")

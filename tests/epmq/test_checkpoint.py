@@ -2211,6 +2211,59 @@ def test_save_pretrained_of_a_subclass_of_its_own_that_saves_a_model_it_holds(ho
         assert torch.equal(epmq.load_quantized(tmp_path / "p")(ids).logits, outer(ids).logits)
 
 
+@pytest.mark.parametrize("holder", [False, True])
+def test_save_pretrained_through_two_overrides_calling_super_twice(holder, tmp_path, monkeypatch):
+    """A chain of class overrides, one calling super().save_pretrained twice as GraniteSpeech's does (its
+    PEFT adapters alone first, where loaded, then the base model; the PEFT branch stood in for): one
+    quantized checkpoint is written, the outer override's card beside it, and loads back exactly. With
+    adapters loaded, the base model's write found the adapter in the directory given empty and was refused
+    as "not an epmq checkpoint: choose a new or empty directory"; the adapter is named."""
+    import transformers
+
+    class PeftStandIn(transformers.LlamaForCausalLM):  # (transformers' save with adapters loaded: them alone)
+        def save_pretrained(self, directory, **kwargs):
+            if not self._hf_peft_config_loaded:
+                return super().save_pretrained(directory, **kwargs)
+            Path(directory).mkdir()
+            (Path(directory) / "adapter_config.json").write_text("{}")
+            (Path(directory) / "adapter_model.safetensors").write_bytes(b"")
+
+    class AdapterThenBase(PeftStandIn):
+        def save_pretrained(self, directory, **kwargs):
+            if self._hf_peft_config_loaded:
+                super().save_pretrained(directory, **kwargs)
+            loaded, self._hf_peft_config_loaded = self._hf_peft_config_loaded, False
+            try:
+                super().save_pretrained(directory, **kwargs)
+            finally:
+                self._hf_peft_config_loaded = loaded
+
+    class Carded(AdapterThenBase):
+        def save_pretrained(self, directory, **kwargs):
+            super().save_pretrained(directory, **kwargs)
+            (Path(directory) / "README.md").write_text("card")
+
+    torch.manual_seed(1)
+    lm = Carded(_llama(1).config).eval()
+    epmq.quantize_model(lm.model if holder else lm, epmq.QuantSpec(bits=4, group_size=16), method="rtn",
+                        progress=False)
+    epmq.save_quantized(lm, tmp_path / "q")
+    writes = []
+    monkeypatch.setattr(ckpt, "save_quantized", lambda model, directory, **kwargs: writes.append(directory)
+                        or epmq.save_quantized(model, directory, **kwargs))
+    lm.save_pretrained(tmp_path / "p")
+    assert writes == [tmp_path / "p"]
+    assert (tmp_path / "p" / "README.md").read_text() == "card"
+    (tmp_path / "p" / "README.md").unlink()
+    assert_same_checkpoint(tmp_path / "q", tmp_path / "p")
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(epmq.load_quantized(tmp_path / "p", Carded(lm.config))(ids).logits, lm(ids).logits)
+    lm._hf_peft_config_loaded = True
+    with pytest.raises(ValueError, match=r"holds a PEFT adapter \(adapter_config\.json.*GraniteSpeech.*apart"):
+        lm.save_pretrained(tmp_path / "adapted")
+
+
 @pytest.mark.parametrize("quantized", ["model", "encoder"])
 def test_a_model_holding_the_one_quantized_unpickled_where_nothing_was_quantized(quantized, tmp_path, monkeypatch):
     """``torch.save(lm)`` after quantize_model(lm.model) (a transformers model) or
