@@ -88,6 +88,34 @@ def test_configs_in_the_hf_gptq_format(gen, tmp_path):
     assert config["epmq"]["method"] == "gptq" and len(config["epmq"]["modules"]) == 14
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq", "epmq"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_every_quantizer_and_width_loads_back_exactly_under_gptq_readers_fields(method, bits, gen, tmp_path):
+    """Each quantizer at each width, in groups of 16, 32 or the whole row (-1), symmetric or not, with
+    act-order where it has one: load_quantized gives the same outputs, rtol = atol = 0, and both configs
+    say what GPTQ readers (GPTQModel's QuantizeConfig.from_quant_config, AutoGPTQ's) take from them: bits,
+    group_size (-1 per channel), sym, desc_act (g_idx to honour), quant_method and checkpoint_format."""
+    case = [2, 3, 4, 8].index(bits) + ["rtn", "gptq", "epmq"].index(method)
+    group_size, sym, act_order = [16, 32, -1][case % 3], case % 2 == 1, method != "rtn" and case % 4 < 2
+    fam = Family("llama", gen, n_samples=1)
+    model = fam.merged()
+    epmq.quantize_model(model, epmq.QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order),
+                        method=method, calibration=None if method == "rtn" else fam.calibration,
+                        experts=fam.experts if method == "epmq" else None, backend="torch", progress=False)
+    epmq.save_quantized(model, tmp_path / "q", progress=False)
+    torch.testing.assert_close(output(epmq.load_quantized(tmp_path / "q", progress=False), fam.test_item),
+                               output(model, fam.test_item), rtol=0, atol=0)
+    # ("auto": v2 where a zero point is 0, which v1 cannot hold)
+    format_ = "gptq_v2" if any(bool((m.zeros() == 0).any()) for m in model.modules()
+                               if isinstance(m, ckpt.QuantLinear)) else "gptq"
+    # (act-order in one group: any column order gives g_idx 0, which loaders need not honour)
+    said = dict(quant_method="gptq", bits=bits, group_size=group_size, sym=sym,
+                desc_act=act_order and group_size != -1, checkpoint_format=format_)
+    for config in (json.loads((tmp_path / "q" / "quantize_config.json").read_text()),
+                   json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]):
+        assert {k: config[k] for k in said} == said
+
+
 def test_act_order_sets_desc_act(gen, tmp_path):
     fam = Family("llama", gen, n_samples=1)
     model = fam.merged()
