@@ -70,7 +70,7 @@ import hashlib
 import math
 import re
 import warnings
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -1452,21 +1452,28 @@ def _kth_largest_rank(magnitudes: Callable[[], Iterable[torch.Tensor]], k: int) 
     return _kth_largest_ranks(lambda: ((0, m) for m in magnitudes()), [k])[0]
 
 
-def _kth_largest_ranks(magnitudes: Callable[[], Iterable[tuple]], ks: Sequence[Optional[int]]) -> list:
+def _kth_largest_ranks(magnitudes: Callable[[], Iterable[tuple]],
+                       ks: Union[Sequence[Optional[int]], Callable[[], Sequence[Optional[int]]]]) -> list:
     """``_kth_largest_rank`` of several sets of values in the same two passes: ``magnitudes()``
     yields ``(j, tensor)``, values of set j, whose ``ks[j]``-th largest is found (None: none,
-    its values not asked for)."""
+    its values not asked for, or not yielded). ``ks`` may be a function giving them, called
+    after the first pass (what the ranks count known once the values were read)."""
 
     def bits(m):
         return m.float().contiguous().view(torch.int32).reshape(-1)
 
     # (counted on the CPU, whatever torch's default device)
-    counts = [None if k is None else torch.zeros(65536, dtype=torch.int64, device="cpu") for k in ks]
+    counts = {}
     for j, m in magnitudes():
+        if j not in counts:
+            counts[j] = torch.zeros(65536, dtype=torch.int64, device="cpu")
         counts[j] += torch.bincount((bits(m) >> 16).cpu(), minlength=65536)
-    high = [None if k is None else _bucket_of_kth(c, k) for c, k in zip(counts, ks)]
+    ks = ks() if callable(ks) else ks
+    high = [None if k is None else _bucket_of_kth(counts[j], k) for j, k in enumerate(ks)]
     counts = [None if k is None else torch.zeros(65536, dtype=torch.int64, device="cpu") for k in ks]
     for j, m in magnitudes():
+        if counts[j] is None:  # (a set whose rank came out None: its values not asked for)
+            continue
         b = bits(m)
         counts[j] += torch.bincount((b[(b >> 16) == high[j][0]] & 0xFFFF).cpu(), minlength=65536)
     found = []
@@ -1491,10 +1498,17 @@ def _bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
 @torch.no_grad()
 def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: Callable[[int], float],
                        progress: bool = False) -> list:
-    """Each expert's magnitude threshold over all float tensors of the model (``density(k)`` of
-    its entries kept), streamed twice, every expert's in the same passes: each pass reads the
-    base once (it was read twice per expert, 2K + 1 times with the merge's). ``progress``: a
-    bar of the tensors read, both passes."""
+    """Each expert's magnitude threshold over all float tensors of the model that some expert
+    changed (``density(k)`` of their entries kept), streamed twice, every expert's in the same
+    passes: each pass reads the base once (it was read twice per expert, 2K + 1 times with the
+    merge's). ``progress``: a bar of the tensors read, both passes.
+
+    A tensor every expert left as the base's (a vision-only fine-tune's text tower) is no part
+    of the task vectors (the TIES paper ranks over the fine-tuned parameters; mergekit trims
+    each tensor, an unchanged one never moving another's trim): counted in n, it had each
+    expert keep more than ``density`` of what they changed, a merge that moved with a tower no
+    expert trained. Its zeros still go to the ranking: below every other magnitude, they move
+    no k-th largest of k up to the changed tensors' entries."""
     from tqdm.auto import tqdm
 
     aliases = _common_aliases([base, *experts])  # (a tied tensor counts once)
@@ -1509,17 +1523,26 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: C
     names = [name for name, (dtype, _) in sizes.items() if dtype.is_floating_point]
     n = sum(sizes[name][1] for name in names)
 
-    ranks = [min(int(round(density(k) * n)), n) or None for k in range(len(experts))]  # (as _kth_largest)
+    unchanged = set()
 
     def task_vectors():
         for name in names:
             W_0 = base[name]  # (a lazy state reads anew at each index)
             work = _work_dtype(W_0)
+            changed = False
             for k, expert in enumerate(experts):
-                if ranks[k] is not None:  # (one expert's task vector at a time)
+                if density(k) > 0:  # (one expert's task vector at a time)
                     W_k = _checked(name, _who(expert, k), expert[name], W_0)
-                    yield k, (W_k.to(work) - W_0.to(work)).abs()
+                    tau = (W_k.to(work) - W_0.to(work)).abs()
+                    changed = changed or bool(tau.any())
+                    yield k, tau
+            if not changed:
+                unchanged.add(name)
             bar.update()
+
+    def ranks():  # (as _kth_largest)
+        m = n - sum(sizes[name][1] for name in unchanged)
+        return [min(int(round(density(k) * m)), m) or None for k in range(len(experts))]
 
     # (every model read twice, before the merge's first tensor: minutes on a large model, the
     # merge's bar still at 0 until then)

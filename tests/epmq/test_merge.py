@@ -133,6 +133,30 @@ def test_ties_global_scope_by_hand():
     assert torch.equal(out["ids"], base["ids"])
 
 
+def test_global_ties_counts_no_tensor_every_expert_left_as_the_base(gen):
+    """A vision-only fine-tune of CLIP: its text tower is the base's in every expert, no part of
+    any task vector. Global TIES counted those entries in the n of ``k = round(density * n)``,
+    so each expert kept more of its vision tower than ``density`` (0.2 of the whole CLIP, about
+    half of it the vision tower's), and the merge changed with a tower no expert trained. Now
+    the whole CLIP merges as its vision tower alone, each expert keeping ``density`` of it."""
+    from test_walker_models import build
+
+    base = build("hf_clip").state_dict()
+    vision = [name for name, t in base.items() if name.startswith(("vision_model.", "visual_projection."))
+              and t.is_floating_point()]
+    assert 0 < len(vision) < sum(t.is_floating_point() for t in base.values())
+    experts = [{name: t + 0.1 * torch.randn(t.shape, generator=gen) if name in vision else t
+                for name, t in base.items()} for _ in range(3)]
+    whole = merge.ties(base, experts, density=0.2, progress=False)
+    alone = merge.ties({n: base[n] for n in vision}, [{n: e[n] for n in vision} for e in experts],
+                       density=0.2, progress=False)
+    for name in vision:
+        assert torch.equal(whole[name], alone[name]), name
+    one = merge.ties(base, experts[:1], density=0.2, progress=False)  # (one expert: its trimmed task vector)
+    kept = sum(int(torch.count_nonzero(one[n] - base[n])) for n in vision)
+    assert kept == round(0.2 * sum(base[n].numel() for n in vision))
+
+
 def test_ties_defaults_and_limits():
     base, experts = hand_models()
     # density 1 keeps everything: the disjoint mean of agreeing entries
