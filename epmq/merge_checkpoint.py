@@ -499,8 +499,10 @@ def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
                 or entry.name.endswith(WEIGHT_SUFFIXES + OTHER_WEIGHT_SUFFIXES)
                 or entry.name in (RECIPE_FILE, "README.md")
                 # (transformers' config of a LAION checkpoint's other copy: from_pretrained built its CLIPModel
-                # from it and left every weight random, the merged tensors bearing open_clip's names)
-                or open_clip and entry.name == "config.json"):
+                # from it and left every weight random, the merged tensors bearing open_clip's names; and
+                # open_clip's, of the copy not read: its loader of a directory built open_clip's CLIP from it
+                # and failed on the merged tensors' transformers names)
+                or entry.name == ("config.json" if open_clip else OPEN_CLIP_CONFIG_FILE)):
             continue
         shutil.copy2(entry, target / entry.name)
     config = target / "config.json"

@@ -2918,6 +2918,44 @@ def test_an_open_clip_merge_is_written_as_open_clip_loads_it(tmp_path):
                           max_shard_size="10KB", progress=False)
 
 
+def test_a_laion_checkpoints_transformers_copy_merges_without_its_open_clip_config(tmp_path):
+    """A LAION checkpoint read by its transformers copy (model.safetensors, config.json) as the base of
+    transformers fine-tunes: the open_clip_config.json of its other copy came along beside the merged
+    transformers weights, and open_clip's loader of a directory (create_model("local-dir:...")) took
+    it for an open_clip checkpoint, built open_clip's CLIP and failed on model.safetensors' names
+    ("Missing key(s) in state_dict"). The merge of transformers weights carries transformers' config
+    alone, which from_pretrained loads; open_clip says the directory has no open_clip config."""
+    import open_clip
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=32, max_position_embeddings=8),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=16, patch_size=8), projection_dim=16)
+    models = {name: CLIPModel(config) for name in ("laion", "a", "b")}
+    for name, model in models.items():
+        model.save_pretrained(tmp_path / name)
+    model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 2, "width": 32, "head_width": 8, "image_size": 16,
+                                                  "patch_size": 8},
+                 "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 32, "heads": 4, "layers": 2}}
+    (tmp_path / "laion" / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
+                                                                          "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in CLIP(**model_cfg).state_dict().items()},
+              str(tmp_path / "laion" / "open_clip_model.safetensors"))
+    out = merge_checkpoints("task_arithmetic", [tmp_path / "a", tmp_path / "b"], tmp_path / "out",
+                            base=tmp_path / "laion", params={"scale": 0.5}, progress=False)
+    assert {p.name for p in out.iterdir() if p.suffix in (".json", ".safetensors") and p.name[0] != "."} == {
+        "config.json", "model.safetensors", RECIPE_FILE}
+    states = {name: model.state_dict() for name, model in models.items()}
+    want = merge.task_arithmetic(states["laion"], [states["a"], states["b"]], scale=0.5, progress=False)
+    loaded = CLIPModel.from_pretrained(out).state_dict()
+    assert all(torch.equal(loaded[k], want[k]) for k in want)
+    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+        open_clip.create_model(f"local-dir:{out}")
+
+
 def test_timm_checkpoints_whose_configs_build_another_model_are_refused(tmp_path):
     """timm's hub checkpoints (save_for_hf: config.json giving its architecture and model_args, no
     model_type) were compared on nothing: a fine-tune pooling its tokens' mean (global_pool avg)
