@@ -574,15 +574,13 @@ def _load_unreporting(cls, directory: Path, keys, **kwargs):
     # (exact names: transformers searches its patterns unanchored, and names a stray tensor inside the tower
     # by its name in the tower, which no two-tower name is)
     ours = {f"^{re.escape(key)}$" for key in keys}
-    own, was = attribute in vars(cls), vars(cls).get(attribute)
-    setattr(cls, attribute, set(getattr(cls, attribute, None) or ()) | ours)
-    try:
-        net, loading = cls.from_pretrained(directory, output_loading_info=True, **kwargs)
-    finally:
-        if own:
-            setattr(cls, attribute, was)
-        else:
-            delattr(cls, attribute)
+    # (a subclass of this load's own holds them: they were set on the class for the load's duration, which
+    # another thread's load of it meanwhile read, its report then silent on a two-tower checkpoint's tensors;
+    # the model is the class's own instance again once loaded)
+    loader = type(cls.__name__, (cls,), {attribute: set(getattr(cls, attribute, None) or ()) | ours,
+                                         "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    net, loading = loader.from_pretrained(directory, output_loading_info=True, **kwargs)
+    net.__class__ = cls
     if attribute in vars(net):  # (transformers 5's post_init copies them, and the walk reads an expert's keys by them)
         setattr(net, attribute, set(vars(net)[attribute]) - ours)
     return net, loading

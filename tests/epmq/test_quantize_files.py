@@ -1416,6 +1416,45 @@ def test_a_vision_tower_load_reports_no_tensor_of_the_other_tower(tmp_path):
     assert not any(key.startswith(("text_", "logit_", "visual_")) for key, _ in rows), rows
 
 
+def test_a_vision_tower_load_leaves_another_threads_load_of_the_class_as_it_is(tmp_path, monkeypatch):
+    """tower: vision's load set the two-tower checkpoint's other tensors as the vision class's patterns of
+    keys to ignore for the load's duration: a load of that class in another thread meanwhile (a server
+    loading models side by side) built its model with them, and its report said nothing of tensors it left
+    unloaded. Two loads at once, the vision tower's held inside from_pretrained while the other runs whole:
+    the other sees the text tower's tensors as unexpected, the class is left as it was, and the vision
+    tower's model is the class's own."""
+    import threading
+
+    from epmq.quantize_files import _load_unreporting, _two_tower_keys
+
+    _tiny_clip(tmp_path / "clip")
+    cls = transformers.CLIPVisionModel
+    inside, other_done = threading.Event(), threading.Event()
+    adjust = transformers.PreTrainedModel._adjust_missing_and_unexpected_keys
+
+    def held(self, loading_info):  # (the vision tower's load waits here, its model built, until the other's ends)
+        if threading.current_thread().name == "tower":
+            inside.set()
+            assert other_done.wait(60)
+        return adjust(self, loading_info)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "_adjust_missing_and_unexpected_keys", held)
+    loaded = {}
+    tower = threading.Thread(name="tower", target=lambda: loaded.update(tower=_load_unreporting(
+        cls, tmp_path / "clip", _two_tower_keys(tmp_path / "clip"))))
+    tower.start()
+    assert inside.wait(60)
+    try:
+        _, loaded["other"] = cls.from_pretrained(tmp_path / "clip", output_loading_info=True)
+    finally:
+        other_done.set()
+        tower.join(60)
+    assert "text_model.final_layer_norm.weight" in loaded["other"]["unexpected_keys"]
+    net, loading = loaded["tower"]
+    assert not loading["unexpected_keys"] and type(net) is cls
+    assert "_keys_to_ignore_on_load_unexpected" not in vars(cls)
+
+
 def test_siglip2_vision_tower_gets_its_patches_mask_and_grid(tmp_path):
     """SigLIP 2's (NaFlex) processor gives each image's patches with their mask and grid, which
     its vision tower's forward requires: the calibration batches keep them (pixel_values alone
