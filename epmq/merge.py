@@ -707,8 +707,10 @@ def ties(
 
     trim     keep each task vector's entries whose magnitude is at least its k-th largest,
              ``k = round(density * n)`` (``density``: one, or one per expert); ``scope="global"``
-             ranks over all float tensors of the model (as FusionBench), ``scope="tensor"``
-             within each tensor (as mergekit). Entries tied with the k-th largest are all kept.
+             ranks over all float tensors of the model that some expert changed (as FusionBench
+             over the fine-tuned ones: a tower every expert left as the base's counts in no n),
+             ``scope="tensor"`` within each tensor (as mergekit). Entries tied with the k-th
+             largest are all kept.
     elect    the sign of the sum of the trimmed entries; where they sum to exactly 0 there is
              no elected sign and the entry stays at the base.
     merge    ``"mean"``: the disjoint mean, the average of the nonzero trimmed entries that
