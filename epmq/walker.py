@@ -563,11 +563,12 @@ def _calibration(calibration, model) -> dict:
             if cache is not None:
                 raise ValueError(f"calibration[{task!r}] item {n}: {cache} holds a generation cache of earlier "
                                  f"tokens, which calibration does not run with: give whole sequences")
-            text = next((name for name, t in parts if isinstance(t, str)), None)
-            if hf_model and text is not None:  # (else 'embedding(): ... must be Tensor, not str', as the model's)
-                raise ValueError(f"calibration[{task!r}] item {n}: {'the item' if text in (0, 'input') else text} "
-                                 f"is text: tokenize it first (epmq.calibration.text_windows(texts, tokenizer) "
-                                 f"cuts texts into windows of token ids, or tokenizer(text, return_tensors='pt'))")
+            text = next((name for name, t in parts if isinstance(t, str) and (hf_model or name in (0, "input"))
+                         or _texts(t)), None)
+            if text is not None:  # (else 'embedding(): ... must be Tensor, not str', as the model's, or deeper)
+                named = "the item" if text in (0, "input") else f"element {text}" if isinstance(text, int) else text
+                raise ValueError(f"calibration[{task!r}] item {n}: {named} is text: tokenize it first "
+                                 f"({_tokenize_hint(model, hf_model)})")
             flag = _flag_given_a_tensor(model, item)
             if flag is not None:  # (a batch of one label: bool() of it ran, a flag set by the label's value)
                 raise ValueError(f"calibration[{task!r}] item {n}: {flag} is a flag, given a tensor"
@@ -581,6 +582,22 @@ def _calibration(calibration, model) -> dict:
                     raise ValueError(f"calibration[{task!r}] item {n}: {flat}: token ids go as [batch, length] "
                                      f"(ids[None] for one sequence)")
     return out
+
+
+def _texts(value) -> bool:
+    """Whether ``value`` is a batch of texts (a list or tuple of strings), which no block reads: a setting a
+    forward takes as a string (a mode's name) is one string, left to the model outside HF's."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+def _tokenize_hint(model, hf_model: bool) -> str:
+    """How ``model``'s texts become the token ids its forward takes."""
+    if hf_model:
+        return ("epmq.calibration.text_windows(texts, tokenizer) cuts texts into windows of token ids, or "
+                "tokenizer(text, return_tensors='pt')")
+    if type(model).__module__.split(".")[0] == "open_clip":
+        return "open_clip.get_tokenizer(model_name)(texts) gives its [batch, context_length] token ids"
+    return f"{type(model).__name__}'s forward takes tensors: its tokenizer's token ids, not strings"
 
 
 def _counted(item):

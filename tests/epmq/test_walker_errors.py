@@ -1537,6 +1537,26 @@ def test_text_given_as_calibration_is_named(calibration, named):
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
 
 
+@pytest.mark.parametrize("arch, calibration, named, hint", [
+    ("open_clip_clip", {"a": [{"image": torch.zeros(2, 3, 16, 16), "text": ["a cat", "a dog"]}]}, "text",
+     r"open_clip\.get_tokenizer\(model_name\)\(texts\)"),
+    ("open_clip_clip", {"a": [(torch.zeros(2, 3, 16, 16), ["a cat", "a dog"])]}, "element 1",
+     r"open_clip\.get_tokenizer"),
+    ("plain", {"a": ["some text"]}, "the item", r"Net's forward takes tensors: its tokenizer's token ids"),
+    ("plain", {"a": [["a cat", "a dog"]]}, "the item", r"Net's forward takes tensors"),
+    ("plain", {"a": [{"x": ["a cat"]}]}, "x", r"Net's forward takes tensors")],
+    ids=["open_clip-keyword", "open_clip-positional", "plain-text", "plain-texts", "plain-keyword"])
+def test_text_given_as_calibration_of_a_model_outside_transformers_is_named(arch, calibration, named, hint):
+    """Texts as calibration of an open_clip model or a plain module were refused for HF models alone: the
+    others failed as calibration the model cannot run ('embedding(): ... must be Tensor, not list') or deep in
+    a block ("'str' object has no attribute 'dtype'"), nothing saying to tokenize them. They are named, with
+    the model's way to token ids."""
+    model = Net(Residual) if arch == "plain" else build(arch)
+    with pytest.raises(ValueError, match=rf"calibration\['a'\] item 0: {named} is text: tokenize it first \({hint}"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, progress=False)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
 def test_hooks_on_a_quantized_layer_are_kept_and_seen_by_the_calibration(gen):
     """A forward hook the caller put on a linear went with it: the QuantLinear in its place
     had none (the model's outputs changed without a word) and the blocks after it were
