@@ -1016,13 +1016,10 @@ def _reads_open_clip(path: Path) -> bool:
 def _config(path: Path, base: Optional[Path] = None) -> dict:
     """A checkpoint's ``config.json`` ({} if none; open_clip's open_clip_config.json as
     ``_open_clip_config`` reads it, where there is no config.json or the weights read are open_clip's
-    file); of a LoRA adapter, its base's: the one its config names, which it was trained on (a local
-    checkpoint, or an HF hub id's, at the revision the adapter records; a base it is read on of another
-    architecture is refused by it), else ``base``, the one it is read on, where one is given."""
+    file); of a LoRA adapter, its base's (``_adapter_home``: the one it is read on, where ``base`` gives one)."""
     if is_lora_adapter(path):
-        home = _named_base_home(path)
-        trained_on = _config(home) if home is not None and home.is_dir() else {}
-        return trained_on if trained_on or base is None else _config(base)
+        home = _adapter_home(path, base)
+        return _config(home) if home is not None and home.exists() else {}
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if _reads_open_clip(path):
         return _open_clip_config(read_json_file(config.with_name(OPEN_CLIP_CONFIG_FILE)))
@@ -1411,6 +1408,8 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
     theirs = _layer_counts(reference)
     same = []
     for path, source, given in zip(model_paths, models, configs or [None] * len(models)):
+        if given is None and lora_base is not None and path is not None and is_lora_adapter(path):
+            _check_trained_on(path, source, lora_base, "base" if lora_base == base_path else "lora_base")
         config = _timm_read(given if given is not None else _config(path, lora_base))
         other, other_towers = _model_type(config)
         if kind and other and other != kind and other not in towers and kind not in other_towers:
@@ -1438,6 +1437,18 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
             _check_reading(_tower_config(config, kind), reference, f"{what_of(source)}'s {kind} tower", ref_name,
                            goal, experts, nested=False, warn=warn)
     return same
+
+
+def _check_trained_on(adapter: Path, source, base: Path, base_name: str) -> None:
+    """A LoRA adapter read on ``base`` (``base_name``: the merge's base, or lora_base) whose config names another
+    base that is found, the one it was trained on: refused where the two are of other architectures or read their
+    weights otherwise, as a full model of another architecture is (its config and tokenizer are those of the base
+    it is read on, ``_adapter_home``; its update is of the one it names)."""
+    named = _named_base_home(adapter)
+    if named is None or not named.is_dir() or named.resolve() == (base if base.is_dir() else base.parent).resolve():
+        return
+    _check_architectures(base, [named], [f"{source} (a LoRA adapter of {named}, its config's base)"],
+                         ref_name=base_name, warn=False)
 
 
 # config.json's fields by which weights of the same shapes compute other things: their rows split
@@ -1635,16 +1646,22 @@ def _reads_own_tokenizer(config: dict) -> bool:
 
 def _tokenizer_home(path: Path, base: Optional[Path] = None) -> Path:
     """The directory whose tokenizer files tokenize the texts of the model at ``path``: its own; a LoRA
-    adapter's where it saves some (tokens added in training), else its base's: ``base``, the one it is read
-    on, where one is given (a merge's lora_base or base, a LoraExpert's); else the one its config names,
-    which it was trained on (the hub's config and tokenizer snapshot of a hub id, as ``_config`` reads it)."""
+    adapter's where it saves some (tokens added in training), else its base's (``_adapter_home``, whose
+    config ``_config`` reads)."""
     directory = path if path.is_dir() else path.parent
     if not is_lora_adapter(directory) or any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
         return directory
-    if base is not None:
-        return base if base.is_dir() else base.parent
-    home = _named_base_home(directory)
-    return directory if home is None else home
+    home = _adapter_home(directory, base)
+    return directory if home is None else home if home.is_dir() else home.parent
+
+
+def _adapter_home(adapter: Path, base: Optional[Path] = None) -> Optional[Path]:
+    """The base whose config and tokenizer files are a LoRA adapter's: ``base``, the one it is read on, where one
+    is given (a merge's lora_base or base, a LoraExpert's: the weights and embedding rows read are that base's);
+    else the one its config names, which it was trained on (``_named_base_home``). One rule for both: the config
+    of one base beside the tokenizer of another compared an adapter as a model that is neither. (That the base
+    it is read on is of the architecture of the one it was trained on, ``_check_architectures`` checks.)"""
+    return base if base is not None else _named_base_home(adapter)
 
 
 def _named_base_home(adapter: Path) -> Optional[Path]:

@@ -477,8 +477,8 @@ def quantize_checkpoint(model: Union[str, Path], out: Union[str, Path], *, spec:
                 # (by hub id too: the snapshot is fetched here, as reading the expert would)
                 local = {t: here for t, p in experts.items()
                          if (here := local_checkpoint_or_none(p)) is not None}
-                # (adapters are read on lora_base, where given: its config where their named base's cannot be
-                # read, and its tokenizer, as the walk compares them; one not found is named by open_expert)
+                # (adapters are read on lora_base, where given: its config and tokenizer, as the walk compares
+                # them; one not found is named by open_expert)
                 base = None if lora_base is None else local_checkpoint_or_none(lora_base, directory=True)
                 # (another RoPE is warned of by quantize_model's check of the model as loaded: once)
                 _check_architectures(directory, list(local.values()),

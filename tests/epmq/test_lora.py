@@ -880,6 +880,30 @@ def test_an_adapter_of_another_architecture_is_refused_in_a_merge(base_dir, tmp_
                                progress=False)
 
 
+def test_an_adapters_config_and_tokenizer_are_of_the_one_base_it_is_read_on(base_dir, tmp_path):
+    """An adapter's config was read from the base its config names (where found), its tokenizer files from the
+    one the merge reads it on (lora_base or base): the two came from different models, the adapter compared as
+    neither. Both are of the base it is read on, else of the one it names; a base read on of another architecture
+    than the one it names is refused, lora_base as the merge's base."""
+    from epmq.merge_checkpoint import _config, _tokenizer_home
+
+    make_adapter(base_dir, tmp_path / "adapter", seed=13)
+    torch.manual_seed(13)
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=96, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path / "qwen2")
+    word_tokenizer(tmp_path / "qwen2")
+    read_on, named = tmp_path / "qwen2", base_dir
+    assert _tokenizer_home(tmp_path / "adapter", read_on) == read_on
+    assert _config(tmp_path / "adapter", read_on)["model_type"] == "qwen2"
+    assert _tokenizer_home(tmp_path / "adapter") == named and _config(tmp_path / "adapter")["model_type"] == "llama"
+    tiny_llama(1).save_pretrained(tmp_path / "fellow")
+    with pytest.raises(ValueError, match=r"model \S*adapter \(a LoRA adapter of \S*base, its config's base\) is a "
+                                         r"'llama' checkpoint, the lora_base a 'qwen2' one"):
+        epmq.merge_checkpoints("average", [tmp_path / "adapter", tmp_path / "fellow"], tmp_path / "out",
+                               lora_base=read_on, progress=False)
+
+
 def test_alpha_pattern_matches_a_name_ending_in_it_after_a_dot(base_dir, tmp_path):
     """``alpha_pattern`` keys match as PEFT matches them: ``proj``
     ends ``q_proj`` but not after a dot, so it changes no scale; ``self_attn.v_proj`` does."""
