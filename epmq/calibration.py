@@ -100,6 +100,45 @@ def _check_sizes(samples: int, batch_size: int, seq_len: Optional[int] = None) -
     return int(samples), int(batch_size), None if seq_len is None else int(seq_len)
 
 
+# config.json keys that bound a text model's positions (absolute position embeddings)
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
+
+
+# model types whose position ids start past the padding index (fairseq's make_positions: RoBERTa's
+# 514 positions hold 512 tokens), and that index where the model fixes it whatever pad_token_id says
+PADDING_OFFSET_POSITIONS = {"roberta": None, "xlm-roberta": None, "xlm-roberta-xl": None, "camembert": None,
+                            "data2vec-text": None, "roberta-prelayernorm": None, "ibert": None, "longformer": None,
+                            "luke": None, "xmod": None, "markuplm": None, "lilt": None, "layoutlmv3": None,
+                            "esm": None, "mpnet": 1}
+
+
+def _positions_before_the_first(config: dict) -> int:
+    """How many of a config's position embeddings no token gets: RoBERTa's first, padding_idx + 1."""
+    if config.get("model_type") not in PADDING_OFFSET_POSITIONS:
+        return 0
+    if config.get("position_embedding_type", "absolute") != "absolute":  # (ESM-2's rotary: no table)
+        return 0
+    pad = PADDING_OFFSET_POSITIONS[config["model_type"]]
+    pad = config.get("pad_token_id", 1) if pad is None else pad
+    return pad + 1 if isinstance(pad, int) and pad >= 0 else 0
+
+
+def position_limit(config: Mapping) -> Optional[tuple]:
+    """``(tokens, key)``: the most tokens a model of ``config`` (config.json's content) reads in one sequence,
+    and the config key that says so; None where none bounds them. GPT-2's table fails past it, a rotary
+    model runs on sequences longer than it was trained on."""
+    # a model with a text_config reads the tokens with its language model: the other towers'
+    # positions (a vision tower's, InstructBLIP's Q-Former's) bound inputs that are no tokens
+    nested = ([config["text_config"]] if isinstance(config.get("text_config"), Mapping)
+              else [v for v in config.values() if isinstance(v, Mapping)])
+    # T5's configs (t5-small's, FLAN-T5's: "n_positions": 512) keep a length no table bounds: the
+    # positions are relative, log-bucketed past relative_attention_max_distance, any length runs
+    limits = [(c[k] - _positions_before_the_first(c), k) for c in [config, *nested] for k in POSITION_LIMITS
+              if is_integer(c.get(k)) and c[k] > 0
+              and not (k == "n_positions" and "relative_attention_num_buckets" in c)]
+    return min(limits) if limits else None
+
+
 TEXT_FORMS = ("a string, or an object with a 'text' string, 'messages' (a conversation), or 'prompt' "
               "and 'completion' (two strings or two lists of messages)")
 

@@ -45,8 +45,8 @@ import torch
 
 from ._util import loading_bars, read_json_file
 from .adapters import AUTO, find_towers
-from .calibration import (audio_batches, audio_files, image_batches, image_files, pair_batches, read_pairs,
-                          read_texts, task_seeds, text_windows)
+from .calibration import (audio_batches, audio_files, image_batches, image_files, pair_batches, position_limit,
+                          read_pairs, read_texts, task_seeds, text_windows)
 from .checkpoint import CONFIG_FILE, FORMATS, _bytes, check_output, is_quantized, save_quantized
 from .checkpoint_io import DTYPES, local_checkpoint, local_checkpoint_or_none
 from .checks import (check_calibration_paths, check_number, check_outside_calibration, check_path, check_seed,
@@ -318,46 +318,13 @@ def _processor(directory: Path):
         return None
 
 
-# config.json keys that bound a text model's positions (absolute position embeddings)
-POSITION_LIMITS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
-
-
-# model types whose position ids start past the padding index (fairseq's make_positions: RoBERTa's
-# 514 positions hold 512 tokens), and that index where the model fixes it whatever pad_token_id says
-PADDING_OFFSET_POSITIONS = {"roberta": None, "xlm-roberta": None, "xlm-roberta-xl": None, "camembert": None,
-                            "data2vec-text": None, "roberta-prelayernorm": None, "ibert": None, "longformer": None,
-                            "luke": None, "xmod": None, "markuplm": None, "lilt": None, "layoutlmv3": None,
-                            "esm": None, "mpnet": 1}
-
-
-def _positions_before_the_first(config: dict) -> int:
-    """How many of a config's position embeddings no token gets: RoBERTa's first, padding_idx + 1."""
-    if config.get("model_type") not in PADDING_OFFSET_POSITIONS:
-        return 0
-    if config.get("position_embedding_type", "absolute") != "absolute":  # (ESM-2's rotary: no table)
-        return 0
-    pad = PADDING_OFFSET_POSITIONS[config["model_type"]]
-    pad = config.get("pad_token_id", 1) if pad is None else pad
-    return pad + 1 if isinstance(pad, int) and pad >= 0 else 0
-
-
 def _check_positions(directory: Path, seq_len: int) -> None:
     """A ValueError if ``seq_len`` exceeds the model's positions: GPT-2 would fail in its
     embedding, a rotary model would calibrate on windows longer than it was trained on."""
-    config = _config_json(directory)
-    # a model with a text_config reads the windows with its language model: the other towers'
-    # positions (a vision tower's, InstructBLIP's Q-Former's) bound inputs that are no tokens
-    nested = ([config["text_config"]] if isinstance(config.get("text_config"), dict)
-              else [v for v in config.values() if isinstance(v, dict)])
-    configs = [config] + nested
-    # T5's configs (t5-small's, FLAN-T5's: "n_positions": 512) keep a length no table bounds: the
-    # positions are relative, log-bucketed past relative_attention_max_distance, any length runs
-    limits = [c[k] - _positions_before_the_first(c) for c in configs for k in POSITION_LIMITS
-              if isinstance(c.get(k), int) and c[k] > 0
-              and not (k == "n_positions" and "relative_attention_num_buckets" in c)]
-    if limits and seq_len > min(limits):
-        raise ValueError(f"seq_len={seq_len} is longer than the model's {min(limits)} positions "
-                         f"(config.json): give seq_len <= {min(limits)}")
+    limit = position_limit(_config_json(directory))
+    if limit is not None and seq_len > limit[0]:
+        raise ValueError(f"seq_len={seq_len} is longer than the model's {limit[0]} positions "
+                         f"(config.json): give seq_len <= {limit[0]}")
 
 
 def check_quantize(method: str, calibration: Optional[Mapping[str, object]],

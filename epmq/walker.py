@@ -119,7 +119,7 @@ from ._util import rescale_outside_compilation, rescaled_divisors, wrapped_model
 from .adapters import (Adapter, Part, Transposed, checkpoint_names, find_towers, named_blocks, prepare_towers,
                        remember, warn_other_towers)
 from .adapters import _expression as adapter_expression
-from .calibration import CACHE_KWARGS as _CACHE_KWARGS, token_rows, unpad
+from .calibration import CACHE_KWARGS as _CACHE_KWARGS, position_limit, token_rows, unpad
 from .checkpoint import bind_save_pretrained
 from .checkpoint_io import hub_reference, ignored_on_load, key_renaming, loads_transposed
 from .checks import all_finite, check_number, device_argument
@@ -533,6 +533,8 @@ def _calibration(calibration, model) -> dict:
     hf_model = transformers is not None and isinstance(model, transformers.PreTrainedModel)
     if not isinstance(calibration, Mapping):
         raise TypeError("calibration must be a mapping task name -> iterable of model inputs")
+    # (past them GPT-2's table fails as an IndexError naming nothing, a rotary model runs on what it never saw)
+    positions = position_limit(model.config.to_dict()) if hf_model else None
     out = {}
     for task, items in calibration.items():
         if isinstance(items, (torch.Tensor, Mapping, str)):
@@ -573,6 +575,14 @@ def _calibration(calibration, model) -> dict:
             if flag is not None:  # (a batch of one label: bool() of it ran, a flag set by the label's value)
                 raise ValueError(f"calibration[{task!r}] item {n}: {flag} is a flag, given a tensor"
                                  f"{_positional_hint(model, item)}")
+            tokens = next(((name, t.shape[-2] if name == "inputs_embeds" else t.shape[-1]) for name, t in parts
+                           if isinstance(t, torch.Tensor) and t.dim() >= 2 and (name == "inputs_embeds" or name in (
+                               0, "input", "input_ids", "decoder_input_ids") and not t.is_floating_point())), None)
+            if positions is not None and tokens is not None and tokens[1] > positions[0]:
+                raise ValueError(f"calibration[{task!r}] item {n}: "
+                                 f"{'the item' if tokens[0] in (0, 'input') else tokens[0]} holds {tokens[1]} "
+                                 f"tokens, more than the model's {positions[0]} positions ({positions[1]} in its "
+                                 f"config): cut it to at most {positions[0]} (text_windows' seq_len)")
             if hf_model:  # (one sequence's ids without their batch dimension: the blocks fail deep inside)
                 flat = next((f"{'the item' if name in (0, 'input') else name} has shape {tuple(t.shape)}"
                              for name, t in parts if name in (0, "input", "input_ids", "decoder_input_ids")

@@ -1557,6 +1557,29 @@ def test_text_given_as_calibration_of_a_model_outside_transformers_is_named(arch
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
 
 
+@pytest.mark.parametrize("arch, key", [("gpt2", "n_positions"), ("llama", "max_position_embeddings")])
+@pytest.mark.parametrize("form", ["tensor", "dict"])
+def test_calibration_longer_than_the_models_positions_is_named(arch, key, form, gen):
+    """Items of more tokens than the model's positions: GPT-2's table failed as calibration the model cannot run
+    ('IndexError: index out of range in self'), nothing saying why; a rotary model was calibrated in silence on
+    sequences longer than it runs on, which quantize_checkpoint refuses as a seq_len. Both are named, with the
+    config key bounding them; items of as many tokens as the positions run."""
+    model = build(arch)
+    model.config.max_position_embeddings = 16 if arch == "llama" else model.config.max_position_embeddings
+    ids = torch.randint(0, 64, (2, 17), generator=gen)
+
+    def given(x):
+        return x if form == "tensor" else {"input_ids": x}
+
+    named = "the item" if form == "tensor" else "input_ids"
+    with pytest.raises(ValueError, match=rf"calibration\['a'\] item 1: {named} holds 17 tokens, more than the "
+                                         rf"model's 16 positions \({key} in its config\)"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [given(ids[:, :8]), given(ids)]},
+                            progress=False)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [given(ids[:, :16])]}, progress=False)
+
+
 def test_hooks_on_a_quantized_layer_are_kept_and_seen_by_the_calibration(gen):
     """A forward hook the caller put on a linear went with it: the QuantLinear in its place
     had none (the model's outputs changed without a word) and the blocks after it were
