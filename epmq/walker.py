@@ -543,7 +543,7 @@ def _calibration(calibration, model) -> dict:
                 f"got a single {type(items).__name__}"
             )
         try:
-            out[task] = [_counted(part) for item in items
+            out[task] = [_counted(part) for item in _read_items(items, task)
                          for part in unpad(item, encoder_decoder=encoder_decoder, model=model)]
         except ValueError as e:
             raise ValueError(f"calibration[{task!r}]: {e}") from None
@@ -592,6 +592,21 @@ def _calibration(calibration, model) -> dict:
                     raise ValueError(f"calibration[{task!r}] item {n}: {flat}: token ids go as [batch, length] "
                                      f"(ids[None] for one sequence)")
     return out
+
+
+def _read_items(items, task):
+    """``items`` one by one, an error raised in giving one (a generator's or dataset's own, which names no task)
+    noted with the task and the item's place: it ended the walk as that error alone."""
+    iterator = iter(items)
+    for n in itertools.count():
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except Exception as e:
+            e.add_note(f"(while reading calibration[{task!r}] item {n}, before any layer was quantized)")
+            raise
+        yield item
 
 
 def _texts(value) -> bool:

@@ -1580,6 +1580,22 @@ def test_calibration_longer_than_the_models_positions_is_named(arch, key, form, 
     epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [given(ids[:, :16])]}, progress=False)
 
 
+def test_a_calibration_generator_failing_halfway_is_named(gen):
+    """A generator (or dataset) raising while it gives a task's items ended the walk as its own error alone,
+    naming no task nor item: the error goes on as it is, noted with both, before any layer is quantized."""
+    model = build("llama")
+
+    def items():
+        yield torch.randint(0, 64, (1, 8), generator=gen)
+        raise OSError("the shard is gone")
+
+    with pytest.raises(OSError, match="the shard is gone") as raised:
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [torch.randint(0, 64, (1, 8))],
+                                                                     "b": items()}, progress=False)
+    assert raised.value.__notes__ == ["(while reading calibration['b'] item 1, before any layer was quantized)"]
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
 def test_hooks_on_a_quantized_layer_are_kept_and_seen_by_the_calibration(gen):
     """A forward hook the caller put on a linear went with it: the QuantLinear in its place
     had none (the model's outputs changed without a word) and the blocks after it were
