@@ -806,9 +806,9 @@ def _computes_linear(module: nn.Linear) -> bool:
             return True
         x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0)).to(W.device, W.dtype)
         try:
-            with torch.no_grad():
+            with torch.no_grad():  # (a product asking for a derivative, read as a number, warns: an error under -W error)
                 y = module(x)
-            want = torch.nn.functional.linear(x.float(), W.float(), None if b is None else b.float())
+                want = torch.nn.functional.linear(x.float(), W.float(), None if b is None else b.float())
             atol = 1e-2 * float(want.abs().max())
             _COMPUTES_LINEAR[kind] = (isinstance(y, torch.Tensor) and y.shape == want.shape
                                       and torch.allclose(y.float(), want, rtol=1e-2, atol=atol))

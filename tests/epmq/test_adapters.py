@@ -1510,6 +1510,15 @@ class SubclassBlock(nn.Module):
         return x + self.grouped(self.same(x))
 
 
+class SameBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.same = SameLinear(32, 32)
+
+    def forward(self, x):
+        return x + self.same(x)
+
+
 def test_linear_subclasses_that_compute_something_else_are_left_whole(gen, monkeypatch):
     """An ``nn.Linear`` subclass with its own forward is quantized where that forward is a linear
     layer's (a packed layer in its place computes the same), and left in full precision, said
@@ -1527,6 +1536,21 @@ def test_linear_subclasses_that_compute_something_else_are_left_whole(gen, monke
     assert [layer["name"] for layer in model.epmq_report.layers] == ["1.0.same", "1.1.same"]
     assert all(type(block.grouped) is GroupedLinear for block in model[1])
     assert float((model(x).detach() - reference).norm() / reference.norm()) < 0.02
+
+
+def test_linear_subclasses_that_compute_a_linear_layer_are_packed_under_warnings_as_errors(gen, monkeypatch):
+    """The check of a subclass's forward compared it with a product that asked for a derivative, and
+    torch's warning on reading that as a number, an error under ``-W error``, had it judged to
+    compute something else: Falcon's linears were left in full precision (and every later one of
+    their class in the process). Warnings as errors, they are packed."""
+    monkeypatch.setattr(epmq.adapters, "_COMPUTES_LINEAR", {})
+    model = nn.Sequential(nn.Linear(8, 32), nn.Sequential(SameBlock(), SameBlock())).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        epmq.quantize_model(model, epmq.QuantSpec(bits=8, group_size=16), method="gptq", backend="torch",
+                            calibration={"a": [torch.randn(16, 8, generator=gen)]}, progress=False,
+                            adapter=epmq.Adapter("toy", block_types=("SameBlock",)))
+    assert [layer["name"] for layer in model.epmq_report.layers] == ["1.0.same", "1.1.same"]
 
 
 def test_siglip2_padded_patches_are_no_calibration_tokens(gen, monkeypatch):
