@@ -806,7 +806,7 @@ def _computes_linear(module: nn.Linear) -> bool:
             return True
         x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0)).to(W.device, W.dtype)
         try:
-            with torch.no_grad():  # (a product asking for a derivative, read as a number, warns: an error under -W error)
+            with torch.no_grad():  # (a product asking for a derivative warns when read as a number: -W error)
                 y = module(x)
                 want = torch.nn.functional.linear(x.float(), W.float(), None if b is None else b.float())
             atol = 1e-2 * float(want.abs().max())
