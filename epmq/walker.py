@@ -1757,6 +1757,31 @@ def _positional_hint(model, item) -> str:
             f"(inputs, labels)? give the model's inputs alone, or a dict of them")
 
 
+def _decoder_inputs_hint(model, item, error) -> str:
+    """That an encoder-decoder's ``item`` gives its decoder nothing to run on. T5 given its encoder's
+    input_ids alone, as a causal LM is calibrated, failed in its decoder with transformers' "You must
+    specify exactly one of input_ids or inputs_embeds", of an item holding input_ids. (BART makes its
+    decoder's inputs from input_ids: an item without them runs, and fails, if it does, for another cause,
+    not with a ValueError of its inputs.)"""
+    model = wrapped_model(model)
+    if not (_encoder_decoder(model) and isinstance(error, ValueError)):
+        return ""
+    if isinstance(item, Mapping):
+        given = {k for k, v in item.items() if v is not None}
+    else:
+        try:
+            params = inspect.signature(model.forward).parameters.values()
+        except (TypeError, ValueError):
+            return ""
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        values = item if isinstance(item, (tuple, list)) else (item,)
+        given = {p.name for p, v in zip((p for p in params if p.kind in kinds), values) if v is not None}
+    if given & {"labels", "decoder_input_ids", "decoder_inputs_embeds"}:
+        return ""
+    return (f"; an encoder-decoder ({type(model).__name__}) runs its decoder on labels (the targets, "
+            f"teacher-forced) or decoder_input_ids, and the item has neither: give them beside its input_ids")
+
+
 def _warn_unquantized_matrices(stacks, share: float = 0.05) -> None:
     """Warn when the blocks hold weight matrices outside any linear layer (fused 3-D MoE
     experts of a model the adapter does not rebuild, raw parameters) worth more than ``share``
@@ -3308,7 +3333,8 @@ class _Walk:
     def _cannot_run(self, task, n, item, e) -> ValueError:
         """The refusal of calibration[task] item ``n``, whose forward failed with ``e``, the item's fault."""
         return ValueError(f"calibration[{task!r}] item {n}: the model cannot run it ({_error_said(e)})"
-                          f"{_meta_hint(self.model, e)}{_positional_hint(self.model, item)}")
+                          f"{_meta_hint(self.model, e)}{_positional_hint(self.model, item)}"
+                          f"{_decoder_inputs_hint(self.model, item, e)}")
 
     def _never_reached(self, task, n, missed) -> ValueError:
         """The refusal of calibration[task] item ``n``, which reaches none of the stacks ``missed``

@@ -307,6 +307,25 @@ def test_a_labelled_batch_given_by_position_is_named(gen, arch, batch):
     assert_untouched(model, before)
 
 
+def test_an_encoder_decoders_item_without_the_decoders_inputs_is_named(gen):
+    """T5 calibrated as a causal LM is, on its input_ids alone (a dict, a bare tensor, or a tuple of them
+    and their mask): its decoder had nothing to run on, and the walk said transformers' "You must
+    specify exactly one of input_ids or inputs_embeds" of items that hold input_ids. The missing
+    decoder inputs are named; an item with them runs."""
+    fam = Family("t5", gen, n_samples=1)
+    model = fam.merged()
+    before = snapshot(model)
+    ids = next(iter(fam.calibration.values()))[0]["input_ids"]
+    for item in (dict(input_ids=ids), ids, (ids, torch.ones_like(ids))):
+        with pytest.raises(ValueError, match=r"item 0: the model cannot run it \(ValueError: .*\); an encoder-decoder "
+                                             r"\(T5ForConditionalGeneration\) runs its decoder on labels .* or "
+                                             r"decoder_input_ids, and the item has neither"):
+            quantize(fam, model, method="gptq", experts=None, calibration={"a": [item]})
+    assert_untouched(model, before)
+    quantize(fam, model, method="gptq", experts=None,
+             calibration={"a": [dict(input_ids=ids, labels=ids[:, :3])], "b": [(ids, None, ids[:, :3])]})
+
+
 @pytest.mark.parametrize("targets", ["merged_path", "expert_path"])
 def test_an_expert_on_the_meta_device_is_named(gen, targets):
     """An expert module built on the meta device (``torch.device("meta")``, accelerate's
