@@ -3320,7 +3320,9 @@ class _Walk:
             pass
         except Exception as e:
             # (no stand-in runs here: a ValueError before any stack is the item's, as in the probes)
-            if not _out_of_memory(e) and (isinstance(e, _ITEMS_ERRORS) or isinstance(e, ValueError) and not reached):
+            # (an encoder-decoder's item giving its decoder no inputs fails past the encoder's stack: the item's)
+            if not _out_of_memory(e) and (isinstance(e, _ITEMS_ERRORS) or isinstance(e, ValueError) and (
+                    not reached or _decoder_inputs_hint(self.model, item, e))):
                 raise self._cannot_run(task, n, item, e) from e
             e.add_note(f"(while the model's forward ran calibration[{task!r}] item {n} to find the order it "
                        f"reaches the stacks in)")
