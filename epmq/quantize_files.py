@@ -191,6 +191,12 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     seed = check_seed(seed)
     cls, encoder_decoder = _model_class(directory, tower, walked)
     modality = _modality(cls, encoder_decoder, tower)
+    if modality == "pairs" and calibration and walked and "labels" not in _forward_takes(cls):
+        # (the pairs' targets are labels, which T5Model's and BartModel's **kwargs drop: T5Model's decoder
+        # then has no input, BartModel's reads the inputs shifted, calibrated on them with nothing said)
+        raise ValueError(f"{cls.__name__}'s forward takes no labels, so the pairs' targets would not reach its "
+                         f"decoder: quantize it with epmq.quantize_model on input_ids and decoder_input_ids (the "
+                         f"targets shifted right, the decoder's start token first), or with method: rtn")
     if out is not None and modality not in ("images", "audio"):
         # (an image or audio folder's reader takes none of the checkpoint's files: its output may lie there)
         check_outside_calibration(out, {f"task {t!r}": sources for t, sources in (calibration or {}).items()},

@@ -2071,6 +2071,44 @@ def test_an_encoder_decoder_whose_shift_needs_no_decoder_start_token_id_in_its_f
     assert (tmp_path / "w4" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_an_encoder_decoder_without_labels_is_refused_before_the_walk(tmp_path, family, monkeypatch):
+    """T5Model and BartModel (no language-model head) take no labels: the pairs' targets, given as
+    labels, were dropped by their forward's **kwargs. T5Model's decoder then had no input (refused
+    mid-walk, its encoder quantized, as "You must specify exactly one of input_ids or inputs_embeds");
+    BartModel's ran on the inputs shifted, its decoder calibrated on them with nothing said. Refused
+    before the model is read, naming what to do; the model with the head still calibrates."""
+    import epmq.quantize_files
+    from epmq.benches.tiny import t5_tokenizer
+
+    t5_tokenizer(tmp_path / "m")
+    if family == "t5":
+        config = transformers.T5Config(vocab_size=128, d_model=8, d_kv=2, d_ff=16, num_layers=1, num_heads=4,
+                                       decoder_start_token_id=0)
+        bare, headed = transformers.T5Model, transformers.T5ForConditionalGeneration
+    else:
+        config = transformers.BartConfig(vocab_size=128, d_model=16, encoder_layers=1, decoder_layers=1,
+                                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                         decoder_ffn_dim=32, max_position_embeddings=64, pad_token_id=0,
+                                         eos_token_id=1, bos_token_id=2)
+        bare, headed = transformers.BartModel, transformers.BartForConditionalGeneration
+    bare(config).save_pretrained(tmp_path / "m")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"input": "a b c", "target": "c"}) + "\n")
+    kwargs = dict(spec=epmq.QuantSpec(bits=4, group_size=-1), method="gptq",
+                  calibration={"t": tmp_path / "pairs.jsonl"}, samples=1, seq_len=32, progress=False)
+    read = epmq.quantize_files._load_unreporting
+    monkeypatch.setattr(epmq.quantize_files, "_load_unreporting", lambda *a, **k: pytest.fail("the model was read"))
+    with pytest.raises(ValueError, match=rf"{bare.__name__}'s forward takes no labels, so the pairs' targets would "
+                                         r"not reach its decoder.*epmq.quantize_model on input_ids and "
+                                         r"decoder_input_ids"):
+        epmq.quantize_checkpoint(tmp_path / "m", tmp_path / "w4", **kwargs)
+    assert not (tmp_path / "w4").exists()
+    monkeypatch.setattr(epmq.quantize_files, "_load_unreporting", read)
+    headed(config).save_pretrained(tmp_path / "m")
+    epmq.quantize_checkpoint(tmp_path / "m", tmp_path / "w4", **kwargs)
+    assert (tmp_path / "w4" / "config.json").is_file()
+
+
 def test_a_t5_encoder_saved_with_is_encoder_decoder_reads_texts(tmp_path):
     """transformers 4 saved T5EncoderModel with its T5 config's "is_encoder_decoder": true (FLUX's
     and SD3's T5-XXL text encoders): the encoder was taken for an encoder-decoder, its texts
