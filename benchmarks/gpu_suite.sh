@@ -28,9 +28,8 @@ trap 'exec >&- 2>&-; wait "$TEE_PID" 2>/dev/null || true' EXIT
 echo "== device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
 nvidia-smi -L || true
-"$PYTHON" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
-# the commit measured, as each result's JSON records it (a copy without git history: $EPMQ_REVISION)
-"$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks"); from _common import checkout_revision; print("revision", checkout_revision())' || true
+# the stack, and the commit measured as the results' JSON records it (without .git: $EPMQ_REVISION)
+"$PYTHON" -c 'import sys, torch, triton; sys.path.insert(0, "benchmarks"); from _common import checkout_revision; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda, "revision", checkout_revision())'
 # the CUDA tests build models of transformers' classes: an image with an older one fails them
 "$PYTHON" -c 'import transformers; print("transformers", transformers.__version__)' || echo "warning: transformers is missing"
 # Without a card every CUDA test skips and every benchmark says it has nothing to time: a run
