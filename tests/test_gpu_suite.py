@@ -35,6 +35,24 @@ def test_gpu_suite_steps_fit_in_eight_minutes():
             assert (ROOT / script).is_file(), script
 
 
+def test_gpu_suite_steps_pass_options_their_scripts_take(tmp_path, monkeypatch):
+    """Each benchmark step's command line as the suite gives it (an option renamed in a script
+    but not in the suite ends that step in argparse's usage message on the card, its minutes
+    spent on nothing): parsed by the script's own ``main``, which then finds no CUDA device."""
+    import shlex
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    text = (ROOT / "benchmarks" / "gpu_suite.sh").read_text().replace("\\\n", " ")
+    scripts = 0
+    for _, _, command in re.findall(r"^step (\S+) (\d+) (.*)$", text, re.M):
+        argv = shlex.split(command.replace('"$RESULTS"', str(tmp_path)).replace("$SLUG", "card"))
+        if argv[1].startswith("benchmarks/"):
+            script, = _imported("benchmarks", Path(argv[1]).stem)
+            assert script.main(argv[2:]) == 0, command
+            scripts += 1
+    assert scripts >= 4
+
+
 def test_benchmarks_write_what_they_measured_when_their_time_is_up():
     """The suite's timeout sends SIGTERM first: the benchmarks turn it into an exception where
     they are, then write their plot and summary of what they measured in the grace time."""
