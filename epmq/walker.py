@@ -531,6 +531,9 @@ def _calibration(calibration, model) -> dict:
     encoder_decoder = _encoder_decoder(model)
     transformers = sys.modules.get("transformers")  # (not imported: the model is none of its)
     hf_model = transformers is not None and isinstance(model, transformers.PreTrainedModel)
+    # (T5Model's and BartModel's **kwargs drop labels: T5Model's decoder then has no input, BartModel's
+    # runs on the inputs shifted, calibrated on them with nothing said)
+    drops_labels = encoder_decoder and hf_model and "labels" not in inspect.signature(model.forward).parameters
     if not isinstance(calibration, Mapping):
         raise TypeError("calibration must be a mapping task name -> iterable of model inputs")
     # (past them GPT-2's table fails as an IndexError naming nothing, a rotary model runs on what it never saw)
@@ -557,6 +560,10 @@ def _calibration(calibration, model) -> dict:
                           if isinstance(t, torch.Tensor) and t.numel() == 0), None)
             if empty is not None:  # (a sequence of 0 tokens: the model fails deep inside, unnamed)
                 raise ValueError(f"calibration[{task!r}] item {n}: {empty} is empty: nothing to calibrate on")
+            if drops_labels and isinstance(item, Mapping) and item.get("labels") is not None:
+                raise ValueError(f"calibration[{task!r}] item {n}: {type(model).__name__}'s forward takes no labels, "
+                                 f"so its decoder would not read them: give decoder_input_ids (the labels shifted "
+                                 f"right, the decoder's start token first)")
             # (the walk calls the blocks without a cache: the tokens it holds would be missing from
             # their attention, the masks and positions made for them wrong, unnamed deep inside)
             # (a recurrent state, RWKV's, is a list of tensors whether it holds tokens or not)
