@@ -725,7 +725,7 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
 
     from .checkpoint_io import renamed, saved_key_renaming
     from .quantize_files import (PREPROCESSOR_FILES, _check_decoder_start, _forward_takes, _modality, _model_class,
-                                 _vision_tower_class, calibrated)
+                                 _reads_labels, _vision_tower_class, calibrated)
     from .stats import gram_matrices, rebuilt_experts
     from .walker import _input_embeddings
 
@@ -755,6 +755,11 @@ def _expert_grams(sources, model_paths, calibration, device, options, spill_dir:
                              f"them: merge it with epmq.merge.regmean on the Gram matrices of (input_features or "
                              f"input_values, labels) batches (epmq.stats.gram_matrices), or by a method that reads "
                              f"no data (average, task_arithmetic, ties)")
+        if modality == "pairs" and not _reads_labels(cls):
+            raise ValueError(f"regmean: {cls.__name__} (model {k})'s forward takes no labels, so the pairs' targets "
+                             f"would not reach its decoder: merge it with epmq.merge.regmean on the Gram matrices of "
+                             f"(input_ids, decoder_input_ids) batches (epmq.stats.gram_matrices), or by a method "
+                             f"that reads no data (average, task_arithmetic, ties)")
         if modality not in ("images", "audio"):
             check_outside_calibration(out, {f"model {k}": files})
     # experts saved without their tokenizer use another model's (they share the base's)

@@ -154,6 +154,12 @@ def _forward_takes(cls) -> set:
     return set(inspect.signature(forward).parameters) if forward is not None else set()
 
 
+def _reads_labels(cls) -> bool:
+    """Whether the pairs' targets, given as labels, reach the decoder of ``cls``: T5Model's and BartModel's
+    **kwargs drop them, T5Model's decoder then has no input, BartModel's reads the inputs shifted."""
+    return "labels" in _forward_takes(cls)
+
+
 def _modality(cls, encoder_decoder: bool, tower: Optional[str] = None) -> str:
     takes = _forward_takes(cls)
     if tower == "language":
@@ -191,9 +197,7 @@ def calibrated(directory: Path, calibration: Mapping[str, object], *, samples: i
     seed = check_seed(seed)
     cls, encoder_decoder = _model_class(directory, tower, walked)
     modality = _modality(cls, encoder_decoder, tower)
-    if modality == "pairs" and calibration and walked and "labels" not in _forward_takes(cls):
-        # (the pairs' targets are labels, which T5Model's and BartModel's **kwargs drop: T5Model's decoder
-        # then has no input, BartModel's reads the inputs shifted, calibrated on them with nothing said)
+    if modality == "pairs" and calibration and walked and not _reads_labels(cls):
         raise ValueError(f"{cls.__name__}'s forward takes no labels, so the pairs' targets would not reach its "
                          f"decoder: quantize it with epmq.quantize_model on input_ids and decoder_input_ids (the "
                          f"targets shifted right, the decoder's start token first), or with method: rtn")

@@ -1376,6 +1376,38 @@ def test_regmean_of_encoder_decoders_asks_the_model_for_its_decoder_start(tmp_pa
                 merge_checkpoints("regmean", models, tmp_path / "t5_out", **options)
 
 
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_regmean_of_encoder_decoders_without_labels_is_refused_as_a_merge(tmp_path, family):
+    """T5Model and BartModel take no labels: the pairs' targets were dropped by their forward's **kwargs,
+    T5Model's decoder then had no input (a failed pass, "You must specify exactly one of input_ids or
+    inputs_embeds"), BartModel's Gram matrices were those of the inputs shifted, merged with nothing
+    said. Refused as a merge, before any model is read."""
+    from epmq.benches.tiny import t5_tokenizer
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"input": f"a b {w}", "target": w}) + "\n" for w in "cdef"))
+    models = []
+    for k in range(2):
+        torch.manual_seed(k)
+        models.append(tmp_path / f"{family}{k}")
+        if family == "t5":
+            model = transformers.T5Model(transformers.T5Config(
+                vocab_size=128, d_model=8, d_kv=2, d_ff=16, num_layers=1, num_heads=4, decoder_start_token_id=0))
+        else:
+            model = transformers.BartModel(transformers.BartConfig(
+                vocab_size=128, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64))
+        model.save_pretrained(models[-1])
+        t5_tokenizer(models[-1])
+    with pytest.raises(ValueError) as refused:
+        merge_checkpoints("regmean", models, tmp_path / "out", calibration=[str(pairs)] * 2, samples=2, seq_len=16,
+                          batch_size=2, progress=False)
+    assert re.match(rf"regmean: {type(model).__name__} \(model 0\)'s forward takes no labels, so the pairs' targets "
+                    r"would not reach its decoder", str(refused.value))
+    assert "method: rtn" not in str(refused.value) and "quantize" not in str(refused.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_regmean_without_a_tokenizer_says_where_to_put_one(checkpoints, tmp_path):
     """Experts saved without their tokenizer (and RegMean takes no base): the error says which
     files to copy, and where."""
