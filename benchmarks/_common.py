@@ -121,13 +121,16 @@ def device_info(device) -> dict:
     return dict(
         device=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)),
         sm_count=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
-        cuda=torch.version.cuda, python=platform.python_version(), revision=checkout_revision(),
+        cuda=torch.version.cuda, python=platform.python_version(),
     )
 
 
 def write_json(path, result: dict) -> None:
     """``result`` to ``path`` (its directory created as needed), atomically: a run killed while
-    writing leaves the previous file."""
+    writing leaves the previous file. It records the commit measured (``revision``), which a
+    result's JSON lacked: its README said it, or nothing did."""
+    if isinstance(result, dict) and "revision" not in result:
+        result = {**result, "revision": checkout_revision()}
     write_text(path, json.dumps(result, indent=1))
 
 

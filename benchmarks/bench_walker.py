@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import attention_heads, checkout_revision, device_info, no_cuda, write_json  # noqa: E402
+from _common import attention_heads, device_info, no_cuda, write_json  # noqa: E402
 
 
 def build(args, device):
@@ -138,7 +138,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and no_cuda("bench_walker.py"):
         return 0
-    info = device_info(device) if device.type == "cuda" else dict(device="cpu", revision=checkout_revision())
+    info = device_info(device) if device.type == "cuda" else dict(device="cpu")
     slug = "".join(c if c.isalnum() else "-" for c in info["device"].lower()).strip("-")
     path = os.path.join(args.out, f"walker-{slug}.json")
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _common import checkout_revision, device_info, positive_int, write_json  # noqa: E402
+from _common import device_info, positive_int, write_json  # noqa: E402
 from epmq.resume import tensor_digest  # noqa: E402
 from bench_walker import build  # noqa: E402
 
@@ -98,8 +98,7 @@ def main():
                 rows.append(row)
                 print(row, flush=True)
     best = {b: min(r["walk_s"] for r in rows if r["read_ahead_bytes"] == b) for b in (default, 0)}
-    machine = (device_info(device) if device.type == "cuda"
-               else dict(device="cpu", cpus=os.cpu_count(), revision=checkout_revision()))
+    machine = device_info(device) if device.type == "cuda" else dict(device="cpu", cpus=os.cpu_count())
     result = dict(args=vars(args), device=machine, experts_on_disk_gb=expert_gb,
                   rows=rows, best_walk_s={"read_ahead": best[default], "in_line": best[0]},
                   speedup=best[0] / best[default], same_model=digests[default] == digests[0])
