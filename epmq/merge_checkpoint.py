@@ -480,31 +480,44 @@ OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".ot", ".onnx", ".gguf", ".ckpt", ".
 COMPANION_DIRS = ("additional_chat_templates",)
 
 
-def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
-    """The non-weight files of a checkpoint directory (config, tokenizer, generation config);
-    not its weights in any format, nor its model card, which describe another model. A weights
-    file's directory counts if it holds a ``config.json``."""
+def _companions(source: Path) -> Optional[list]:
+    """The non-weight files of a checkpoint directory (config, tokenizer, generation config) and its tokenizer's
+    folders, which a merge's output carries: not its weights in any format, nor its model card, which describe
+    another model. A weights file's directory counts if it holds a ``config.json`` (None where it does not: the
+    merge has no config). ``_check_companions`` checks these, so a file left behind stops no merge."""
     open_clip = _reads_open_clip(source)
     if not source.is_dir():
         if not (source.parent / "config.json").is_file() and not open_clip:
-            warnings.warn(f"{source} is a weights file with no config.json beside it: the merge "
-                          f"has no config, so from_pretrained cannot load it (add one)")
-            return
+            return None
         source = source.parent
-    for entry in source.iterdir():
+
+    def carried(entry: Path) -> bool:
         if entry.name in COMPANION_DIRS and entry.is_dir() and not entry.is_symlink():
+            return True
+        return not (entry.name.startswith(".") or not entry.is_file()
+                    or entry.name.endswith(WEIGHT_SUFFIXES + OTHER_WEIGHT_SUFFIXES)
+                    or entry.name in (RECIPE_FILE, "README.md")
+                    # (transformers' config of a LAION checkpoint's other copy: from_pretrained built its CLIPModel
+                    # from it and left every weight random, the merged tensors bearing open_clip's names; and
+                    # open_clip's, of the copy not read: its loader of a directory built open_clip's CLIP from it
+                    # and failed on the merged tensors' transformers names)
+                    or entry.name == ("config.json" if open_clip else OPEN_CLIP_CONFIG_FILE))
+
+    return sorted(filter(carried, source.iterdir()))
+
+
+def _copy_companions(source: Path, target: Path, dtype: Optional[str]) -> None:
+    """``_companions`` of checkpoint ``source`` copied into ``target``, its config saying ``dtype``."""
+    companions = _companions(source)
+    if companions is None:
+        warnings.warn(f"{source} is a weights file with no config.json beside it: the merge "
+                      f"has no config, so from_pretrained cannot load it (add one)")
+        return
+    for entry in companions:
+        if entry.is_dir():
             shutil.copytree(entry, target / entry.name)
-            continue
-        if (entry.name.startswith(".") or not entry.is_file()
-                or entry.name.endswith(WEIGHT_SUFFIXES + OTHER_WEIGHT_SUFFIXES)
-                or entry.name in (RECIPE_FILE, "README.md")
-                # (transformers' config of a LAION checkpoint's other copy: from_pretrained built its CLIPModel
-                # from it and left every weight random, the merged tensors bearing open_clip's names; and
-                # open_clip's, of the copy not read: its loader of a directory built open_clip's CLIP from it
-                # and failed on the merged tensors' transformers names)
-                or entry.name == ("config.json" if open_clip else OPEN_CLIP_CONFIG_FILE)):
-            continue
-        shutil.copy2(entry, target / entry.name)
+        else:
+            shutil.copy2(entry, target / entry.name)
     config = target / "config.json"
     if dtype is not None and config.is_file():
         content = json.loads(config.read_text(encoding="utf-8"))
@@ -542,13 +555,8 @@ def _check_companions(source: Path) -> None:
     """A ValueError naming a JSON file ``_copy_companions`` would carry that is empty or no JSON
     (an interrupted copy or download of a tokenizer.json): the merge wrote it into its output,
     whose tokenizer then did not load, after all its work."""
-    if not source.is_dir():
-        if not (source.parent / "config.json").is_file() and not _reads_open_clip(source):
-            return  # (no files are copied: warned as they are)
-        source = source.parent
-    for entry in sorted(source.glob("*.json")):
-        if (entry.name.startswith(".") or not entry.is_file() or entry.name.endswith(WEIGHT_SUFFIXES)
-                or entry.name == RECIPE_FILE):
+    for entry in _companions(source) or ():  # (None: no files are copied, warned as they are)
+        if entry.suffix != ".json":
             continue
         try:
             check_json_file(entry)

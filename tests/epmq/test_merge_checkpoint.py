@@ -2988,6 +2988,43 @@ def test_a_laion_checkpoints_transformers_copy_merges_without_its_open_clip_conf
         open_clip.create_model(f"local-dir:{out}")
 
 
+@pytest.mark.parametrize("read", ["transformers", "open_clip"])
+def test_the_config_of_a_laion_checkpoints_copy_not_read_is_not_checked(tmp_path, read):
+    """A LAION checkpoint's config of the copy not read is left behind (96dec2a), yet an empty one stopped the
+    merge as a file its output would carry and fail to load; the files checked are those copied, and the
+    config of the copy read is still checked."""
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, vocab_size=32, max_position_embeddings=8),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, image_size=16, patch_size=8), projection_dim=16)
+    model_cfg = {"embed_dim": 16, "vision_cfg": {"layers": 1, "width": 32, "head_width": 8, "image_size": 16,
+                                                  "patch_size": 8},
+                 "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 32, "heads": 4, "layers": 1}}
+    for name in ("laion", "a", "b"):
+        CLIPModel(config).save_pretrained(tmp_path / name)
+        (tmp_path / name / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
+                                                                           "preprocess_cfg": {}}))
+        save_file({k: v.contiguous() for k, v in CLIP(**model_cfg).state_dict().items()},
+                  str(tmp_path / name / "open_clip_model.safetensors"))
+    read_config, other = (("config.json", "open_clip_config.json") if read == "transformers"
+                          else ("open_clip_config.json", "config.json"))
+    weights = "model.safetensors" if read == "transformers" else "open_clip_model.safetensors"
+    laion = tmp_path / "laion"
+    (laion / other).write_bytes(b"")
+    out = merge_checkpoints("task_arithmetic", [tmp_path / n / weights for n in "ab"], tmp_path / "out",
+                            base=laion / weights, params={"scale": 0.5}, progress=False)
+    assert (out / read_config).is_file() and not (out / other).exists()
+    (laion / other).write_text("{}")
+    (laion / read_config).write_bytes(b"")
+    with pytest.raises(ValueError, match=re.escape(str(laion / read_config)) + " is (empty|not valid JSON)"):
+        merge_checkpoints("task_arithmetic", [tmp_path / n / weights for n in "ab"], tmp_path / "out2",
+                          base=laion / weights, params={"scale": 0.5}, progress=False)
+
+
 def test_timm_checkpoints_whose_configs_build_another_model_are_refused(tmp_path):
     """timm's hub checkpoints (save_for_hf: config.json giving its architecture and model_args, no
     model_type) were compared on nothing: a fine-tune pooling its tokens' mean (global_pool avg)
