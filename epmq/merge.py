@@ -1509,8 +1509,10 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: C
     of the task vectors (the TIES paper ranks over the fine-tuned parameters; mergekit trims
     each tensor, an unchanged one never moving another's trim): counted in n, it had each
     expert keep more than ``density`` of what they changed, a merge that moved with a tower no
-    expert trained. Its zeros still go to the ranking: below every other magnitude, they move
-    no k-th largest of k up to the changed tensors' entries."""
+    expert trained. Its zeros are ranked in the first pass (it is known unchanged once read) and
+    it is not read again in the second: k is at most the changed tensors' entries, so the k-th
+    largest is one of theirs, which zeros ranked below it (or beside it, where it is a zero) do
+    not move."""
     from tqdm.auto import tqdm
 
     aliases = _common_aliases([base, *experts])  # (a tied tensor counts once)
@@ -1529,6 +1531,9 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: C
 
     def task_vectors():
         for name in names:
+            if name in unchanged:  # (the second pass: its zeros, no k-th largest's, need not be read again)
+                bar.update()
+                continue
             W_0 = base[name]  # (a lazy state reads anew at each index)
             work = _work_dtype(W_0)
             changed = False

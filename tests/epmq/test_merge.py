@@ -157,6 +157,25 @@ def test_global_ties_counts_no_tensor_every_expert_left_as_the_base(gen):
     assert kept == round(0.2 * sum(base[n].numel() for n in vision))
 
 
+@pytest.mark.parametrize("density", [0.2, 0.9])  # (0.9: the k-th largest is a zero of a changed tensor)
+def test_global_ties_reads_a_tensor_every_expert_left_as_the_base_once(density, gen):
+    """The thresholds' second pass read again every tensor no expert changed (a vision-only fine-tune's
+    text tower), whose zeros move no k-th largest: through a lazy checkpoint, its reads for nothing.
+    It is read once now (the base's size aside), the thresholds those of the changed tensors alone."""
+    base = {name: torch.randn(shape, generator=gen) for name, shape in
+            (("text.w", (8, 6)), ("text.b", (6,)), ("vision.w", (8, 6)), ("vision.b", (6,)))}
+    vision = ("vision.w", "vision.b")
+    experts = [{name: t + 0.1 * torch.randn(t.shape, generator=gen) * (torch.rand(t.shape, generator=gen) < 0.5)
+                if name in vision else t for name, t in base.items()} for _ in range(3)]
+    counted_base, counted = Counted(base), [Counted(e) for e in experts]
+    thresholds = merge._global_thresholds(counted_base, counted, lambda k: density)
+    assert thresholds == merge._global_thresholds({n: base[n] for n in vision},
+                                                  [{n: e[n] for n in vision} for e in experts], lambda k: density)
+    assert (min(thresholds) == 0.0) == (density == 0.9), thresholds
+    assert counted_base.reads == {"text.w": 2, "text.b": 2, "vision.w": 3, "vision.b": 3}
+    assert [c.reads for c in counted] == [{"text.w": 1, "text.b": 1, "vision.w": 2, "vision.b": 2}] * 3
+
+
 def test_ties_defaults_and_limits():
     base, experts = hand_models()
     # density 1 keeps everything: the disjoint mean of agreeing entries
