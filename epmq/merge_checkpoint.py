@@ -1481,7 +1481,9 @@ def _check_trained_on(adapter: Path, source, base: Path, base_name: str) -> None
 # drops with a warning) or masking its padding otherwise (pad_id), an open_clip ViT's patches on another
 # grid (grid_size: its position embeddings, of one shape for [16, 32] and [32, 16] images), an open_clip
 # model with or without a logit bias (init_logit_bias, SigLIP's), holding its text tower apart or at its
-# top (custom_text: its tensors named otherwise) or a CoCa's decoder or none (multimodal_cfg: its text_decoder.*)
+# top (custom_text: its tensors named otherwise) or a CoCa's decoder or none (multimodal_cfg: its text_decoder.*),
+# T5's position bias read at other distances (relative_attention_max_distance: its buckets' table of one shape)
+# or its tied head scaled otherwise (transformers 5's scale_decoder_outputs, t5-small's true, FLAN-T5's false)
 # (refused, as another layer count); or
 # positions turned by another RoPE (a long-context fine-tune's: warned of, the output or the walk reading one
 # config)
@@ -1500,7 +1502,8 @@ READ_AS = ("num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "
            "timm_model_name", "timm_pool", "no_causal_mask", "attn_pooler_heads", "act_kwargs", "pool_type", "eos_id",
            "final_ln_after_pool", "hf_model_name", "hf_pooler_type", "hf_proj_type", *OPEN_CLIP_BLOCKS, "no_ln_pre",
            "attentional_pool", "proj_type", "proj_bias", "pad_id", "timm_proj", "timm_proj_bias", "grid_size",
-           "init_logit_bias", "custom_text", "multimodal_cfg")
+           "init_logit_bias", "custom_text", "multimodal_cfg", "relative_attention_max_distance",
+           "scale_decoder_outputs")
 
 # fields of READ_AS whose values read the weights alike, though they differ: open_clip's ls_init_value
 # initializes LayerScale, and init_logit_bias the logit bias, which any value builds (None: none), a

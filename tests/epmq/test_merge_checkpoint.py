@@ -2771,11 +2771,15 @@ def test_head_and_layer_fields_of_every_spelling_are_compared(mine, theirs, said
     ("parallel_attn", False, True), ("alibi", True, False), ("activation", "relu", "gelu"),
     ("feed_forward_proj", "gated-silu", "gated-gelu"), ("projector_hidden_act", "relu", "gelu"),
     ("num_experts_per_tok", 4, 2), ("norm_topk_prob", True, False), ("routed_scaling_factor", 1.0, 2.5),
+    ("relative_attention_max_distance", 64, 128), ("scale_decoder_outputs", False, True),
 ])
 def test_fields_that_change_what_the_weights_compute_are_compared(field, mine, theirs):
     """Capped or scaled logits (Gemma 2's softcapping and query scale, Granite's and Cohere's logit
     scales), another residual form (GPT-NeoX's and Falcon's parallel attention), Falcon's ALiBi and
-    activation, T5's gated activation, a mixture of experts routing to other experts: weights of
+    activation, T5's gated activation, its position bias read at other distances (the same buckets'
+    table) and its tied head's scaling (transformers 5's scale_decoder_outputs: a T5 built with
+    tie_word_embeddings=False, as FLAN-T5's config says, loaded a t5-small-style checkpoint's tensors
+    and served unscaled logits), a mixture of experts routing to other experts: weights of
     the same shapes computing other things, walked and merged as the model's in silence; refused as
     other heads are. A softcapping written None is none (not its model's default): compared too."""
     from epmq.merge_checkpoint import _check_architectures
