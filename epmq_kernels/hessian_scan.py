@@ -55,6 +55,7 @@ def _read_fp8(H: torch.Tensor) -> torch.Tensor:
     return H.to(torch.float32 if H.dtype == torch.float8_e8m0fnu else torch.float16)
 
 
+@torch.no_grad()  # (as the kernels: numbers to judge H by, not a function of it to differentiate)
 def hessian_numbers_reference(H: torch.Tensor, vu: torch.Tensor) -> torch.Tensor:
     """``[lo, hi, min(diag), #(diag == 0), u^T H v - v^T H u, |H v|, tr(H)]`` as float64 on H's
     device: the products in vu's dtype (half-precision ``H`` converted in slabs of 2^24

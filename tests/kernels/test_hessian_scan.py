@@ -288,3 +288,17 @@ def test_operands_that_are_no_tensor_are_refused_by_name(backend):
             hessian_numbers(bad, vu, backend=backend)
     with pytest.raises(ValueError, match="vu must be a torch.Tensor, got ndarray"):
         hessian_numbers(H, vu.cpu().numpy(), backend=backend)
+
+
+@pytest.mark.parametrize("requires_grad", [("H",), ("vu",), ("H", "vu")])
+def test_numbers_keep_no_autograd_graph(gen, requires_grad):
+    """A Hessian or probes that require a gradient (a Parameter's Gram matrix): the reference's
+    numbers carried an autograd graph (requires_grad, a grad_fn keeping H alive), the kernels' none;
+    neither keeps one, and the numbers are those of the detached operands."""
+    H, vu = gram(gen, 9, torch.float32), probes(gen, 9, torch.float32)
+    want = hessian_numbers_reference(H, vu)
+    operands = {name: t.clone().requires_grad_(name in requires_grad) for name, t in (("H", H), ("vu", vu))}
+    for backend in ("torch", "triton"):
+        got = hessian_numbers(operands["H"], operands["vu"], backend=backend)
+        assert not got.requires_grad and got.grad_fn is None, backend
+        assert_numbers_close(got, want, H, vu)
