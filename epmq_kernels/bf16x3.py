@@ -88,6 +88,7 @@ def _split_kernel(
         tl.store(HI + rows[:, None] * stride_hi + cols[None, :], hi_bits, mask=ok)
 
 
+@torch.no_grad()  # (as the kernel, which writes the parts' bits: torch's fallback wrote X's graph into them)
 @on_tensor_device
 def split_bf16(X, Y, parts, mid, hi=None):
     """``X - Y`` (``Y`` None: ``X``) split into ``hi, mid`` bf16 parts written to ``parts``, a

@@ -95,6 +95,24 @@ def test_split_refuses_a_mid_past_the_parts_and_parts_it_cannot_write(gen):
         assert torch.equal(X, before)
 
 
+def test_split_keeps_no_autograd_graph(gen, monkeypatch):
+    """X and Y that require a gradient (an expert's weight Parameter): torch's fallback wrote their
+    autograd graph into the parts (requires_grad, a grad_fn, and so the products of side_by_side),
+    where the kernel writes the bits alone; neither path keeps one, the parts those of the values."""
+    X, Y = rand(gen, 6, 40).requires_grad_(), rand(gen, 6, 40).requires_grad_()
+    hi_want, mid_want = bf16_split(X.detach() - Y.detach())
+    for interpreted in {_runtime.INTERPRETED, False} if DEVICE.type == "cpu" else {False}:
+        monkeypatch.setattr(_runtime, "INTERPRETED", interpreted)
+        parts = torch.empty(6, 2, 40, dtype=torch.bfloat16, device=DEVICE)
+        hi = torch.empty(6, 40, dtype=torch.bfloat16, device=DEVICE)
+        split_bf16(X, Y, parts, 1, hi)
+        for name, t in (("parts", parts), ("hi", hi)):
+            assert not t.requires_grad and t.grad_fn is None, (interpreted, name)
+        assert torch.equal(parts[:, 0], hi_want) and torch.equal(parts[:, 1], mid_want) and torch.equal(hi, hi_want)
+        product = bf16x3_product(Bf16x3Parts(X), Bf16x3Parts(X.T))
+        assert not product.requires_grad, interpreted
+
+
 @pytest.mark.parametrize("a_t,b_t", [(False, False), (True, False), (False, True), (True, True)])
 def test_products_of_slices_and_transposes(gen, a_t, b_t):
     """Every orientation of both operands, on slices that start and end anywhere: the value of
