@@ -210,6 +210,8 @@ def tune(cache, key, candidates, run, warmup_ms=3, rep_ms=12, prepare=None, veri
     one passes: a config whose result is wrong on this GPU (a miscompile, an option that does
     not hold here) is never kept, however fast.
     """
+    if not candidates:  # (else a bare IndexError, of candidates[0] or errors[0], named no kernel)
+        raise ValueError(f"{cache.family} {key}: no candidate config to choose from (candidates is empty)")
     hit = cache.get(key)
     if hit is not None and hit in candidates:
         return hit

@@ -1702,6 +1702,23 @@ def test_tune_keeps_the_fastest_config_that_verifies(tmp_path, monkeypatch):
         autotune_cache.tune(cache, "other", space, lambda c: ms[c["BLOCK"]], verify=lambda c: False)
 
 
+@pytest.mark.parametrize("enabled", ["0", "1"])
+def test_tune_refuses_an_empty_candidate_list_by_kernel(tmp_path, monkeypatch, enabled):
+    """No candidates ended in a bare IndexError naming no kernel (``candidates[0]`` with autotuning
+    off, ``errors[0]`` with it on); refused naming the family and key, nothing run or cached."""
+    monkeypatch.setenv("EPMQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("EPMQ_AUTOTUNE", enabled)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cache = autotune_cache.DiskCache("w4a16", "gpu", [])
+
+    def must_not_run(config):
+        raise AssertionError("nothing to run")
+
+    with pytest.raises(ValueError, match=r"w4a16 gemm\|M64: no candidate config .*candidates is empty"):
+        autotune_cache.tune(cache, "gemm|M64", [], must_not_run)
+    assert cache.get("gemm|M64") is None
+
+
 @pytest.mark.parametrize("tuning_x", ["random", "zeros", "nan", "huge", "large_weights"])
 def test_tuner_verifies_on_its_own_input(gen, tmp_path, monkeypatch, tuning_x):
     """``_choose`` (the tuner, run here under the interpreter with its timing replaced) never
