@@ -547,6 +547,18 @@ def _workspace(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _unlike_out(t, shape, dtype):
+    """How an out= tensor that must be a contiguous ``dtype`` tensor of ``shape`` is not one, as its
+    error says what was given (its shape and dtype, strides or type), or None where it is one."""
+    if not isinstance(t, torch.Tensor):
+        return "None" if t is None else type(t).__name__
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        return f"{tuple(t.shape)} {t.dtype}"
+    if not t.is_contiguous():
+        return f"a tensor of strides {t.stride()}, not contiguous"
+    return None
+
+
 def _check_out_is_its_own(Q, codes, scales, zeros, read):
     """Refuse outputs that share memory with what the kernel still reads (``read``, as it reads
     them) or with each other, naming both: programs write their rows of Q while others still
@@ -629,10 +641,12 @@ def gptq_solve_triton(
         if not isinstance(out, SolveOut):  # (a plain tuple ended in "'tuple' object has no attribute 'Q'")
             raise ValueError(f"out must be a SolveOut (Q, codes, scales, zeros), got {type(out).__name__}")
         Q, codes = out.Q, out.codes
-        if Q.shape != W.shape or Q.dtype != torch.float32 or not Q.is_contiguous():
-            raise ValueError("out.Q must be a contiguous float32 tensor of W's shape")
-        if codes.shape != W.shape or codes.dtype != torch.int32 or not codes.is_contiguous():
-            raise ValueError("out.codes must be a contiguous int32 tensor of W's shape")
+        # (they said "of W's shape" alone: neither that shape nor what was given, nor which of the three was off)
+        for name, t, dtype in (("out.Q", Q, torch.float32), ("out.codes", codes, torch.int32)):
+            got = _unlike_out(t, (d_out, d_in), dtype)
+            if got is not None:
+                raise ValueError(f"{name} must be a contiguous {dtype} tensor [{d_out}, {d_in}] (W's shape), "
+                                 f"got {got}")
         # (the kernel writes them: on another GPU that is an illegal address, or another
         # device's memory overwritten)
         given = [("out.Q", Q), ("out.codes", codes)] + [
@@ -647,10 +661,8 @@ def gptq_solve_triton(
         if out is not None and (out.scales is not None or out.zeros is not None):
             scales, zeros = out.scales, out.zeros
             for t in (scales, zeros):  # (one of them None ended in "'NoneType' object has no attribute 'shape'")
-                if (not isinstance(t, torch.Tensor) or t.shape != (d_out, n_groups) or t.dtype != torch.float32
-                        or not t.is_contiguous()):
-                    given = "None" if t is None else (f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor)
-                                                      else type(t).__name__)
+                given = _unlike_out(t, (d_out, n_groups), torch.float32)
+                if given is not None:
                     raise ValueError(f"out.scales/out.zeros must be contiguous float32 [{d_out}, {n_groups}], "
                                      f"got {given}")
         else:

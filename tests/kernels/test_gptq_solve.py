@@ -1030,6 +1030,24 @@ def test_an_out_of_another_kind_or_with_half_a_grid_is_refused(gen):
             gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16, out=SolveOut(Q, codes, scales, zeros))
 
 
+def test_an_out_q_or_codes_of_another_shape_dtype_or_layout_is_refused_saying_which(gen):
+    """out.Q and out.codes unlike W were refused as 'must be a contiguous float32 tensor of W's shape'
+    alone: neither W's shape nor what was given nor which of shape, dtype and layout was off (and
+    None in 'object has no attribute shape'); the error says all three."""
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    n = dict(dtype=torch.float32, device=DEVICE)
+    Q, codes = torch.empty(8, 32, **n), torch.empty(8, 32, dtype=torch.int32, device=DEVICE)
+    bad_Q = {r"\(8, 32\) torch.float64": Q.double(), r"\(32, 8\) torch.float32": Q.T.contiguous(),
+             r"a tensor of strides \(1, 8\), not contiguous": torch.empty(32, 8, **n).T, "None": None}
+    for got, bad in bad_Q.items():
+        with pytest.raises(ValueError, match=r"out.Q must be a contiguous torch.float32 tensor \[8, 32\] "
+                                             rf"\(W's shape\), got {got}$"):
+            gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16, out=SolveOut(bad, codes, None, None))
+    with pytest.raises(ValueError, match=r"out.codes must be a contiguous torch.int32 tensor \[8, 32\] "
+                                         r"\(W's shape\), got \(8, 32\) torch.int64$"):
+        gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16, out=SolveOut(Q, codes.long(), None, None))
+
+
 @pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
 def test_operands_on_another_device_are_refused_by_name(gen, solve):
     """An operand on another device than W ended the reference in torch's 'Tensor on device meta
