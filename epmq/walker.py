@@ -545,11 +545,13 @@ def _calibration(calibration, model) -> dict:
                 f"calibration[{task!r}] must be an iterable of model inputs (e.g. a list of batches), "
                 f"got a single {type(items).__name__}"
             )
-        try:
-            out[task] = [_counted(part) for item in _read_items(items, task)
-                         for part in unpad(item, encoder_decoder=encoder_decoder, model=model)]
-        except ValueError as e:
-            raise ValueError(f"calibration[{task!r}]: {e}") from None
+        out[task] = []
+        for item in _read_items(items, task):
+            try:
+                parts = unpad(item, encoder_decoder=encoder_decoder, model=model)
+            except ValueError as e:  # (unpad's alone: a generator's own ValueError goes on with _read_items' note)
+                raise ValueError(f"calibration[{task!r}]: {e}") from None
+            out[task] += [_counted(part) for part in parts]
         if not out[task]:
             raise ValueError(f"calibration[{task!r}] is empty")
         for n, item in enumerate(out[task]):
