@@ -584,10 +584,10 @@ def _calibration(calibration, model) -> dict:
             if flag is not None:  # (a batch of one label: bool() of it ran, a flag set by the label's value)
                 raise ValueError(f"calibration[{task!r}] item {n}: {flag} is a flag, given a tensor"
                                  f"{_positional_hint(model, item)}")
-            tokens = next(((name, t.shape[-2] if name == "inputs_embeds" else t.shape[-1]) for name, t in parts
-                           if isinstance(t, torch.Tensor) and t.dim() >= 2 and (name == "inputs_embeds" or name in (
-                               0, "input", "input_ids", "decoder_input_ids") and not t.is_floating_point())), None)
-            if positions is not None and tokens is not None and tokens[1] > positions[0]:
+            tokens = None if positions is None else next(
+                ((name, length) for name, length in _sequence_lengths(parts, encoder_decoder)
+                 if length > positions[0]), None)
+            if tokens is not None:
                 raise ValueError(f"calibration[{task!r}] item {n}: "
                                  f"{'the item' if tokens[0] in (0, 'input') else tokens[0]} holds {tokens[1]} "
                                  f"tokens, more than the model's {positions[0]} positions ({positions[1]} in its "
@@ -601,6 +601,19 @@ def _calibration(calibration, model) -> dict:
                     raise ValueError(f"calibration[{task!r}] item {n}: {flat}: token ids go as [batch, length] "
                                      f"(ids[None] for one sequence)")
     return out
+
+
+def _sequence_lengths(parts, encoder_decoder: bool):
+    """``(name, tokens)`` of each sequence of an item's ``parts`` that the model gives positions to: its ids or
+    embeddings, and an encoder-decoder's decoder's (labels too, which it shifts into its decoder's ids)."""
+    embeds = ("inputs_embeds", "decoder_inputs_embeds")
+    ids = (0, "input", "input_ids", "decoder_input_ids") + (("labels",) if encoder_decoder else ())
+    for name, t in parts:
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            if name in embeds:
+                yield name, t.shape[-2]
+            elif name in ids and not t.is_floating_point():
+                yield name, t.shape[-1]
 
 
 def _read_items(items, task):

@@ -1623,6 +1623,22 @@ def test_calibration_longer_than_the_models_positions_is_named(arch, key, form, 
     epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [given(ids[:, :16])]}, progress=False)
 
 
+@pytest.mark.parametrize("decoder", ["decoder_input_ids", "labels"])
+def test_an_encoder_decoders_decoder_inputs_longer_than_its_positions_are_named(gen, decoder):
+    """Only an item's first token ids were held to the positions: BART's decoder ids (or the labels it shifts
+    into them) past its table failed as calibration the model cannot run ('IndexError: index out of range in
+    self') beside input_ids within it. Each sequence is held to them, named."""
+    model = build("bart")
+    limit = model.config.max_position_embeddings
+    ids = torch.randint(4, 60, (1, 8), generator=gen)
+    long = torch.randint(4, 60, (1, limit + 1), generator=gen)
+    with pytest.raises(ValueError, match=rf"calibration\['a'\] item 0: {decoder} holds {limit + 1} tokens, more than "
+                                         rf"the model's {limit} positions \(max_position_embeddings in its config\)"):
+        epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [{"input_ids": ids, decoder: long}]},
+                            progress=False)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
 @pytest.mark.parametrize("error", [OSError, ValueError])
 def test_a_calibration_generator_failing_halfway_is_named(gen, error):
     """A generator (or dataset) raising while it gives a task's items ended the walk as its own error alone,
