@@ -1458,8 +1458,9 @@ def check_output(directory, *, marker: str = CONFIG_FILE) -> Path:
                 f"{directory} holds a PEFT adapter ({ADAPTER_CONFIG}; a model class's own save_pretrained, "
                 f"GraniteSpeech's, writes its loaded adapters there before the base model): a quantized checkpoint "
                 f"is not written beside it, as engines read every weights file in the directory. Save the "
-                f"adapters apart (model.save_pretrained with them loaded writes them alone) and the quantized "
-                f"model to another directory (epmq.save_quantized(model, directory))")
+                f"adapters apart (transformers.PreTrainedModel.save_pretrained(model, directory), with them loaded, "
+                f"writes them alone; such a class's own save_pretrained writes the base model after them) and the "
+                f"quantized model to another directory (epmq.save_quantized(model, directory))")
         raise ValueError(
             f"{directory} exists and " + (f"holds {holds}" if holds else f"is not an epmq checkpoint (no {marker})")
             + ": refusing to replace it; choose a new or empty directory")
