@@ -1452,17 +1452,18 @@ def _check_architectures(base_path, model_paths, models, *, experts: bool = Fals
     return same
 
 
-def _check_trained_on(adapter: Path, source, base: Path, base_name: str) -> None:
+def _check_trained_on(adapter: Path, source, base: Path, base_name: str, experts: bool = False) -> None:
     """A LoRA adapter read on ``base`` (``base_name``: the merge's base, or lora_base) whose config names another
     base that is found, the one it was trained on: refused where the two are of other architectures or read their
     weights otherwise (config.json's), as a full model of another architecture is (its config and tokenizer are
-    those of the base it is read on, ``_adapter_home``; its update is of the one it names)."""
+    those of the base it is read on, ``_adapter_home``; its update is of the one it names). ``experts``: it is
+    E-PMQ's expert (the messages say so)."""
     named = _named_base_home(adapter)
     if named is None or not named.is_dir() or named.resolve() == (base if base.is_dir() else base.parent).resolve():
         return
     # (its config given: the named base's tokenizer files are not compared, the one it is read on tokenizes it)
     _check_architectures(base, [named], [f"{source} (a LoRA adapter of {named}, its config's base)"],
-                         ref_name=base_name, warn=False, configs=[_config(named)])
+                         ref_name=base_name, warn=False, experts=experts, configs=[_config(named)])
 
 
 # config.json's fields by which weights of the same shapes compute other things: their rows split

@@ -862,7 +862,7 @@ def _check_expert_configs(model, sources, experts, targets: str = "merged_path")
     with the first of them that has one. Experts tokenized by their directories' own tokenizer files are
     refused where those differ (``_check_expert_tokenizers``); others numbering tokens otherwise than the model's
     tokenizer are warned of where no row map bridges them (``_warn_of_expert_numbering``)."""
-    from .merge_checkpoint import _check_architectures, _config
+    from .merge_checkpoint import _check_architectures, _check_trained_on, _config
 
     # task -> (its path, its config in place of the path's, its description, (its tokenizer's path, its base))
     found = {}
@@ -870,6 +870,9 @@ def _check_expert_configs(model, sources, experts, targets: str = "merged_path")
         given = experts[task].source if isinstance(experts[task], OnVocabulary) else experts[task]
         if s.reader.lora is not None:  # (W_0 + (alpha/r) B A on its base, whose config is the one to compare)
             lora = s.reader.lora
+            if lora.base.path is not None:  # (read on another base than it names: of that one's architecture?)
+                _check_trained_on(lora.directory, f"of task {task!r} ({s.description})", Path(lora.base.path),
+                                  "base it is read on", experts=True)
             found[task] = (lora.base.path, None if lora.base.path else _config_of(lora._base_given), s.description,
                            (lora.directory, lora.base.path))  # (tokenized by the adapter's own files, else its base's)
         else:

@@ -904,6 +904,24 @@ def test_an_adapters_config_and_tokenizer_are_of_the_one_base_it_is_read_on(base
                                lora_base=read_on, progress=False)
 
 
+def test_an_expert_adapter_read_on_a_base_of_another_architecture_is_refused(base_dir, tmp_path):
+    """E-PMQ's expert given as a LoraExpert on a base other than the one its config names was compared by the
+    base it is read on alone, as the merges compare an adapter: one trained on a Llama read on a Qwen2 of the same
+    shapes was walked in silence. It is refused as the merges refuse it."""
+    make_adapter(base_dir, tmp_path / "adapter", seed=14)
+    torch.manual_seed(14)
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=96, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path / "qwen2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen2")
+    with pytest.raises(ValueError, match=r"the expert of task 't' .*\(a LoRA adapter of \S*base, its config's base\) "
+                                         r"is a 'llama' checkpoint, the base it is read on a 'qwen2' one"):
+        epmq.quantize_model(model, epmq.QuantSpec(bits=4, group_size=8), method="epmq",
+                            experts={"t": epmq.LoraExpert(tmp_path / "adapter", base=tmp_path / "qwen2")},
+                            calibration={"t": [torch.randint(0, 96, (1, 8))]}, progress=False)
+    assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
 def test_alpha_pattern_matches_a_name_ending_in_it_after_a_dot(base_dir, tmp_path):
     """``alpha_pattern`` keys match as PEFT matches them: ``proj``
     ends ``q_proj`` but not after a dot, so it changes no scale; ``self_attn.v_proj`` does."""
