@@ -172,12 +172,18 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
         raise ValueError(f"R must have W's shape {tuple(W.shape)}, got {tuple(R.shape)}")
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    # (both said neither which of the three was given or missing nor the group_size that asked for it)
+    grid = [(name, t) for name, t in (("scales", scales), ("zeros", zeros), ("col_group", col_group))]
     if group_size > 0:
-        if scales is not None or zeros is not None or col_group is not None:
-            raise ValueError("dynamic groups (group_size > 0) take no static scales/zeros/col_group")
+        given = [name for name, t in grid if t is not None]
+        if given:
+            raise ValueError(f"dynamic groups (group_size = {group_size} > 0) take no static grid, got "
+                             f"{', '.join(given)}: pass group_size=-1 (or 0) to solve on the grid given")
     else:
-        if scales is None or zeros is None or col_group is None:
-            raise ValueError("a static grid needs scales, zeros and col_group")
+        missing = [name for name, t in grid if t is None]
+        if missing:
+            raise ValueError(f"a static grid (group_size = {group_size}) needs scales, zeros and col_group, "
+                             f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} None")
         if scales.dim() != 2 or scales.shape[0] != d_out or zeros.shape != scales.shape:
             raise ValueError(
                 f"scales/zeros must be [{d_out}, G], got {tuple(scales.shape)} and {tuple(zeros.shape)}"
@@ -188,8 +194,11 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
         # int32 load; a bool one as groups 0 and 1: silently)
         if col_group.is_floating_point() or col_group.is_complex() or col_group.dtype == torch.bool:
             raise ValueError(f"col_group must be an integer tensor of group indices, got {col_group.dtype}")
-        if d_in and (int(col_group.min()) < 0 or int(col_group.max()) >= scales.shape[1]):
-            raise ValueError(f"col_group out of range [0, {scales.shape[1]})")
+        if d_in:  # (one wait; the error gives the range found, as the caller must find the wrong entries)
+            lo, hi = torch.stack(torch.aminmax(col_group)).tolist()
+            if lo < 0 or hi >= scales.shape[1]:
+                raise ValueError(f"col_group out of range [0, {scales.shape[1]}) (scales' {scales.shape[1]} groups), "
+                                 f"got values in [{lo}, {hi}]")
         maxq = 2**bits - 1
         # (checked as read, in fp32: an fp64 scale of 1e-50 is 0 there, every weight solved to 0 silently,
         # and one of 1e39 inf, refused as an overflow blamed on Hinv. A subnormal one solved them to ~0 as
@@ -203,8 +212,10 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
             subnormal = ": below float32's normal range (1.18e-38)" if 0 < as_read < TINY else ""
             raise ValueError(f"a static grid's scales must be finite and positive in float32, as the solvers read "
                              f"them, got {said}{subnormal}")
-        if not bool(((zeros >= 0) & (zeros <= maxq) & (zeros == torch.round(zeros))).all()):
-            raise ValueError(f"a static grid's zeros must be integers in [0, {maxq}] for {bits} bits")
+        bad = ~((zeros >= 0) & (zeros <= maxq) & (zeros == torch.round(zeros)))
+        if bool(bad.any()):
+            raise ValueError(f"a static grid's zeros must be integers in [0, {maxq}] for {bits} bits, got "
+                             f"{zeros[bad][0].item():g}")
 
 
 class SolveOverflow(ValueError):

@@ -1030,6 +1030,31 @@ def test_an_out_of_another_kind_or_with_half_a_grid_is_refused(gen):
             gptq_solve_triton(W, Hinv, bits=4, sym=False, group_size=16, out=SolveOut(Q, codes, scales, zeros))
 
 
+@pytest.mark.parametrize("solve", [gptq_solve_triton, gptq_solve_reference])
+def test_a_static_grid_half_given_or_out_of_range_is_refused_saying_what_was_given(gen, solve):
+    """A static grid's errors said neither which of scales, zeros and col_group was missing (or given to
+    dynamic groups) nor which group_size asked for it, nor the col_group values or the zero point found
+    out of range; each now does, so that the call can be fixed from the message alone."""
+    W, _, Hinv, H = make_problem(gen, 8, 32)
+    grid = static_grid(W, 4, False, 16)
+    with pytest.raises(ValueError, match=r"a static grid \(group_size = 0\) needs scales, zeros and col_group, "
+                                         r"col_group is None$"):
+        solve(W, Hinv, bits=4, sym=False, group_size=0, scales=grid["scales"], zeros=grid["zeros"])
+    with pytest.raises(ValueError, match=r"\(group_size = -1\) needs .*, zeros, col_group are None$"):
+        solve(W, Hinv, bits=4, sym=False, scales=grid["scales"])
+    with pytest.raises(ValueError, match=r"dynamic groups \(group_size = 16 > 0\) take no static grid, got "
+                                         r"zeros, col_group: pass group_size=-1"):
+        solve(W, Hinv, bits=4, sym=False, group_size=16, zeros=grid["zeros"], col_group=grid["col_group"])
+    col_group = grid["col_group"].clone()
+    col_group[5] = 7
+    with pytest.raises(ValueError, match=r"col_group out of range \[0, 2\) .*got values in \[0, 7\]$"):
+        solve(W, Hinv, bits=4, sym=False, **{**grid, "col_group": col_group})
+    zeros = grid["zeros"].clone()
+    zeros[3, 1] = 2.5
+    with pytest.raises(ValueError, match=r"zeros must be integers in \[0, 15\] for 4 bits, got 2.5$"):
+        solve(W, Hinv, bits=4, sym=False, **{**grid, "zeros": zeros})
+
+
 def test_an_out_q_or_codes_of_another_shape_dtype_or_layout_is_refused_saying_which(gen):
     """out.Q and out.codes unlike W were refused as 'must be a contiguous float32 tensor of W's shape'
     alone: neither W's shape nor what was given nor which of shape, dtype and layout was off (and
