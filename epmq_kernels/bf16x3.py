@@ -96,6 +96,13 @@ def split_bf16(X, Y, parts, mid, hi=None):
     ``mid`` and ``hi`` at the others; ``hi`` (a ``[n_rows, n_cols]`` bf16 view with unit column
     stride), if given, takes the hi part alone too. ``X`` and ``Y`` need a unit column stride
     for the kernel (else copied); off CUDA without the interpreter, torch writes the same bits."""
+    # (a 1-D X ended in "not enough values to unpack", None parts in "no attribute 'dim'", and a NumPy Y in
+    # 'tensors are on different devices: X=cpu, Y=cpu, parts=cpu': no argument named, or the wrong fault)
+    for name, t in (("X", X), ("Y", Y), ("parts", parts), ("hi", hi)):
+        if not isinstance(t, torch.Tensor) and not (t is None and name in ("Y", "hi")):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if X.dim() != 2:
+        raise ValueError(f"X must be a matrix [rows, cols], got {tuple(X.shape)}")
     n_rows, n_cols = X.shape
     if Y is not None and Y.shape != X.shape:  # (the kernel reads Y with X's rows and columns)
         raise ValueError(f"Y must have X's shape {tuple(X.shape)}, got {tuple(Y.shape)}")
@@ -105,7 +112,8 @@ def split_bf16(X, Y, parts, mid, hi=None):
                          f"{tuple(parts.shape)} {parts.dtype}")
     if hi is not None and (hi.shape != (n_rows, n_cols) or hi.dtype != torch.bfloat16
                            or (n_cols > 1 and hi.stride(1) != 1)):
-        raise ValueError(f"hi must be a [{n_rows}, {n_cols}] bf16 view with unit column stride")
+        raise ValueError(f"hi must be a [{n_rows}, {n_cols}] bf16 view with unit column stride, got "
+                         f"{tuple(hi.shape)} {hi.dtype} of strides {hi.stride()}")
     # (mid past the parts wrote hi into every one of them, silently: no remainder anywhere)
     if not is_integer(mid) or not 0 <= mid < parts.shape[1]:
         raise ValueError(f"mid must be the index of one of the {parts.shape[1]} parts, got {mid!r}")

@@ -95,6 +95,25 @@ def test_split_refuses_a_mid_past_the_parts_and_parts_it_cannot_write(gen):
         assert torch.equal(X, before)
 
 
+def test_split_refuses_operands_by_name_saying_what_was_given(gen):
+    """A 1-D X ended in Python's 'not enough values to unpack', None parts in "no attribute 'dim'", a NumPy Y
+    in 'tensors are on different devices: X=cpu, Y=cpu, parts=cpu' (the wrong fault), and a wrong hi in
+    'hi must be ...' without what it was; each refused by name, with its type or shape, dtype and strides."""
+    X = rand(gen, 4, 8)
+    parts = torch.empty(4, 2, 8, dtype=torch.bfloat16, device=DEVICE)
+    for match, args in ((r"X must be a matrix \[rows, cols\], got \(8,\)", (X[0], None, parts, 1)),
+                        ("X must be a torch.Tensor, got ndarray", (X.cpu().numpy(), None, parts, 1)),
+                        ("Y must be a torch.Tensor, got ndarray", (X, X.cpu().numpy(), parts, 1)),
+                        ("parts must be a torch.Tensor, got NoneType", (X, None, None, 1)),
+                        ("hi must be a torch.Tensor, got list", (X, None, parts, 1, [[0.0] * 8] * 4)),
+                        (r"hi must be .*, got \(8, 4\) torch.bfloat16 of strides \(4, 1\)$",
+                         (X, None, parts, 1, torch.empty(8, 4, dtype=torch.bfloat16, device=DEVICE))),
+                        (r"hi must be .*, got \(4, 8\) torch.float32 of strides \(8, 1\)$",
+                         (X, None, parts, 1, torch.empty(4, 8, device=DEVICE)))):
+        with pytest.raises(ValueError, match=match):
+            split_bf16(*args)
+
+
 def test_split_keeps_no_autograd_graph(gen, monkeypatch):
     """X and Y that require a gradient (an expert's weight Parameter): torch's fallback wrote their
     autograd graph into the parts (requires_grad, a grad_fn, and so the products of side_by_side),
