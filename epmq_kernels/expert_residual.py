@@ -532,7 +532,8 @@ def _check_float_out(t, name):
     if t.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{name} must be float32 or float64 for the Triton kernels, got {t.dtype}")
     if t.stride(1) != 1:
-        raise ValueError(f"{name} must have unit stride along its last dimension")
+        raise ValueError(f"{name} must have unit stride along its last dimension, got strides {t.stride()} "
+                         f"for {tuple(t.shape)} (a transposed or sliced view?)")
     if t.shape[0] > 1 and t.stride(0) < t.shape[1]:
         # (an expanded H: the kernel added each tile into rows that are one row, silently, where the
         # reference's add_ refuses it)
@@ -672,7 +673,8 @@ def _prepare_residual(G, W_k, W_m, H_k, a, input_precision):
     _check_float_out(G, "G")
     check_residual_precision(input_precision)
     if not G.is_contiguous():
-        raise ValueError("G must be contiguous (it is updated in place)")
+        raise ValueError(f"G must be contiguous (it is updated in place), got strides {G.stride()} for "
+                         f"{tuple(G.shape)}")
     given = (W_k, W_m, H_k)
     W_k, W_m, H_k = (_read_for(t, G.dtype).contiguous() for t in given)
     precision = "ieee" if G.dtype == torch.float64 else input_precision
@@ -708,7 +710,8 @@ def fold_hessians_triton(H_e, H_m, hessians, weights, *, overwrite: bool = False
     _check_float_out(H_e, "H_e")
     for name, t in (("H_e", H_e), ("H_m", H_m)):
         if t is not None and not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (it is updated in place)")
+            raise ValueError(f"{name} must be contiguous (it is updated in place), got strides {t.stride()} for "
+                             f"{tuple(t.shape)}")
     if overwrite and not hessians:
         H_e.zero_()  # (the empty sum)
     n = H_e.numel()

@@ -1022,6 +1022,22 @@ def test_xxt_refuses_an_output_without_unit_stride(gen):
 
 
 
+def test_a_sum_of_another_layout_is_refused_with_its_strides(gen):
+    """A sum updated in place that the kernels cannot write (a transposed or sliced view) was refused as
+    'must have unit stride along its last dimension' or 'must be contiguous' alone, with nothing of the
+    layout given; the error names the strides and shape, so that the view at fault can be found."""
+    d_out, d_in = 4, 8
+    W_k, W_m, H_k = rand(gen, d_out, d_in), rand(gen, d_out, d_in), gram(gen, 20, d_in, torch.float32)
+    with pytest.raises(ValueError, match=r"H must have unit stride .*, got strides \(1, 8\) for \(8, 8\)"):
+        accumulate_xxt_triton(torch.zeros(d_in, d_in, device=DEVICE).t(), rand(gen, 3, d_in))
+    with pytest.raises(ValueError, match=r"G must be contiguous .*, got strides \(16, 1\) for \(4, 8\)$"):
+        accumulate_residual_triton(torch.zeros(d_out, 2 * d_in, device=DEVICE)[:, :d_in], W_k, W_m, H_k, 0.5)
+    H_e, sliced = torch.zeros(d_in, d_in, device=DEVICE), torch.zeros(d_in, 2 * d_in, device=DEVICE)[:, :d_in]
+    for H_e, H_m, name in ((sliced, None, "H_e"), (H_e, sliced, "H_m")):
+        with pytest.raises(ValueError, match=rf"{name} must be contiguous .*, got strides \(16, 1\) for \(8, 8\)$"):
+            fold_hessians_triton(H_e, H_m, [H_k], [1.0])
+
+
 def test_xxt_refuses_an_output_whose_rows_share_memory(gen):
     """An expanded H (stride 0 between rows: every row one row) has unit stride along its rows, so
     it passed the layout check and the kernel added every tile into the same d elements, silently,
