@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# GPU suite: CUDA tests, then the benchmarks, each step under a time limit (405 s in all, 455 s
-# with each timeout's 10 s grace to kill, which the benchmarks use to write their JSON: under 8
-# minutes on one H100 even when every step runs to its limit, with 25 s left for the preamble;
-# the steps but the GEMV probe took 78, 71, 67 and 60 s on an H200, 2026-12-04, 311 s in all). Results go to ${OUT:-benchmarks/results}, named after the card, the log too.
+# GPU suite: CUDA tests, then the benchmarks, each step under a time limit (395 s in all, 445 s
+# with each timeout's 10 s grace to kill, which the benchmarks use to write their JSON), after a
+# preamble of 35 s at most (measured with a Python start for each of its checks: the steps took
+# 276 s, the whole run 311 s on an H200, 2026-12-04; those checks are one Python start now, not yet
+# timed): under 8 minutes on one H100 even when every step runs to its limit. Results go to
+# ${OUT:-benchmarks/results}, named after the card, the log too.
 #
 #     bash benchmarks/gpu_suite.sh
 #     EPMQ_REVISION=<commit> bash benchmarks/gpu_suite.sh   # a copy of the checkout without .git
@@ -16,7 +18,11 @@ RESULTS="${OUT:-benchmarks/results}"
 mkdir -p "$RESULTS"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-CARD="$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no-cuda")')"
+# the card, the stack, the commit measured (without .git: $EPMQ_REVISION) and the modules the
+# steps need, in one Python start (sets CARD, STACK and MISSING; a Python each took most of the
+# preamble's 35 s)
+PREAMBLE="$("$PYTHON" benchmarks/_suite_preamble.py)"
+eval "$PREAMBLE"
 SLUG="$(echo "$CARD" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')"
 # everything printed also goes to a log beside the results (the caller may see only the tail)
 exec > >(tee "$RESULTS/gpu-suite-$SLUG.log") 2>&1
@@ -28,10 +34,7 @@ trap 'exec >&- 2>&-; wait "$TEE_PID" 2>/dev/null || true' EXIT
 echo "== device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
 nvidia-smi -L || true
-# the stack, and the commit measured as the results' JSON records it (without .git: $EPMQ_REVISION)
-"$PYTHON" -c 'import sys, torch, triton; sys.path.insert(0, "benchmarks"); from _common import checkout_revision; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda, "revision", checkout_revision())'
-# the CUDA tests build models of transformers' classes: an image with an older one fails them
-"$PYTHON" -c 'import transformers; print("transformers", transformers.__version__)' || echo "warning: transformers is missing"
+echo "$STACK"
 # Without a card every CUDA test skips and every benchmark says it has nothing to time: a run
 # that measured nothing must not end as "all steps passed" (a torch without CUDA, a hidden GPU)
 if [ "$CARD" = "no-cuda" ]; then
@@ -41,7 +44,7 @@ fi
 
 # Dependencies the card's image may lack (open_clip_torch, which the walker's tests build
 # models with): wheels carried in .whl/ (see benchmarks/README.md) are installed beside it.
-if ! "$PYTHON" -c 'import open_clip' 2>/dev/null; then
+if [[ " $MISSING " == *" open_clip "* ]]; then
     if ls .whl/*.whl >/dev/null 2>&1; then
         "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/epmq-site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/epmq-site"
@@ -51,7 +54,7 @@ if ! "$PYTHON" -c 'import open_clip' 2>/dev/null; then
 fi
 
 # The package: importable from the checkout already (PYTHONPATH); install it if pip can.
-if ! "$PYTHON" -c 'import epmq_kernels' 2>/dev/null; then
+if [[ " $MISSING " == *" epmq_kernels "* ]]; then
     "$PYTHON" -m pip install -e . --no-deps -q || echo "warning: pip install failed, using PYTHONPATH"
 fi
 
@@ -82,7 +85,7 @@ step() {  # step NAME SECONDS COMMAND...: run under a timeout, record failure, k
 # untimed), and one small E-PMQ of low-rank experts, untuned (2026-12-05, untimed): if
 # the step hits its limit, its log's --durations list says which tests to trim
 XDIST=()
-if "$PYTHON" -c 'import xdist' 2>/dev/null; then XDIST=(-n 6 --dist load); fi
+if [[ " $MISSING " != *" xdist "* ]]; then XDIST=(-n 6 --dist load); fi
 step cuda-tests 120 "$PYTHON" -m pytest -q tests -m cuda --durations=15 ${XDIST[@]+"${XDIST[@]}"}  # (the slowest: to size this limit)
 step bench-w4a16 95 "$PYTHON" benchmarks/bench_w4a16.py --out "$RESULTS/w4a16-$SLUG.json" --plot "$RESULTS/w4a16-$SLUG.png"
 # where the batch-1 GEMV loses its bandwidth: probes of its tiling that only stream the words, or
@@ -92,9 +95,10 @@ step gemv-roofline 30 "$PYTHON" benchmarks/gemv_roofline.py --out "$RESULTS"
 # GPTQ / E-PMQ solver: fused vs eager on 768x3072, 4096x4096, 4096x14336 ([d_out, d_in]) and
 # E-PMQ (8 experts) vs GPTQ; eager baselines stop after 60 s; writes solver-<card>.json/.png;
 # then the layer profile, a shape at a time (4096x14336 first, a few seconds each) while the
-# bench has taken under 68 s of its own clock (52 s on 2026-12-04, 61 s with its 4096x4096
-# profile, the step 67 s: about 15 s of start-up and plot beside it; since then more rows)
-step bench-solver 85 "$PYTHON" benchmarks/bench_solver.py --out "$RESULTS" --budget-s 60 --profile-if-under 68
+# bench has taken under 58 s of its own clock (52 s on 2026-12-04, 61 s with its 4096x4096
+# profile, the step 67 s: about 15 s of start-up and plot beside it; since then more rows; 10 s
+# less of profile than before 2026-12-08, the preamble's measured 35 s in the 8 minutes)
+step bench-solver 75 "$PYTHON" benchmarks/bench_solver.py --out "$RESULTS" --budget-s 60 --profile-if-under 58
 # A whole walk: a 1-block Llama-8B-shaped model in CPU memory, blocks quantized on the GPU, GPTQ
 # and E-PMQ (8 experts), GPTQ with the model on the GPU; writes walker-<card>.json after each walk
 # (warm-ups included; "partial" until the last); with time left, where E-PMQ's host time goes
