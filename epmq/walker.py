@@ -574,8 +574,11 @@ def _calibration(calibration, model) -> dict:
             if cache is not None:
                 raise ValueError(f"calibration[{task!r}] item {n}: {cache} holds a generation cache of earlier "
                                  f"tokens, which calibration does not run with: give whole sequences")
-            text = next((name for name, t in parts if isinstance(t, str) and (hf_model or name in (0, "input"))
-                         or _texts(t)), None)
+            # (a model outside both may tokenize its texts in its forward: where it hands them on to its
+            # blocks instead, _run_block refuses them)
+            text = None if not (hf_model or _open_clip_model(model)) else next(
+                (name for name, t in parts if isinstance(t, str) and (hf_model or name in (0, "input"))
+                 or _texts(t)), None)
             if text is not None:  # (else 'embedding(): ... must be Tensor, not str', as the model's, or deeper)
                 named = "the item" if text in (0, "input") else f"element {text}" if isinstance(text, int) else text
                 raise ValueError(f"calibration[{task!r}] item {n}: {named} is text: tokenize it first "
@@ -637,12 +640,16 @@ def _texts(value) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) for v in value)
 
 
+def _open_clip_model(model) -> bool:
+    return type(model).__module__.split(".")[0] == "open_clip"
+
+
 def _tokenize_hint(model, hf_model: bool) -> str:
     """How ``model``'s texts become the token ids its forward takes."""
     if hf_model:
         return ("epmq.calibration.text_windows(texts, tokenizer) cuts texts into windows of token ids, or "
                 "tokenizer(text, return_tensors='pt')")
-    if type(model).__module__.split(".")[0] == "open_clip":
+    if _open_clip_model(model):
         return "open_clip.get_tokenizer(model_name)(texts) gives its [batch, context_length] token ids"
     return f"{type(model).__name__}'s forward takes tensors: its tokenizer's token ids, not strings"
 
@@ -2971,6 +2978,9 @@ def _run_block(stack, j, block, hidden, named, ran_on=None):
     shape and leaves what it is given as it was. ``ran_on``: the calibration item it ran on
     before, if any; an error on this one is then the block's own on this input, as one where
     the walk hands it what the model gave it."""
+    if isinstance(hidden, str) or _texts(hidden):  # (else 'must be Tensor, not str', as a block the walk cannot call)
+        raise ValueError(f"block {j} at {stack.prefix!r} is given text, which the model's forward handed on from the "
+                         f"calibration item: tokenize it first (its tokenizer's token ids, not strings)")
     try:
         # (tensors alone: an object a block changes alike on each call is _check_replayable's)
         given = _versions_of(named, depth=0)

@@ -1585,19 +1585,47 @@ def test_text_given_as_calibration_is_named(calibration, named):
      r"open_clip\.get_tokenizer\(model_name\)\(texts\)"),
     ("open_clip_clip", {"a": [(torch.zeros(2, 3, 16, 16), ["a cat", "a dog"])]}, "element 1",
      r"open_clip\.get_tokenizer"),
-    ("plain", {"a": ["some text"]}, "the item", r"Net's forward takes tensors: its tokenizer's token ids"),
-    ("plain", {"a": [["a cat", "a dog"]]}, "the item", r"Net's forward takes tensors"),
-    ("plain", {"a": [{"x": ["a cat"]}]}, "x", r"Net's forward takes tensors")],
-    ids=["open_clip-keyword", "open_clip-positional", "plain-text", "plain-texts", "plain-keyword"])
+    ("plain", {"a": ["some text"]}, None, None),
+    ("plain", {"a": [{"x": ["a cat"]}]}, None, None)],
+    ids=["open_clip-keyword", "open_clip-positional", "plain-text", "plain-keyword"])
 def test_text_given_as_calibration_of_a_model_outside_transformers_is_named(arch, calibration, named, hint):
     """Texts as calibration of an open_clip model or a plain module were refused for HF models alone: the
     others failed as calibration the model cannot run ('embedding(): ... must be Tensor, not list') or deep in
     a block ("'str' object has no attribute 'dtype'"), nothing saying to tokenize them. They are named, with
-    the model's way to token ids."""
+    the model's way to token ids; a plain module's where its forward hands them on to its blocks (it may
+    tokenize them itself: test_a_plain_module_tokenizing_its_texts_in_its_forward_is_quantized)."""
     model = Net(Residual) if arch == "plain" else build(arch)
-    with pytest.raises(ValueError, match=rf"calibration\['a'\] item 0: {named} is text: tokenize it first \({hint}"):
+    said = (r"block 0 at 'layers' is given text, which the model's forward handed on from the calibration item: "
+            r"tokenize it first" if arch == "plain" else rf"calibration\['a'\] item 0: {named} is text: tokenize it "
+                                                            rf"first \({hint}")
+    with pytest.raises(ValueError, match=said):
         epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, progress=False)
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("item", ["some words here", ["a b c d", "e f g h"]], ids=["text", "texts"])
+def test_a_plain_module_tokenizing_its_texts_in_its_forward_is_quantized(item):
+    """A module outside transformers and open_clip whose forward takes texts and tokenizes them itself (a
+    pipeline wrapping its tokenizer) was quantized on them, until 2407a0c refused every text item of such a
+    model up front ('Net's forward takes tensors', which this one does not): it is quantized again."""
+
+    class Tokenizing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(64, 16)
+            self.layers = nn.ModuleList([Residual(), Residual()])
+
+        def forward(self, texts):
+            texts = [texts] if isinstance(texts, str) else texts
+            ids = torch.tensor([[sum(map(ord, word)) % 64 for word in text.split()] for text in texts])
+            x = self.embedding(ids)
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model = Tokenizing().eval()
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [{"texts": item}]}, progress=False)
+    assert [layer["name"] for layer in model.epmq_report.layers] == ["layers.0.fc", "layers.1.fc"]
 
 
 @pytest.mark.parametrize("arch, key", [("gpt2", "n_positions"), ("llama", "max_position_embeddings")])
