@@ -582,7 +582,7 @@ def _calibration(calibration, model) -> dict:
             if text is not None:  # (else 'embedding(): ... must be Tensor, not str', as the model's, or deeper)
                 named = "the item" if text in (0, "input") else f"element {text}" if isinstance(text, int) else text
                 raise ValueError(f"calibration[{task!r}] item {n}: {named} is text: tokenize it first "
-                                 f"({_tokenize_hint(model, hf_model)})")
+                                 f"({_tokenize_hint(hf_model)})")
             flag = _flag_given_a_tensor(model, item)
             if flag is not None:  # (a batch of one label: bool() of it ran, a flag set by the label's value)
                 raise ValueError(f"calibration[{task!r}] item {n}: {flag} is a flag, given a tensor"
@@ -644,14 +644,13 @@ def _open_clip_model(model) -> bool:
     return type(model).__module__.split(".")[0] == "open_clip"
 
 
-def _tokenize_hint(model, hf_model: bool) -> str:
-    """How ``model``'s texts become the token ids its forward takes."""
+def _tokenize_hint(hf_model: bool) -> str:
+    """How texts become the token ids the forward of an HF model, else an open_clip one, takes (another
+    model's forward may tokenize them itself: _calibration leaves its texts to it)."""
     if hf_model:
         return ("epmq.calibration.text_windows(texts, tokenizer) cuts texts into windows of token ids, or "
                 "tokenizer(text, return_tensors='pt')")
-    if _open_clip_model(model):
-        return "open_clip.get_tokenizer(model_name)(texts) gives its [batch, context_length] token ids"
-    return f"{type(model).__name__}'s forward takes tensors: its tokenizer's token ids, not strings"
+    return "open_clip.get_tokenizer(model_name)(texts) gives its [batch, context_length] token ids"
 
 
 def _counted(item):
