@@ -621,6 +621,7 @@ def _residual_split_cublas(G, W_k, W_m, H_k, a):
     return partial
 
 
+@torch.no_grad()  # (the cuBLAS configs' torch products, tf32x3 and bf16x3, wrote W_k's and H_k's graph into G)
 def _launch_residual(G, W_k, W_m, H_k, a, precision, config):
     """``config``: CUBLAS or the kernel's launch tuple. Returns the launch's shares of
     ``tr(D H_k D^T)`` (the caller sums them in float64)."""

@@ -996,6 +996,26 @@ def test_statistics_keep_no_autograd_graph(gen):
         assert_update_close(a, b, torch.zeros_like(b), 1e-5)
 
 
+@pytest.mark.parametrize("config", [("ieee", "cublas"), ("tf32x3", "cublas"), ("bf16x3", "cublas"),
+                                    ("bf16x3", "cublas_split")])
+def test_residual_by_cublas_keeps_no_autograd_graph(gen, monkeypatch, config):
+    """The GPU's autotuner may pick a cuBLAS candidate over the kernel: its tf32x3 and bf16x3 products (torch's)
+    of a W_k or H_k that requires a gradient made G require one, with a grad_fn keeping the inputs alive, and
+    the trace too, where the kernel keeps nothing (the CPU tests ran the kernel alone). Each keeps none."""
+    import epmq_kernels.expert_residual as er
+
+    precision, impl = config
+    monkeypatch.setattr(er, "_residual_config", lambda *args: (precision, (impl,)))
+    d_out, d_in = 5, 24
+    W_k, W_m = rand(gen, d_out, d_in).requires_grad_(), rand(gen, d_out, d_in)
+    H_k = gram(gen, 20, d_in, torch.float32).requires_grad_()
+    G, want = torch.zeros(d_out, d_in, device=DEVICE), torch.zeros(d_out, d_in, device=DEVICE)
+    trace = accumulate_residual_triton(G, W_k, W_m, H_k, 0.5, read=False)
+    assert not G.requires_grad and G.grad_fn is None and not trace.requires_grad
+    accumulate_residual_reference(want, W_k, W_m, H_k, 0.5)
+    assert_update_close(G, want, torch.zeros_like(want), 1e-4)
+
+
 def test_xxt_refuses_activations_sharing_memory_with_h(gen):
     """H is written tile by tile while X is read: X in H's memory (rows of H, another view of
     its storage) was read by the kernel after other programs had written H, a silently other
