@@ -1512,7 +1512,10 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: C
     expert trained. Its zeros are ranked in the first pass (it is known unchanged once read) and
     it is not read again in the second: k is at most the changed tensors' entries, so the k-th
     largest is one of theirs, which zeros ranked below it (or beside it, where it is a zero) do
-    not move."""
+    not move.
+
+    An expert whose rank rounds to 0 keeps nothing, as at density 0: it is not read, and a tensor
+    only it changed counts in no n (it merges as the base's)."""
     from tqdm.auto import tqdm
 
     aliases = _common_aliases([base, *experts])  # (a tied tensor counts once)
@@ -1527,7 +1530,12 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: C
     names = [name for name, (dtype, _) in sizes.items() if dtype.is_floating_point]
     n = sum(sizes[name][1] for name in names)
 
+    def ranks_of(m):  # (as _kth_largest)
+        return [min(int(round(density(k) * m)), m) or None for k in range(len(experts))]
+
     unchanged = set()
+    # (the first pass's over all n: m <= n, so an expert ranked None there is None after it, never read)
+    ranked = ranks_of(n)
 
     def task_vectors():
         for name in names:
@@ -1538,7 +1546,7 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: C
             work = _work_dtype(W_0)
             changed = False
             for k, expert in enumerate(experts):
-                if density(k) > 0:  # (one expert's task vector at a time)
+                if ranked[k] is not None:  # (one expert's task vector at a time)
                     W_k = _checked(name, _who(expert, k), expert[name], W_0)
                     tau = (W_k.to(work) - W_0.to(work)).abs()
                     changed = changed or bool(tau.any())
@@ -1547,9 +1555,9 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: C
                 unchanged.add(name)
             bar.update()
 
-    def ranks():  # (as _kth_largest)
-        m = n - sum(sizes[name][1] for name in unchanged)
-        return [min(int(round(density(k) * m)), m) or None for k in range(len(experts))]
+    def ranks():
+        ranked[:] = ranks_of(n - sum(sizes[name][1] for name in unchanged))
+        return ranked
 
     # (every model read twice, before the merge's first tensor: minutes on a large model, the
     # merge's bar still at 0 until then)

@@ -112,6 +112,28 @@ def test_global_ties_and_model_stock_read_each_input_a_fixed_number_of_times(K, 
     assert [counted_base.reads, *(c.reads for c in counted)] == [{"w": 1, "b": 1}] * (K + 1)
 
 
+@pytest.mark.parametrize("changed", [("a", "b"), ("b",)])  # (the tensors the kept expert changed)
+def test_global_ties_reads_no_expert_whose_rank_rounds_to_0(changed, gen):
+    """An expert of density above 0 whose k = round(density * n) rounds to 0 keeps nothing, as at
+    density 0, yet the thresholds' two passes read each of its tensors (only density 0 was skipped),
+    and a tensor only it changed counted in the other experts' n, halving what they kept. It is not
+    read now, its thresholds and merge a density 0's: nothing of it kept, where only it changed the base's."""
+    base = {"a": torch.randn(40, 24, generator=gen), "b": torch.randn(40, 24, generator=gen)}
+    trimmed = {n: t + 0.1 * torch.randn(t.shape, generator=gen) for n, t in base.items()}
+    kept = {n: t + 0.1 * torch.randn(t.shape, generator=gen) if n in changed else t for n, t in base.items()}
+    densities = [1e-4, 0.5]  # (round(1e-4 * 1920) = 0)
+    counted_base, counted = Counted(base), [Counted(trimmed), Counted(kept)]
+    thresholds = merge._global_thresholds(counted_base, counted, lambda k: densities[k])
+    n = sum(base[t].numel() for t in changed)
+    assert thresholds == [None, _kth_largest(lambda: [(kept[t] - base[t]).abs() for t in changed], n, 0.5)]
+    assert thresholds == merge._global_thresholds(base, [trimmed, kept], lambda k: [0.0, 0.5][k])
+    assert [c.reads for c in counted] == [{}, {t: 2 if t in changed else 1 for t in base}]
+    out = merge.ties(base, [trimmed, kept], density=densities, progress=False)
+    alone = merge.ties(base, [kept], density=0.5, progress=False)
+    for name in base:
+        assert torch.equal(out[name], alone[name]), name
+
+
 def test_ties_tensor_scope_by_hand():
     base, experts = hand_models()
     # k = 3 of 6 per expert in "w": thresholds 2, 2 and 1; entry 1 has trimmed values +2 and -2,
