@@ -304,10 +304,11 @@ def test_dot_launches_read_the_zero_points_once_and_never_in_a_capture(gen, monk
     at = W._w4a16_dot_kernel.arg_names.index("WIDE_ZEROS")
     monkeypatch.setattr(W, "_w4a16_dot_kernel", launches)
     monkeypatch.setattr(W, "INTERPRETED", False)  # (bf16 stays bf16: WIDE_ZEROS is asked)
+    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
+    # (counted from here: making the weights reads their codes' range too, pack_int4's one aminmax)
     reads = []
     aminmax = torch.aminmax
     monkeypatch.setattr(torch, "aminmax", lambda *a, **k: reads.append(a[0].dtype) or aminmax(*a, **k))
-    qweight, scales, zeros, _ = make_problem(gen, 64, 40, 32)
     entry = W._entry_for(qweight, scales, zeros, None, 32, 64, 40, 2)
 
     def forward(M):
