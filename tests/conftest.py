@@ -29,6 +29,38 @@ def gen():
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture
+def host_reads():
+    """``host_reads(fn)``: how many times ``fn`` reads device values back to the host, counted as
+    ``benchmarks/epmq_traffic_cpu.py`` counts them: ``float(t)``/``bool(t)``/``.item()``, a
+    ``nonzero`` (its size) and ``.tolist()``. On a GPU each one waits for the queue to drain."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls[0] += func in reads
+            return func(*args, **(kwargs or {}))
+
+    def count(fn):
+        calls[0] = 0
+        torch.Tensor.tolist = counted_tolist
+        try:
+            with Count():
+                fn()
+        finally:
+            torch.Tensor.tolist = tolist
+        return calls[0]
+
+    def counted_tolist(self, *args, **kwargs):  # (not an aten op: counted by wrapping it)
+        calls[0] += 1
+        return tolist(self, *args, **kwargs)
+
+    calls, tolist = [0], torch.Tensor.tolist
+    return count
+
+
 _PRODUCTS = {torch.mm, torch.matmul, torch.addmm, torch.Tensor.mm, torch.Tensor.matmul, torch.Tensor.addmm,
              torch.Tensor.addmm_, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__}
 

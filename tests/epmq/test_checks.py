@@ -35,6 +35,25 @@ def test_all_finite_edge_cases():
     assert all_finite(torch.tensor(-0.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn])
+def test_a_weights_finiteness_is_one_read(gen, dtype, host_reads):
+    """all_finite and check_weight read the weight's min and max back together: E-PMQ takes three
+    a layer (W, its factor, R), and on a GPU each read waits for the queue to drain (two each
+    before). The values read are unchanged: non-finite ones still found, fp32's range still held."""
+    W = torch.randn(5, 7, generator=gen).to(dtype)
+    assert host_reads(lambda: all_finite(W)) == 1
+    assert host_reads(lambda: check_weight(W)) == 1
+    if dtype != torch.float8_e4m3fn:  # (that one has no inf)
+        W[3, 2] = float("inf")
+        assert not all_finite(W)
+        with pytest.raises(ValueError, match="non-finite"):
+            check_weight(W)
+    if dtype == torch.float64:
+        W[3, 2] = -1e39
+        with pytest.raises(ValueError, match="beyond float32's range.*-?1e\\+39"):
+            check_weight(W)
+
+
 def test_checks_name_the_problem():
     W = torch.randn(4, 6)
     W[1, 2] = float("nan")

@@ -749,25 +749,7 @@ def test_an_expert_costs_few_device_reads(gen, dtype):
     assert per_expert <= (1 if dtype == torch.float32 else 2), per_expert
 
 
-def _count_reads(fn):
-    """Device reads by ``fn``: ``.item()``-like scalar reads and ``.tolist()`` calls."""
-    calls = [0]
-    tolist = torch.Tensor.tolist
-
-    def counted(self, *args, **kwargs):
-        calls[0] += 1
-        return tolist(self, *args, **kwargs)
-
-    torch.Tensor.tolist = counted
-    try:
-        with _Reads() as counter:
-            fn()
-    finally:
-        torch.Tensor.tolist = tolist
-    return counter.n + calls[0]
-
-
-def test_add_tasks_checks_every_expert_in_one_read(gen):
+def test_add_tasks_checks_every_expert_in_one_read(gen, host_reads):
     """``add_tasks`` (what ``quant.epmq`` calls) folds in the experts exactly as ``add_task`` one
     by one does, with all their checks read back at once: its reads do not grow with the
     number of experts (two per expert before, each waiting for the device's queue)."""
@@ -780,7 +762,7 @@ def test_add_tasks_checks_every_expert_in_one_read(gen):
     def reads(K):
         pairs = experts(K)
         stats = EPMQStats(W_m, dtype=torch.float32)
-        return _count_reads(lambda: stats.add_tasks([W for W, _ in pairs], [H for _, H in pairs]))
+        return host_reads(lambda: stats.add_tasks([W for W, _ in pairs], [H for _, H in pairs]))
 
     reads(1)  # (the Hessian check's probe vectors are made, with one read, once per width: made here
     # whatever ran before; another test's widths may have evicted them from their small cache)
