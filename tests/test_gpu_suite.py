@@ -952,6 +952,33 @@ def test_family_sweep_of_a_few_types_leaves_the_committed_sweep_of_all(tmp_path,
     assert summary["only"] == ["llama"] and summary["command"].endswith("family_sweep.py --only llama")
 
 
+def test_cpu_int4_serving_needs_an_out_and_shows_its_walk(tmp_path, monkeypatch, capsys):
+    """``cpu_int4_serving.py`` without --out wrote over the committed results
+    (benchmarks/results/cpu-int4-serving-cpu.json), and its GPTQ walk of a 125M Llama (minutes on
+    2 cores) ran without a progress bar: --out is required, the walk shows its blocks. The layer,
+    its timings and the model stand in here, the walk stopped where it would begin."""
+    import transformers
+
+    class Walked(Exception):
+        pass
+
+    def walk(model, spec, **kwargs):
+        raise Walked(kwargs["progress"])
+
+    serving, = _imported("benchmarks", "cpu_int4_serving")
+    monkeypatch.setattr(serving, "ms", lambda fn, repeats: 1.0)
+    monkeypatch.setattr(serving.epmq.quant, "rtn", lambda W, spec: None)
+    monkeypatch.setattr(serving.epmq.QuantLinear, "from_result", lambda result, bias: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(transformers, "LlamaForCausalLM", lambda config: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(serving.epmq, "quantize_model", walk)
+    with pytest.raises(SystemExit) as stop:
+        serving.main([])
+    assert stop.value.code == 2 and "--out" in capsys.readouterr().err
+    with pytest.raises(Walked) as walked:
+        serving.main(["--out", str(tmp_path / "serving.json")])
+    assert walked.value.args == (True,)
+
+
 def test_bench_walker_builds_a_llama_whose_heads_are_odd():
     """``bench_walker.py --hidden 1152`` (Gemma 3 1B's width) gave its Llama 9 attention heads
     and ``9 // 4 = 2`` key-value heads, and the walk's first block ended in torch's bare 'Number
