@@ -1,6 +1,7 @@
 """Layer solver timings: GPTQ and E-PMQ (8 experts) on one layer.
 
     python -m pytest benchmarks/bench_layer_solvers.py --benchmark-json=out.json
+    python benchmarks/bench_layer_solvers.py --benchmark-json=out.json   # the same (pytest's options)
 
 Runs on CUDA when there is a GPU, else on the CPU; ``EPMQ_BENCH_BACKEND`` picks the solver
 backend ("torch" by default: the reference loop the kernels are measured against).
@@ -66,3 +67,11 @@ def test_epmq_8_experts(benchmark, problem):
 
     benchmark.extra_info.update(device=DEVICE, backend=BACKEND, d_out=W_m.shape[0], d_in=W_m.shape[1], experts=N_EXPERTS)
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+
+
+if __name__ == "__main__":
+    # its timings are pytest-benchmark's tests: run as a script, the module defined them and
+    # ended with status 0, having timed nothing
+    import sys
+
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -979,6 +979,21 @@ def test_cpu_int4_serving_needs_an_out_and_shows_its_walk(tmp_path, monkeypatch,
     assert walked.value.args == (True,)
 
 
+def test_layer_solver_benchmark_runs_as_a_script(tmp_path):
+    """``python benchmarks/bench_layer_solvers.py`` (pytest-benchmark's tests only) defined its tests
+    and ended with status 0, having timed nothing: run as a script, it runs them under pytest, its
+    arguments pytest's (collected only here)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_layer_solvers.py"), "--collect-only",
+                           "-q"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "bench_layer_solvers.py::test_gptq[4096x4096]" in done.stdout, done.stdout
+
+
 def test_bench_walker_builds_a_llama_whose_heads_are_odd():
     """``bench_walker.py --hidden 1152`` (Gemma 3 1B's width) gave its Llama 9 attention heads
     and ``9 // 4 = 2`` key-value heads, and the walk's first block ended in torch's bare 'Number
