@@ -559,7 +559,9 @@ def test_gpu_suite_log_is_whole_when_the_suite_returns(tmp_path):
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python-stub").write_text("#!/bin/sh\necho stub \"$@\"\n")
+    # (the preamble answers in shell assignments, as benchmarks/_suite_preamble.py does)
+    (bin_dir / "python-stub").write_text('#!/bin/sh\ncase "$*" in *_suite_preamble*) echo "CARD=\'Stub Card\'"; '
+                                         'echo STACK=stub; echo MISSING= ;; *) echo stub "$@" ;; esac\n')
     (bin_dir / "tee").write_text(f"#!/bin/sh\nsleep 1\nexec {shutil.which('tee')} \"$@\"\n")
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
@@ -580,12 +582,13 @@ def test_gpu_suite_without_a_card_refuses_instead_of_passing(tmp_path):
     skipped and every benchmark said it had nothing to time, and the suite ended "all steps
     passed" with status 0: a GPU session's one call spent on a run that measured nothing, reported
     as a success. It stops before its steps, saying why, in its log too. Its Python is a stub that
-    answers the card query as torch without CUDA does, so only the suite's own plumbing runs."""
+    answers the preamble's card query as torch without CUDA does, so only the suite's own plumbing runs."""
     import os
     import subprocess
 
     stub = tmp_path / "python-stub"
-    stub.write_text('#!/bin/sh\ncase "$*" in *get_device_name*) echo no-cuda ;; *) echo stub "$@" ;; esac\n')
+    stub.write_text('#!/bin/sh\ncase "$*" in *_suite_preamble*) echo CARD=no-cuda; echo STACK=stub; echo MISSING= ;; '
+                    '*) echo stub "$@" ;; esac\n')
     stub.chmod(0o755)
     out = tmp_path / "out"
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh")], cwd=tmp_path,
