@@ -707,10 +707,11 @@ def ties(
 
     trim     keep each task vector's entries whose magnitude is at least its k-th largest,
              ``k = round(density * n)`` (``density``: one, or one per expert); ``scope="global"``
-             ranks over all float tensors of the model that some expert changed (as FusionBench
-             over the fine-tuned ones: a tower every expert left as the base's counts in no n),
-             ``scope="tensor"`` within each tensor (as mergekit). Entries tied with the k-th
-             largest are all kept.
+             ranks over all float tensors of the model that some expert keeping anything changed
+             (as FusionBench over the fine-tuned ones: a tower every expert left as the base's
+             counts in no n, nor one only changed by experts whose k rounds to 0, who keep nothing
+             as at density 0), refused where every expert's k is 0; ``scope="tensor"`` within each
+             tensor (as mergekit). Entries tied with the k-th largest are all kept.
     elect    the sign of the sum of the trimmed entries; where they sum to exactly 0 there is
              no elected sign and the entry stays at the base.
     merge    ``"mean"``: the disjoint mean, the average of the nonzero trimmed entries that
@@ -1497,6 +1498,23 @@ def _bucket_of_kth(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return bucket, k - in_higher
 
 
+def _refuse_keeping_nothing(density: Callable[[int], float], K: int, m: int, changed: bool) -> None:
+    """A ValueError where global TIES's rank ``round(density(k) m)`` is 0 for every expert: the merge
+    would be the base. It names the density, the ``m`` entries ranked (``changed`` False: all the
+    float entries, which those some expert changed are at most) and the smallest density that keeps
+    one (Python's round takes 0.5 to 0: just above 0.5 / m)."""
+    densities = sorted({density(k) for k in range(K)})
+    given = f"density={densities[0]}" if len(densities) == 1 else f"densities {densities} (of the {K} experts)"
+    smallest = 0.5 / m
+    while min(int(round(smallest * m)), m) == 0:
+        smallest = math.nextafter(smallest, math.inf)
+    counted = ("entries some expert changed" if changed
+               else "float entries (those some expert changed are at most these)")
+    raise ValueError(f"{given} keeps round(density * {m}) = 0 of the model's {m} {counted}, for every expert: "
+                     f"TIES (scope='global') would return the base; the smallest density that keeps one is "
+                     f"{'' if changed else 'at least '}{smallest!r}")
+
+
 @torch.no_grad()
 def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: Callable[[int], float],
                        progress: bool = False) -> list:
@@ -1533,9 +1551,15 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: C
     def ranks_of(m):  # (as _kth_largest)
         return [min(int(round(density(k) * m)), m) or None for k in range(len(experts))]
 
+    def some_kept(ranks, m, changed):
+        if m and all(k is None for k in ranks):  # (m = 0: the experts are the base, which merges as itself)
+            _refuse_keeping_nothing(density, len(experts), m, changed)
+        return ranks
+
     unchanged = set()
-    # (the first pass's over all n: m <= n, so an expert ranked None there is None after it, never read)
-    ranked = ranks_of(n)
+    # (the first pass's over all n: m <= n, so an expert ranked None there is None after it, never read;
+    # none of them read where all are, so refused before any read, the changed m unknown)
+    ranked = some_kept(ranks_of(n), n, changed=False)
 
     def task_vectors():
         for name in names:
@@ -1556,7 +1580,8 @@ def _global_thresholds(base: StateDict, experts: Sequence[StateDict], density: C
             bar.update()
 
     def ranks():
-        ranked[:] = ranks_of(n - sum(sizes[name][1] for name in unchanged))
+        m = n - sum(sizes[name][1] for name in unchanged)
+        ranked[:] = some_kept(ranks_of(m), m, changed=True)
         return ranked
 
     # (every model read twice, before the merge's first tensor: minutes on a large model, the

@@ -1,5 +1,6 @@
 """Merges against results computed by hand."""
 
+import math
 import warnings
 import zlib
 
@@ -132,6 +133,33 @@ def test_global_ties_reads_no_expert_whose_rank_rounds_to_0(changed, gen):
     alone = merge.ties(base, [kept], density=0.5, progress=False)
     for name in base:
         assert torch.equal(out[name], alone[name]), name
+
+
+@pytest.mark.parametrize("unchanged", [False, True])  # (True: a tensor no expert changed, out of the ranked m)
+def test_global_ties_refuses_a_density_every_expert_keeps_nothing_at(unchanged, gen):
+    """Only a density of exactly 0 was refused: a density whose k = round(density * n) rounds to 0
+    for every expert (1e-4 of a 40x24 task vector) kept nothing, and TIES returned the base, said
+    nowhere. It is refused now, naming the entries ranked and the smallest density that keeps one:
+    before any read where the model's n gives 0, after the first pass where the changed m does."""
+    base = {"a": torch.randn(40, 24, generator=gen), "b": torch.randn(40, 24, generator=gen)}
+    experts = [{n: t + 0.1 * torch.randn(t.shape, generator=gen) if n == "a" or not unchanged else t
+                for n, t in base.items()} for _ in range(2)]
+    m = 960 if unchanged else 1920
+    # (4e-4: round(0.768) = 1 of the model's 1920, round(0.384) = 0 of the changed 960)
+    density = 4e-4 if unchanged else 1e-4
+    with pytest.raises(ValueError, match=rf"density={density} keeps round\(density \* {m}\) = 0 of the model's "
+                                         rf"{m} .* the smallest density that keeps one is") as caught:
+        merge.ties(base, experts, density=density, progress=False)
+    smallest = float(str(caught.value).rsplit(" ", 1)[1])
+    assert smallest == math.nextafter(0.5 / m, 1)  # (round(0.5) = 0)
+    out = merge.ties(base, experts, density=smallest, progress=False)
+    assert sum(int(torch.count_nonzero(out[n] - base[n])) for n in base) in (1, 2)  # (each expert's one entry)
+    with pytest.raises(ValueError, match="keeps round"):  # (one per expert: all of them 0)
+        merge.ties(base, experts, density=[density, density / 2], progress=False)
+    merge.ties(base, experts, density=[density, smallest], progress=False)  # (one expert keeping one: a merge)
+    # (experts that are the base: m = 0, nothing to keep, their merge the base; 4e-4 ranks 1 of the model's n)
+    same = merge.ties(base, [dict(base)] * 2, density=4e-4, progress=False)
+    assert all(torch.equal(same[n], base[n]) for n in base)
 
 
 def test_ties_tensor_scope_by_hand():
