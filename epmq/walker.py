@@ -2977,9 +2977,6 @@ def _run_block(stack, j, block, hidden, named, ran_on=None):
     shape and leaves what it is given as it was. ``ran_on``: the calibration item it ran on
     before, if any; an error on this one is then the block's own on this input, as one where
     the walk hands it what the model gave it."""
-    if isinstance(hidden, str) or _texts(hidden):  # (else 'must be Tensor, not str', as a block the walk cannot call)
-        raise ValueError(f"block {j} at {stack.prefix!r} is given text, which the model's forward handed on from the "
-                         f"calibration item: tokenize it first (its tokenizer's token ids, not strings)")
     try:
         # (tensors alone: an object a block changes alike on each call is _check_replayable's)
         given = _versions_of(named, depth=0)
@@ -4044,6 +4041,12 @@ class _Walk:
                 if j == 0 and not now["past"]:
                     _refuse_filled_cache(stack, block, args, kwargs, now["task"], now["n"])
                 hidden, named = _bind(block, args, kwargs)
+                if j == 0 and not now["past"] and (isinstance(hidden, str) or _texts(hidden)):
+                    # (a forward that does not tokenize the item's text: the walk's own error deep inside, or
+                    # 'must be Tensor, not str' as blocks the walk cannot quantize one by one)
+                    raise ValueError(f"calibration[{now['task']!r}] item {now['n']}: the model's forward hands its "
+                                     f"text on to the blocks at {stack.prefix!r}, which read tensors: tokenize it "
+                                     f"first (its tokenizer's token ids, not strings)")
                 named = self._expert_values(named)
                 if now["past"]:  # (called again after the last block: weights shared across depth)
                     if not now["watch"]:  # (an item followed past them: counted from here, as a watched one)

@@ -1595,11 +1595,11 @@ def test_text_given_as_calibration_of_a_model_outside_transformers_is_named(arch
     the model's way to token ids; a plain module's where its forward hands them on to its blocks (it may
     tokenize them itself: test_a_plain_module_tokenizing_its_texts_in_its_forward_is_quantized)."""
     model = Net(Residual) if arch == "plain" else build(arch)
-    said = (r"block 0 at 'layers' is given text, which the model's forward handed on from the calibration item: "
-            r"tokenize it first" if arch == "plain" else rf"calibration\['a'\] item 0: {named} is text: tokenize it "
-                                                            rf"first \({hint}")
-    with pytest.raises(ValueError, match=said):
-        epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, progress=False)
+    said = (r"the model's forward hands its text on to the blocks at 'layers', which read tensors: tokenize it first"
+            if arch == "plain" else rf"{named} is text: tokenize it first \({hint}")
+    for adapter in ([None, epmq.Adapter("toy", block_types=("Residual",))] if arch == "plain" else [None]):
+        with pytest.raises(ValueError, match=rf"^calibration\['a'\] item 0: {said}"):
+            epmq.quantize_model(model, SPEC, method="gptq", calibration=calibration, progress=False, adapter=adapter)
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
 
 
