@@ -433,7 +433,10 @@ def _round_target(
     device = W_base.device
 
     dead = torch.diagonal(H) == 0
-    any_dead = bool(dead.any())
+    # (one read for whether any column is dead, any live, and how many: each of the four was its own,
+    # and on a GPU each waits for the queue to drain)
+    n_dead = int(dead.sum())
+    any_dead, any_live = n_dead > 0, n_dead < d_in
     # float64, copied only where it is changed below (the caller's H is left as it is)
     H64 = H.to(torch.float64, copy=True) if any_dead or H.dtype != torch.float64 else H
     diag = torch.diagonal(H64)
@@ -450,7 +453,7 @@ def _round_target(
     # 64 dead, K = 1: 7.9 times the live columns' damping), and GPTQ's codes changed when H was
     # rescaled. With no live column the value is immaterial: 1, as before.
     live = ~dead
-    mean_diag = float(diag[live].mean()) if bool(live.any()) else 0.0
+    mean_diag = float(diag[live].mean()) if any_live else 0.0
     shift = _fp32_shift(mean_diag)  # (into float32's range: the factor and the loss may be taken in it)
     if shift:
         # GPTQ's codes do not depend on H's scale, but the solver's fp32 factor does: such an H
@@ -478,7 +481,7 @@ def _round_target(
     else:
         perm, Hinv32, damp, retries = cached
     factor_retries = retries
-    if not bool(live.any()):
+    if not any_live:
         damp = 0.0  # (of the placeholder diagonal: there is no H to damp)
 
     W_base = W_base.detach().float()
@@ -571,7 +574,7 @@ def _round_target(
     F_sq = float(torch.linalg.vector_norm(F_p, dtype=torch.float64)) ** 2
     loss = solved_loss(out) - dead_share - damp * F_sq
     overflowed = not math.isfinite(loss)  # (the solver's squared errors in float32: |err| > 1.8e19)
-    if not bool(live.any()):
+    if not any_live:
         loss = 0.0  # (H is zero: what is left of the sum is the fp32 rounding of the dead share)
     elif overflowed or loss < max(F_sq * mean_diag, dead_share) * MEASURE_LOSS_BELOW:
         # (A dead share past 8 times the loss: the difference is off by more than 1e-6 of it at
@@ -604,7 +607,7 @@ def _round_target(
         perm=perm,
         damp=damp,
         damp_retries=retries,
-        dead_columns=int(dead.sum()),
+        dead_columns=n_dead,
         info={"backend": backend},
     )
     result.seconds = time.perf_counter() - t0

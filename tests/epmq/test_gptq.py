@@ -853,3 +853,27 @@ def test_solver_products_are_ieee_fp32_whatever_the_tf32_switch(gen, tf32_produc
     quant.epmq(W, [W + 0.1], [H], spec, blocksize=16, backend="torch")
     assert quant._factor_fp32(H, 0.01 * float(H.diagonal().mean())) is not None
     assert tf32_products == []
+
+
+# (the host reads of a layer's solve, solver included, on diagonal Hessians: no dead column, no
+# retry, and the loss taken from the solver's errors, not measured: each path a fixed count)
+LAYER_READS = {"gptq": 15, "epmq": 19}
+
+
+def test_a_layers_solve_reads_few_device_values(gen, host_reads):
+    """A GPTQ or E-PMQ layer reads back only the values its checks and its loss need: on a GPU
+    each read waits for the queue to drain (the traffic benchmark's scalar_reads, 19 a layer
+    at d414fb7). Whether any column is dead, any live, and how many is one read (four before)."""
+    from epmq import EPMQStats
+
+    d_out, d_in = 6, 16
+    W_m = torch.randn(d_out, d_in, generator=gen)
+    experts = [(W_m + 0.05 * torch.randn(d_out, d_in, generator=gen), torch.diag(1 + torch.rand(d_in, generator=gen)))
+               for _ in range(3)]
+    stats = EPMQStats(W_m, dtype=torch.float32)
+    stats.add_tasks([W for W, _ in experts], [H for _, H in experts])
+    spec = QuantSpec(4, 8)
+    quant.epmq_from_stats(stats, spec, backend="torch")  # (the Hessian check's probes made, once per width)
+    reads = {"gptq": host_reads(lambda: quant.gptq(W_m, experts[0][1], spec, backend="torch")),
+             "epmq": host_reads(lambda: quant.epmq_from_stats(stats, spec, backend="torch"))}
+    assert reads == LAYER_READS
