@@ -57,7 +57,7 @@ from .merge_checkpoint import _check_architectures
 from .resume import hold, hold_output, records, remove
 from .spec import QuantSpec
 from .vocabulary import checkpoint_tokenizer, holds_no_vocabulary
-from .walker import METHODS, TARGETS, _selector, quantize_model
+from .walker import METHODS, TARGETS, _reads_labels, _selector, quantize_model
 from epmq_kernels.expert_residual import check_residual_precision
 from epmq_kernels.grid import is_flag
 
@@ -152,12 +152,6 @@ def _forward_takes(cls) -> set:
     """The names of the arguments the model class's forward takes."""
     forward = cls.forward if hasattr(cls, "forward") else None
     return set(inspect.signature(forward).parameters) if forward is not None else set()
-
-
-def _reads_labels(cls) -> bool:
-    """Whether the pairs' targets, given as labels, reach the decoder of ``cls``: T5Model's and BartModel's
-    **kwargs drop them, T5Model's decoder then has no input, BartModel's reads the inputs shifted."""
-    return "labels" in _forward_takes(cls)
 
 
 def _modality(cls, encoder_decoder: bool, tower: Optional[str] = None) -> str:

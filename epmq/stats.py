@@ -817,7 +817,7 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     from .adapters.attention import call_projections, hands_weights_to_torch
     from .checkpoint_io import parameter_aliases
     from .calibration import token_rows, unpad
-    from .walker import _call, _encoder_decoder, _item_seed, keep_call_hooks
+    from .walker import _call, _check_labels_read, _encoder_decoder, _item_seed, keep_call_hooks
 
     if isinstance(names, str):  # (read by substrings: '0.weight' took '10.weight' too)
         raise TypeError("names must be a collection of weight names, not one string")
@@ -1016,9 +1016,13 @@ def gram_matrices(model, batches, *, names=None, dtype=torch.float64, task: str 
     try:
         for attention in handing:
             call_projections(attention)
-        parts = (part for item in batches
-                 for part in unpad(item, encoder_decoder=_encoder_decoder(model), model=model))
-        for n, item in enumerate(parts):
+
+        def parts():
+            for b, item in enumerate(batches):
+                _check_labels_read(model, item, f"batches[{b}]")
+                yield from unpad(item, encoder_decoder=_encoder_decoder(model), model=model)
+
+        for n, item in enumerate(parts()):
             reads.clear()
             keep.clear()
             masks.clear()

@@ -524,6 +524,25 @@ def _encoder_decoder(model) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
+def _reads_labels(cls) -> bool:
+    """Whether labels given to a model of class ``cls`` reach its decoder: T5Model's and BartModel's
+    **kwargs drop them, T5Model's decoder then has no input, BartModel's reads the inputs shifted."""
+    forward = getattr(cls, "forward", None)
+    return forward is not None and "labels" in inspect.signature(forward).parameters
+
+
+def _check_labels_read(model, item, where: str):
+    """Refuses an ``item`` whose labels an encoder-decoder of transformers' drops (``_reads_labels``): its
+    decoder would run on no input or on the inputs shifted, with nothing said."""
+    transformers = sys.modules.get("transformers")  # (not imported: the model is none of its)
+    if (isinstance(item, Mapping) and item.get("labels") is not None and _encoder_decoder(model)
+            and transformers is not None and isinstance(model, transformers.PreTrainedModel)
+            and not _reads_labels(type(model))):
+        raise ValueError(f"{where}: {type(model).__name__}'s forward takes no labels, so its decoder would not "
+                         f"read them: give decoder_input_ids (the labels shifted right, the decoder's start token "
+                         f"first)")
+
+
 def _calibration(calibration, model) -> dict:
     """Every task's items, padded batches split into batches without padding (``unpad``; a
     positional item that passes a mask taken as ``model``'s keyword arguments)."""
@@ -531,9 +550,6 @@ def _calibration(calibration, model) -> dict:
     encoder_decoder = _encoder_decoder(model)
     transformers = sys.modules.get("transformers")  # (not imported: the model is none of its)
     hf_model = transformers is not None and isinstance(model, transformers.PreTrainedModel)
-    # (T5Model's and BartModel's **kwargs drop labels: T5Model's decoder then has no input, BartModel's
-    # runs on the inputs shifted, calibrated on them with nothing said)
-    drops_labels = encoder_decoder and hf_model and "labels" not in inspect.signature(model.forward).parameters
     if not isinstance(calibration, Mapping):
         raise TypeError("calibration must be a mapping task name -> iterable of model inputs")
     # (past them GPT-2's table fails as an IndexError naming nothing, a rotary model runs on what it never saw)
@@ -562,10 +578,7 @@ def _calibration(calibration, model) -> dict:
                           if isinstance(t, torch.Tensor) and t.numel() == 0), None)
             if empty is not None:  # (a sequence of 0 tokens: the model fails deep inside, unnamed)
                 raise ValueError(f"calibration[{task!r}] item {n}: {empty} is empty: nothing to calibrate on")
-            if drops_labels and isinstance(item, Mapping) and item.get("labels") is not None:
-                raise ValueError(f"calibration[{task!r}] item {n}: {type(model).__name__}'s forward takes no labels, "
-                                 f"so its decoder would not read them: give decoder_input_ids (the labels shifted "
-                                 f"right, the decoder's start token first)")
+            _check_labels_read(model, item, f"calibration[{task!r}] item {n}")
             # (the walk calls the blocks without a cache: the tokens it holds would be missing from
             # their attention, the masks and positions made for them wrong, unnamed deep inside)
             # (a recurrent state, RWKV's, is a list of tensors whether it holds tokens or not)
