@@ -1763,7 +1763,8 @@ def _text_tokenizer(config: dict, fields: Sequence[str], nested: bool) -> dict:
 
 def _check_reading(config: dict, reference: dict, what: str, ref_name: str, goal: str, experts: bool,
                    nested: bool = True, warn: bool = True) -> None:
-    for how, fields_of in (("reads its weights as", lambda c: _config_fields(c, READ_AS, nested)),
+    for how, fields_of in (("reads its weights as",
+                            lambda c: _config_fields(_decoder_outputs_scaled(c), READ_AS, nested)),
                            ("tokenizes its texts as", lambda c: _text_tokenizer(c, TOKENIZED_BY, nested))):
         mine, theirs = fields_of(config), fields_of(reference)
         differ = _differing(mine, theirs, alike=READ_ALIKE)  # (both spell out)
@@ -1788,6 +1789,24 @@ def _check_reading(config: dict, reference: dict, what: str, ref_name: str, goal
                           f"{({t: theirs[t] for _, t in differ})} (config.json): "
                           + ("its weights are run as the model's config says" if experts else
                              "the merged weights are run as the config the output carries says"))
+
+
+# model types whose tied head scales the decoder's outputs by d_model ** -0.5 unless the config says not: transformers
+# 4 read that from tie_word_embeddings (FLAN-T5's false: no scaling), which transformers 5 forces true, keeping
+# the old value as scale_decoder_outputs
+T5_SCALED = ("t5", "umt5", "longt5", "pop2piano")
+
+
+def _decoder_outputs_scaled(config: dict) -> dict:
+    """``config`` with, in each scope of a ``T5_SCALED`` model that does not write scale_decoder_outputs (a
+    transformers 4 config), the value transformers 5 derives from its tie_word_embeddings (true unless false):
+    a 4.x FLAN-T5's config and a 5.x one scaling its outputs read the same weights otherwise."""
+    def scaled(c: dict) -> dict:
+        if c.get("model_type") in T5_SCALED and c.get("scale_decoder_outputs") is None:
+            return {**c, "scale_decoder_outputs": c.get("tie_word_embeddings") is not False}
+        return c
+
+    return {k: scaled(v) if isinstance(v, dict) else v for k, v in scaled(config).items()}
 
 
 # config.json's fields by which the same weights compute a little otherwise, or otherwise on long

@@ -2796,6 +2796,40 @@ def test_fields_that_change_what_the_weights_compute_are_compared(field, mine, t
                          configs=[{"model_type": "m", field: mine}])  # (unwritten: its default, unknown here)
 
 
+@pytest.mark.parametrize("tied", [False, True, None])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_t5s_decoder_output_scaling_is_compared_as_transformers_5_reads_a_config_without_it(tied, scaled):
+    """transformers 4 wrote no scale_decoder_outputs: T5 scaled its decoder's outputs unless tie_word_embeddings
+    was false (FLAN-T5's), as transformers 5 derives the field when absent. Compared only where both configs
+    wrote it, a 4.x FLAN-T5 config against a 5.x one scaling its outputs (or two 4.x ones, tied and untied)
+    was taken in silence, the tensors then served by a model scaling them otherwise; compared by the value
+    transformers 5 reads, at the top and in a tower."""
+    from epmq.merge_checkpoint import _check_architectures
+
+    size = dict(vocab_size=8, d_model=8, d_kv=2, d_ff=8, num_layers=1, num_heads=2)
+    old = {"model_type": "t5", **({} if tied is None else {"tie_word_embeddings": tied})}  # (transformers 4's)
+    reads = transformers.T5Config.from_dict({**size, **old}).scale_decoder_outputs
+    new = {"model_type": "t5", "scale_decoder_outputs": scaled, "tie_word_embeddings": True}
+    assert transformers.T5Config.from_dict({**size, **new}).scale_decoder_outputs is scaled
+    other = {"model_type": "t5", "tie_word_embeddings": not reads}  # (transformers 4's, scaling otherwise)
+
+    def check(mine, theirs, tower):
+        def wrap(c):
+            return {"model_type": "musicgen", tower: c} if tower else c
+
+        _check_architectures(None, [None], ["x"], experts=True, reference=wrap(theirs), configs=[wrap(mine)])
+
+    for tower in ("", "text_encoder"):  # (at the top, and as MusicGen's text encoder)
+        said = rf"\{{'{tower + '.' if tower else ''}scale_decoder_outputs': "
+        if reads is scaled:
+            check(old, new, tower)
+        else:
+            with pytest.raises(ValueError, match=rf"{said}{reads}\}}, the model as {said}{scaled}\}}"):
+                check(old, new, tower)
+        with pytest.raises(ValueError, match=rf"{said}{not reads}\}}, the model as {said}{reads}\}}"):
+            check(other, old, tower)
+
+
 @pytest.mark.parametrize("model_type, scope, field, mine, theirs", [
     ("mpt", "attn_config", "alibi", False, True), ("mpt", "attn_config", "clip_qkv", None, 6.0),
     ("mpt", "attn_config", "alibi_bias_max", 16, 8), ("dbrx", "attn_config", "kv_n_heads", 2, 8),
