@@ -127,22 +127,30 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
         # d_in^2 boolean copy; float8 has no aminmax: read as fp32, as the solvers read it)
         values = Hinv.detach() if Hinv.element_size() > 1 else Hinv.detach().float()
         extremes = torch.stack(torch.aminmax(values))
-        lo, hi = extremes.tolist()
+        diag = values.diagonal().float()
+        tiny = torch.finfo(torch.float32).tiny
+        # The numbers the checks below judge Hinv by, read back at once (read check by check they
+        # were five reads a solve, a nonzero's among them, and on a GPU each waits for the queue to
+        # drain): its extremes, whether they fit fp32, how many diagonal entries are below fp32's
+        # normal range, and whether it has nonzeros where the upper factor has zeros. The columns
+        # an error names are read on its path alone.
+        lo, hi, fits_fp32, n_small, lower = torch.stack([
+            *extremes.double(), extremes.float().isfinite().all().double(), (diag.abs() < tiny).sum().double(),
+            (Hinv[1:, 0].any() | Hinv.diagonal(-1).any()).double()]).tolist()
         if not (math.isfinite(lo) and math.isfinite(hi)):
             what = "NaN" if math.isnan(lo) or math.isnan(hi) else "inf"
             raise ValueError(f"Hinv must be finite, it has {what} (a failed factorization of H^{{-1}}?)")
         # Both solvers read Hinv in fp32, where an fp64 factor's 1e39 is inf (weights solved to NaN) and
         # its 1e-50 a zero on the diagonal: the extremes and the diagonal are checked as read, in fp32
         # (rounding keeps the order: the fp32 matrix's extremes are these, rounded; no d_in^2 copy)
-        if not bool(extremes.float().isfinite().all()):
+        if not fits_fp32:
             raise ValueError(f"Hinv holds {max(lo, hi, key=abs):g}, past float32's range, in which the solvers "
                              f"read it (inf there): a nearly singular H, too little damping?")
         # GPTQ divides column j's error by Hinv[j, j], never 0 in the factor of an invertible
         # H^{-1}: a zero made the errors inf and the scales NaN (reference) or inf (kernel).
         # Nor subnormal in fp32: Hinv[j, j]^2 >= 1 / H~[j, j], so one below 1.18e-38 factors an H~
         # past 7e75, and (w - q) / 1e-40 overflowed the errors to inf, the weights to NaN, silently
-        diag = values.diagonal().float()
-        small = (diag.abs() < torch.finfo(torch.float32).tiny).nonzero().flatten().tolist()
+        small = (diag.abs() < tiny).nonzero().flatten().tolist() if n_small else []
         small = dict(zip(small, diag[small].tolist())) if small else {}
         zero = [j for j, value in small.items() if value == 0]
         if small and not zero:
@@ -157,17 +165,17 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
                              f"(in float32, as the solvers read it): "
                              f"the upper Cholesky factor of an invertible H^{{-1}} has none (a singular H^{{-1}}, "
                              f"or a column zeroed by hand?)")
-    # The solver reads Hinv's upper triangle alone: the lower factor (torch.linalg.cholesky's
-    # default) ran as a diagonal Hinv, no error fed forward, and H^{-1} itself as another matrix,
-    # silently. Both have a nonzero first column below the diagonal or first subdiagonal, which
-    # the upper factor has zero (views: O(d_in) reads, no d_in^2 copy).
-    if d_in > 1 and not Hinv.is_meta and bool(Hinv[1:, 0].any() | Hinv.diagonal(-1).any()):
-        # (scipy.linalg.cho_factor leaves H^{-1}'s own entries there, which no check of O(d_in)
-        # tells from H^{-1} itself: its upper triangle is the factor)
-        raise ValueError("Hinv must be the upper Cholesky factor of H^{-1} (torch.linalg.cholesky(H_inv, "
-                         "upper=True)); it has nonzeros below its diagonal: a lower factor, or H^{-1} itself, "
-                         "or scipy.linalg.cho_factor's output, whose upper triangle alone is the factor "
-                         "(give torch.triu of it)")
+        # The solver reads Hinv's upper triangle alone: the lower factor (torch.linalg.cholesky's
+        # default) ran as a diagonal Hinv, no error fed forward, and H^{-1} itself as another matrix,
+        # silently. Both have a nonzero first column below the diagonal or first subdiagonal, which
+        # the upper factor has zero (views: O(d_in) reads, no d_in^2 copy).
+        if lower:
+            # (scipy.linalg.cho_factor leaves H^{-1}'s own entries there, which no check of O(d_in)
+            # tells from H^{-1} itself: its upper triangle is the factor)
+            raise ValueError("Hinv must be the upper Cholesky factor of H^{-1} (torch.linalg.cholesky(H_inv, "
+                             "upper=True)); it has nonzeros below its diagonal: a lower factor, or H^{-1} itself, "
+                             "or scipy.linalg.cho_factor's output, whose upper triangle alone is the factor "
+                             "(give torch.triu of it)")
     if R is not None and R.shape != W.shape:
         raise ValueError(f"R must have W's shape {tuple(W.shape)}, got {tuple(R.shape)}")
     if bits not in (2, 3, 4, 8):

@@ -370,6 +370,15 @@ def test_argument_errors(gen):
                 solve(W, Hinv, bits=4, sym=False, **{**grid, **bad})
 
 
+def test_a_solve_reads_hinvs_checks_back_at_once(gen, host_reads):
+    """Hinv's checks (finite, within fp32, no subnormal or zero diagonal, no nonzeros below it) are
+    one read back, the solve's overflow check another: on a GPU each read waits for the queue to
+    drain (Hinv's were five). The refusals themselves: test_a_hinv_that_is_not_finite_is_refused_as_such
+    and its neighbours."""
+    W, R, Hinv, H = make_problem(gen, 8, 32, with_R=True)
+    assert host_reads(lambda: gptq_solve_reference(W, Hinv, bits=4, sym=False, group_size=16, R=R)) == 2
+
+
 def test_inputs_that_require_grad(gen):
     """W (or Hinv) an nn.Parameter, as a layer's weight is: the kernel's first trailing update
     (torch.sub(..., out=)) failed with autograd's 'out=... arguments don't support automatic
