@@ -465,12 +465,43 @@ def _each(value, what: str, n: int) -> Callable[[int], float]:
     return lambda k: float(value)
 
 
-def _check_some_kept(kept: Callable[[int], float], n: int, what: str, method: str) -> None:
-    """A ValueError where ``kept`` (:func:`_each`'s) is 0 for each of the ``n`` experts: every task
-    vector dropped, the merge was the base, said nowhere (one expert's 0 leaves that one out)."""
-    if all(kept(k) == 0 for k in range(n)):
-        raise ValueError(f"{what} is 0 for every expert: {method} would drop every task vector and return "
-                         f"the base; give a {what} > 0")
+class _Trim:
+    """What a trimming merge (TIES per tensor, Breadcrumbs, DELLA, SCE) kept of the task vectors at
+    ``what`` = ``value`` (``kept``: :func:`_each`'s, expert k's). A ``what`` of 0 for every expert is
+    refused at once: every task vector dropped (one expert's 0 leaves that one out).
+
+    ``note(name, k, tau, trimmed)`` (returns ``trimmed``): expert k's trim of tensor ``name``, what it
+    chose from and what it kept. ``check()``, after the merge: a tensor of which no expert kept a nonzero
+    entry (a small tensor at a small ``what``: its count rounds to 0, or DELLA draws none) merges as the
+    base's, as a large model's few tiny tensors may: warned once, how many. Where every tensor did, the
+    merge is the base, said nowhere else: refused."""
+
+    def __init__(self, value, kept: Callable[[int], float], n: int, what: str, method: str):
+        if all(kept(k) == 0 for k in range(n)):
+            raise ValueError(f"{what} is 0 for every expert: {method} would drop every task vector and return "
+                             f"the base; give a {what} > 0")
+        self.value, self.kept, self.what, self.method = value, kept, what, method
+        self.some = {}  # {tensor: whether some expert kept an entry of it}, in the merge's order
+
+    def note(self, name: str, k: int, tau: torch.Tensor, trimmed: torch.Tensor) -> torch.Tensor:
+        # (a 0 drops its expert; a zero task vector has nothing to keep)
+        if self.kept(k) > 0 and bool(tau.any()):
+            self.some[name] = self.some.get(name, False) or bool(trimmed.any())
+        return trimmed
+
+    def check(self) -> None:
+        nothing = [name for name, some in self.some.items() if not some]
+        if not nothing:
+            return
+        said = f"{self.what}={self.value!r} keeps no entry of"
+        if len(nothing) == len(self.some):
+            raise ValueError(f"{said} any of the {len(nothing)} tensors the experts changed, for any expert (too "
+                             f"small a {self.what} of their entries): {self.method}'s merge is the base; give a "
+                             f"larger {self.what}")
+        more = " ..." if len(nothing) > 3 else ""
+        warnings.warn(f"{said} {len(nothing)} of the {len(self.some)} tensors the experts changed, for any expert "
+                      f"(too small a {self.what} of their entries): {nothing[:3]}{more} merge as the base's",
+                      stacklevel=3)
 
 
 def _check_choice(value, allowed, what):
@@ -555,7 +586,7 @@ def _combine(taus: Sequence[torch.Tensor], consensus: Optional[str], merge: str,
 
 
 def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out, weights=None, zero_vote=0,
-                  statistic=None, progress=True):
+                  statistic=None, progress=True, trim=None):
     """``W_0 + scale * combine_k(sparsify(name, k, tau_k))``: the task-vector merges that
     differ only in how each task vector is thinned and how the results are combined."""
     weights = _listed(weights)
@@ -565,7 +596,11 @@ def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out,
     _check_choice(merge, ("sum", "mean"), "merge")
 
     def merge_tensor(name, W_0, W_k):
-        taus = _OnDemand(lambda k: sparsify(name, k, W_k[k] - W_0), len(W_k))
+        def trimmed(k):
+            tau = W_k[k] - W_0
+            return sparsify(name, k, tau) if trim is None else trim.note(name, k, tau, sparsify(name, k, tau))
+
+        taus = _OnDemand(trimmed, len(W_k))
         if W_0.element_size() * W_0.numel() * len(W_k) <= HOLD_BYTES:  # (float64's: 8 bytes an entry)
             taus = list(taus)  # (each made once)
         return W_0 + scale * _combine(taus, consensus, merge, weights, zero_vote)
@@ -575,7 +610,10 @@ def _sparse_merge(base, experts, scale, sparsify, consensus, merge, method, out,
     # ones before it were written out, and never where there is none)
     weights = _check_weights(weights, len(experts), divide=consensus is None and merge == "mean")
     _warn_of_fused_experts(base, experts, statistic, stacklevel=4)
-    return _merge_each(base, experts, merge_tensor, out, lazy=True, method=method, progress=progress)
+    out = _merge_each(base, experts, merge_tensor, out, lazy=True, method=method, progress=progress)
+    if trim is not None:
+        trim.check()
+    return out
 
 
 
@@ -735,7 +773,7 @@ def ties(
     experts = _listed_experts(experts)  # (read twice: the thresholds, the merge)
     base_sd, expert_sds = _inputs(base, experts)
     kept = _each(density, "density", len(expert_sds))
-    _check_some_kept(kept, len(expert_sds), "density", "TIES")
+    trim = _Trim(density, kept, len(expert_sds), "density", "TIES")
     weights = _check_weights(_listed(weights), len(expert_sds), divide=False)  # (before the thresholds' pass)
     thresholds = (
         _global_thresholds(base_sd, expert_sds, kept, progress) if scope == "global" else None
@@ -758,7 +796,8 @@ def ties(
     # (the inputs as given: a transformers module's fused tensors merged as the ones it saves)
     return _sparse_merge(base, experts, scale, sparsify, "sign", merge, "ties", out, weights,
                          zero_vote=int(convention == "mergekit"),
-                         statistic="its entries ranked" if scope == "tensor" else None, progress=progress)
+                         statistic="its entries ranked" if scope == "tensor" else None, progress=progress,
+                         trim=trim if scope == "tensor" else None)  # (global: refused with its thresholds)
 
 
 def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: float = 0.01,
@@ -777,7 +816,7 @@ def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: 
     """
     experts = _listed_experts(experts)
     kept, outliers = _each(density, "density", len(experts)), _each(gamma, "gamma", len(experts))
-    _check_some_kept(kept, len(experts), "density", "Breadcrumbs")
+    trim = _Trim(density, kept, len(experts), "density", "Breadcrumbs")
     _check_choice(convention, CONVENTIONS, "convention")
 
     def sparsify(name, k, tau):
@@ -799,7 +838,8 @@ def breadcrumbs(base, experts, scale: float = 0.3, density: float = 0.9, gamma: 
         return torch.where((m >= lower) & (m <= upper), tau, 0.0)
 
     return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "breadcrumbs", out, weights,
-                         zero_vote=int(convention == "mergekit"), statistic="its entries ranked", progress=progress)
+                         zero_vote=int(convention == "mergekit"), statistic="its entries ranked", progress=progress,
+                         trim=trim)
 
 
 DELLA_RESCALES = ("probability", "l1", None)
@@ -828,7 +868,7 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
     experts = _listed_experts(experts)
     kept = _each(density, "density", len(experts))
     spread = _each(epsilon, "epsilon", len(experts))
-    _check_some_kept(kept, len(experts), "density", "DELLA")
+    trim = _Trim(density, kept, len(experts), "density", "DELLA")
     seed = check_seed(seed)
     _check_choice(rescale, DELLA_RESCALES, "rescale")
     _check_choice(convention, CONVENTIONS, "convention")
@@ -867,7 +907,7 @@ def della(base, experts, scale: float = 1.0, density: float = 0.7, epsilon: floa
 
     return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "della", out, weights,
                          zero_vote=int(convention == "mergekit"),
-                         statistic="its rows ranked", progress=progress)
+                         statistic="its rows ranked", progress=progress, trim=trim)
 
 
 def sce(base, experts, select_topk: float = 1.0, *, out=None, progress: bool = True):
@@ -882,7 +922,7 @@ def sce(base, experts, select_topk: float = 1.0, *, out=None, progress: bool = T
     _needs_base(base, "sce")
     _check_unit(select_topk, "select_topk")
     experts = _listed_experts(experts)
-    _check_some_kept(lambda k: float(select_topk), len(experts), "select_topk", "SCE")
+    trim = _Trim(select_topk, lambda k: float(select_topk), len(experts), "select_topk", "SCE")
     if select_topk < 1 and len(experts) < 2:  # (one task vector varies nowhere: nothing selected, the base)
         raise ValueError(f"SCE's select_topk < 1 selects the entries where the experts' task vectors vary: it "
                          f"needs two experts or more, got {len(experts)} (select_topk=1 merges one as it is)")
@@ -918,6 +958,7 @@ def sce(base, experts, select_topk: float = 1.0, *, out=None, progress: bool = T
             selected = torch.zeros_like(variance)
             if n:
                 selected.view(-1)[torch.topk(variance.abs().view(-1), k=n, largest=True).indices] = 1
+            trim.note(name, 0, variance, selected)  # (one selection for all the experts, of the varying entries)
             del variance, spread
             total *= selected  # (the sum of the selected entries)
             energy = [(taus[k] * selected).square().mean() for k in range(K)]
@@ -935,7 +976,9 @@ def sce(base, experts, select_topk: float = 1.0, *, out=None, progress: bool = T
             del tau, w
         return W_0 + merged / weight.clamp(min=1e-6)
 
-    return _merge_each(base, experts, merge_tensor, out, lazy=True, method="sce", progress=progress)
+    out = _merge_each(base, experts, merge_tensor, out, lazy=True, method="sce", progress=progress)
+    trim.check()
+    return out
 
 
 def _polar(A: torch.Tensor) -> torch.Tensor:

@@ -162,6 +162,47 @@ def test_global_ties_refuses_a_density_every_expert_keeps_nothing_at(unchanged, 
     assert all(torch.equal(same[n], base[n]) for n in base)
 
 
+TRIMS = {  # (a trimming merge at a fraction that keeps nothing of a 40x24 tensor, and some of 1000x100)
+    "ties": lambda b, e, f: merge.ties(b, e, density=f, scope="tensor", progress=False),
+    "ties mergekit": lambda b, e, f: merge.ties(b, e, density=f, scope="tensor", convention="mergekit",
+                                                progress=False),
+    "breadcrumbs": lambda b, e, f: merge.breadcrumbs(b, e, density=f, gamma=0.0, progress=False),
+    "breadcrumbs mergekit": lambda b, e, f: merge.breadcrumbs(b, e, density=f, gamma=0.0, convention="mergekit",
+                                                              progress=False),
+    "della": lambda b, e, f: merge.della(b, e, density=f, epsilon=f / 2, progress=False),
+    "sce": lambda b, e, f: merge.sce(b, e, select_topk=f, progress=False),
+}
+
+
+@pytest.mark.parametrize("method", TRIMS)
+def test_per_tensor_trims_keeping_nothing_are_refused_or_said(method, gen):
+    """Only a density (select_topk) of exactly 0 was refused: one whose kept count rounds to 0 in every
+    tensor (1e-4 of a 40x24 task vector; DELLA drawing none) kept nothing, and the merge returned the
+    base, said nowhere. It is refused now; where only some tensors keep nothing (a large model's tiny
+    ones), those merge as the base's and a warning says how many. (mergekit's TIES keeps one entry at
+    least: never nothing.)"""
+    small = {"w": torch.randn(40, 24, generator=gen)}
+    experts = [{"w": small["w"] + 0.1 * torch.randn(40, 24, generator=gen)} for _ in range(2)]
+    if method == "ties mergekit":
+        out = TRIMS[method](small, experts, 1e-4)
+        assert not torch.equal(out["w"], small["w"])
+        return
+    with pytest.raises(ValueError, match=r"=0\.0001 keeps no entry of any of the 1 tensors the experts changed"):
+        TRIMS[method](small, experts, 1e-4)
+    # (a tensor every expert left as the base's has nothing to keep: still refused, the merge the base)
+    unchanged = dict(small, v=torch.randn(8, generator=gen))
+    with pytest.raises(ValueError, match="of any of the 1 tensors"):
+        TRIMS[method](unchanged, [dict(e, v=unchanged["v"]) for e in experts], 1e-4)
+    big = dict(small, big=torch.randn(1000, 100, generator=gen))
+    experts = [dict(e, big=big["big"] + 0.1 * torch.randn(1000, 100, generator=gen)) for e in experts]
+    with pytest.warns(UserWarning, match=r"keeps no entry of 1 of the 2 tensors the experts changed.*\['w'\]"):
+        out = TRIMS[method](big, experts, 1e-4)
+    assert torch.equal(out["w"], big["w"]) and not torch.equal(out["big"], big["big"])
+    with warnings.catch_warnings():  # (a fraction that keeps some of every tensor: nothing said)
+        warnings.simplefilter("error")
+        TRIMS[method](big, experts, 0.1)
+
+
 def test_ties_tensor_scope_by_hand():
     base, experts = hand_models()
     # k = 3 of 6 per expert in "w": thresholds 2, 2 and 1; entry 1 has trimmed values +2 and -2,
