@@ -723,9 +723,12 @@ def dare(base, experts, scale: float = 0.3, density: float = 0.5, seed: int = 0,
             return masked / kept(k)
         return _l1_rescaled(tau, masked) if rescale == "l1" else masked
 
+    # (a density so small that no draw keeps an entry of any tensor left the base, said nowhere)
+    trim = _Trim(density, kept, len(experts), "density", "DARE")
     return _sparse_merge(base, experts, scale, sparsify, consensus, merge, "dare", out, weights,
                          zero_vote=int(convention == "mergekit"),
-                         statistic="its L1 norm rescaled" if rescale == "l1" else None, progress=progress)
+                         statistic="its L1 norm rescaled" if rescale == "l1" else None, progress=progress,
+                         trim=trim)
 
 
 def ties(

@@ -203,6 +203,16 @@ def test_per_tensor_trims_keeping_nothing_are_refused_or_said(method, gen):
         TRIMS[method](big, experts, 0.1)
 
 
+def test_dare_keeping_nothing_is_refused(gen):
+    """DARE at a density whose draws keep no entry of any tensor returned the base, said nowhere. Its masks
+    come from (seed, name, expert), not from ``gen``: at 1e-9 of a 40x24 task vector no draw keeps one."""
+    base = {"w": torch.randn(40, 24, generator=gen)}
+    experts = [{"w": base["w"] + 0.1 * torch.randn(40, 24, generator=gen)} for _ in range(2)]
+    with pytest.raises(ValueError, match=r"density=1e-09 keeps no entry of any of the 1 tensors.*DARE's merge"):
+        merge.dare(base, experts, density=1e-9, progress=False)
+    assert not torch.equal(merge.dare(base, experts, density=0.1, progress=False)["w"], base["w"])
+
+
 def test_ties_tensor_scope_by_hand():
     base, experts = hand_models()
     # k = 3 of 6 per expert in "w": thresholds 2, 2 and 1; entry 1 has trimmed values +2 and -2,
