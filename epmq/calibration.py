@@ -123,10 +123,28 @@ def _positions_before_the_first(config: dict) -> int:
     return pad + 1 if isinstance(pad, int) and pad >= 0 else 0
 
 
+def _positions_computed(config: Mapping) -> bool:
+    """Whether a config's positions are computed from each token's index (rotary angles, ALiBi slopes,
+    DeBERTa's clamped relative distances) rather than looked up in a table of its position key's length,
+    so that a longer sequence runs: Llama's, GPT-NeoX's, Mistral's, Falcon's, DeBERTa's with
+    position_biased_input false. GPT-J's and CodeGen's rotary_dim name a table of sines (n_positions of
+    them) their forward indexes, and HF's MPT slices an ALiBi table of max_seq_len: both fail past it."""
+    kind = config.get("position_embedding_type")
+    if kind is not None:  # (BERT's 'relative_key' indexes a table of distances below max_position_embeddings)
+        return kind == "rotary"
+    if config.get("position_biased_input") is False or config.get("alibi") is True:
+        return True
+    # (rope_parameters as transformers 5 writes it; rope_theta / rope_scaling / rotary_emb_base in
+    # config.json files transformers 4 wrote)
+    return any(config.get(k) is not None for k in ("rope_parameters", "rope_theta", "rope_scaling",
+                                                   "rotary_emb_base"))
+
+
 def position_limit(config: Mapping) -> Optional[tuple]:
     """``(tokens, key)``: the most tokens a model of ``config`` (config.json's content) reads in one sequence,
-    and the config key that says so; None where none bounds them. GPT-2's table fails past it, a rotary
-    model runs on sequences longer than it was trained on."""
+    and the config key that says so; None where none bounds them. Only a table of positions bounds them:
+    GPT-2's fails past it, while a rotary, ALiBi or relative model runs on any length (the key is the length
+    it was trained on, or, with rope_scaling, the one before scaling)."""
     # a model with a text_config reads the tokens with its language model: the other towers'
     # positions (a vision tower's, InstructBLIP's Q-Former's) bound inputs that are no tokens
     nested = ([config["text_config"]] if isinstance(config.get("text_config"), Mapping)
@@ -134,7 +152,7 @@ def position_limit(config: Mapping) -> Optional[tuple]:
     # T5's configs (t5-small's, FLAN-T5's: "n_positions": 512) keep a length no table bounds: the
     # positions are relative, log-bucketed past relative_attention_max_distance, any length runs
     limits = [(c[k] - _positions_before_the_first(c), k) for c in [config, *nested] for k in POSITION_LIMITS
-              if is_integer(c.get(k)) and c[k] > 0
+              if is_integer(c.get(k)) and c[k] > 0 and not _positions_computed(c)
               and not (k == "n_positions" and "relative_attention_num_buckets" in c)]
     return min(limits) if limits else None
 

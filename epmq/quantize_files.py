@@ -323,8 +323,8 @@ def _processor(directory: Path):
 
 
 def _check_positions(directory: Path, seq_len: int) -> None:
-    """A ValueError if ``seq_len`` exceeds the model's positions: GPT-2 would fail in its
-    embedding, a rotary model would calibrate on windows longer than it was trained on."""
+    """A ValueError if ``seq_len`` exceeds the model's table of positions, where GPT-2 would fail in
+    its embedding (a rotary, ALiBi or relative model has none: ``position_limit``)."""
     limit = position_limit(_config_json(directory))
     if limit is not None and seq_len > limit[0]:
         raise ValueError(f"seq_len={seq_len} is longer than the model's {limit[0]} positions "

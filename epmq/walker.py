@@ -552,7 +552,7 @@ def _calibration(calibration, model) -> dict:
     hf_model = transformers is not None and isinstance(model, transformers.PreTrainedModel)
     if not isinstance(calibration, Mapping):
         raise TypeError("calibration must be a mapping task name -> iterable of model inputs")
-    # (past them GPT-2's table fails as an IndexError naming nothing, a rotary model runs on what it never saw)
+    # (past them GPT-2's table fails as an IndexError naming nothing; a rotary or ALiBi model has no table: none)
     positions = position_limit(model.config.to_dict()) if hf_model else None
     out = {}
     for task, items in calibration.items():

@@ -18,7 +18,8 @@ import yaml
 
 import epmq
 from epmq.benches.tiny import WORDS, perturb, word_tokenizer
-from epmq.calibration import image_batches, image_files, pair_batches, read_pairs, read_texts, text_windows
+from epmq.calibration import (image_batches, image_files, pair_batches, position_limit, read_pairs, read_texts,
+                              text_windows)
 from epmq.cli import main
 from epmq.quantize_files import REPORT_FILE
 
@@ -856,7 +857,6 @@ def test_cli_gptq_and_errors(files, tmp_path, capsys, monkeypatch):
         (dict(calibration={"a": None}), "calibration must map each task to file"),
         # (one checkpoint per task: a list was accepted, then a TypeError traceback after loading)
         (dict(by_epmq, experts={"a": [str(root / "expert0")]}), "experts must map each task to a checkpoint path"),
-        (dict(seq_len=100), "seq_len=100 is longer than the model's 64 positions"),
         (dict(percdamp="0.1"), "percdamp must be a finite number.*YAML"),
         (dict(by_epmq, anchor=float("nan")), "anchor must be a finite number"),
         (dict(by_epmq, lora_base=3), "lora_base must be a path"),
@@ -2132,10 +2132,10 @@ def test_a_t5_encoder_saved_with_is_encoder_decoder_reads_texts(tmp_path):
 
 
 def test_seq_len_may_equal_the_models_positions(tmp_path):
-    """Windows of exactly ``max_position_embeddings`` tokens fit the model; one more does not."""
+    """Windows of exactly as many tokens as GPT-2's table of positions fit the model; one more does not."""
     from epmq.quantize_files import _check_positions
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 64}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 64}))
     _check_positions(tmp_path, 64)
     with pytest.raises(ValueError, match="seq_len=65 is longer than the model's 64 positions"):
         _check_positions(tmp_path, 65)
@@ -2171,6 +2171,53 @@ def test_seq_len_is_bounded_by_robertas_positions_past_its_padding_index(tmp_pat
                                  calibration={"a": tmp_path / "a.txt"}, samples=2, seq_len=17, progress=False)
     epmq.quantize_checkpoint(tmp_path / "roberta", tmp_path / "out", spec=spec, method="gptq",
                              calibration={"a": tmp_path / "a.txt"}, samples=2, seq_len=16, progress=False)
+
+
+@pytest.mark.parametrize("config, bound", [
+    ({"model_type": "llama", "max_position_embeddings": 64,  # (as transformers 5 writes it)
+      "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, None),
+    ({"model_type": "llama", "max_position_embeddings": 64, "rope_theta": 10000.0, "rope_scaling": None}, None),
+    ({"model_type": "llama", "max_position_embeddings": 64, "rope_scaling": {"type": "linear", "factor": 4.0}}, None),
+    ({"model_type": "gpt_neox", "max_position_embeddings": 64, "rotary_emb_base": 10000, "rotary_pct": 0.25}, None),
+    ({"model_type": "falcon", "max_position_embeddings": 64, "alibi": True}, None),
+    ({"model_type": "deberta-v2", "max_position_embeddings": 64, "position_biased_input": False,
+      "relative_attention": True, "position_buckets": 32}, None),
+    ({"model_type": "esm", "max_position_embeddings": 64, "position_embedding_type": "rotary"}, None),
+    # tables: GPT-J's and CodeGen's sines, HF MPT's ALiBi biases, ESM's and BERT's embeddings
+    ({"model_type": "gptj", "n_positions": 64, "rotary_dim": 8}, (64, "n_positions")),
+    ({"model_type": "codegen", "n_positions": 64, "n_ctx": 64, "rotary_dim": 8}, (64, "n_ctx")),
+    ({"model_type": "mpt", "max_seq_len": 64, "attn_config": {"alibi": True}}, (64, "max_seq_len")),
+    ({"model_type": "esm", "max_position_embeddings": 64, "position_embedding_type": "absolute",
+      "rope_theta": 10000.0, "pad_token_id": 1}, (62, "max_position_embeddings")),
+    ({"model_type": "bert", "max_position_embeddings": 64, "position_embedding_type": "relative_key"},
+     (64, "max_position_embeddings")),
+    ({"model_type": "deberta-v2", "max_position_embeddings": 64, "position_biased_input": True},
+     (64, "max_position_embeddings")),
+], ids=["llama", "llama-4", "llama-rope-scaling", "gpt-neox-4", "falcon-alibi", "deberta-v2", "esm-rotary",
+        "gptj", "codegen", "mpt", "esm", "bert-relative-key", "deberta-v2-absolute"])
+def test_only_a_table_of_positions_bounds_them(config, bound):
+    """Every position key bounded the windows as GPT-2's table does, so a model whose positions are computed
+    from each token's index (rotary angles, ALiBi slopes, DeBERTa's relative buckets), which runs on longer
+    sequences, had them refused: Llama's, GPT-NeoX's, Falcon's, DeBERTa-v2's with position_biased_input
+    false. Config files transformers 4 wrote (rope_theta, rotary_emb_base) as well as 5's. A table of the
+    key's length still bounds them, rotary sines precomputed to it (GPT-J's) too."""
+    assert position_limit(config) == bound
+
+
+def test_deberta_v2s_relative_positions_calibrate_past_max_position_embeddings(tmp_path):
+    """DeBERTa-v2 with position_biased_input false (DeBERTa-v3's configs) has no table of positions: windows
+    longer than max_position_embeddings were refused ('longer than the model's 16 positions') where it runs."""
+    torch.manual_seed(0)
+    transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=16, relative_attention=True, position_buckets=4, position_biased_input=False,
+        pos_att_type=["p2c", "c2p"])).save_pretrained(tmp_path / "deberta")
+    word_tokenizer(tmp_path / "deberta")
+    (tmp_path / "a.txt").write_text("\n".join(sentences(1, 40)))
+    out = epmq.quantize_checkpoint(tmp_path / "deberta", tmp_path / "out", spec=epmq.QuantSpec(bits=4, group_size=16),
+                                   method="gptq", calibration={"a": tmp_path / "a.txt"}, samples=2, seq_len=40,
+                                   progress=False)
+    assert any(isinstance(m, epmq.QuantLinear) for m in epmq.load_quantized(out).modules())
 
 
 def test_t5s_n_positions_bounds_no_calibration_length(tmp_path):

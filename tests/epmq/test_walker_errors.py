@@ -1628,27 +1628,53 @@ def test_a_plain_module_tokenizing_its_texts_in_its_forward_is_quantized(item):
     assert [layer["name"] for layer in model.epmq_report.layers] == ["layers.0.fc", "layers.1.fc"]
 
 
-@pytest.mark.parametrize("arch, key", [("gpt2", "n_positions"), ("llama", "max_position_embeddings")])
 @pytest.mark.parametrize("form", ["tensor", "dict"])
-def test_calibration_longer_than_the_models_positions_is_named(arch, key, form, gen):
-    """Items of more tokens than the model's positions: GPT-2's table failed as calibration the model cannot run
-    ('IndexError: index out of range in self'), nothing saying why; a rotary model was calibrated in silence on
-    sequences longer than it runs on, which quantize_checkpoint refuses as a seq_len. Both are named, with the
-    config key bounding them; items of as many tokens as the positions run."""
-    model = build(arch)
-    model.config.max_position_embeddings = 16 if arch == "llama" else model.config.max_position_embeddings
-    ids = torch.randint(0, 64, (2, 17), generator=gen)
+def test_calibration_longer_than_the_models_positions_is_named(form, gen):
+    """Items of more tokens than GPT-2's table of positions: calibration the model cannot run ('IndexError:
+    index out of range in self'), nothing saying why. Named, with the config key bounding them; items of as
+    many tokens as the positions run."""
+    model = build("gpt2")
+    limit = model.config.n_positions
+    ids = torch.randint(0, 64, (2, limit + 1), generator=gen)
 
     def given(x):
         return x if form == "tensor" else {"input_ids": x}
 
     named = "the item" if form == "tensor" else "input_ids"
-    with pytest.raises(ValueError, match=rf"calibration\['a'\] item 1: {named} holds 17 tokens, more than the "
-                                         rf"model's 16 positions \({key} in its config\)"):
+    with pytest.raises(ValueError, match=rf"calibration\['a'\] item 1: {named} holds {limit + 1} tokens, more than "
+                                         rf"the model's {limit} positions \(n_positions in its config\)"):
         epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [given(ids[:, :8]), given(ids)]},
                             progress=False)
     assert not any(isinstance(m, epmq.QuantLinear) for m in model.modules())
-    epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [given(ids[:, :16])]}, progress=False)
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [given(ids[:, :limit])]}, progress=False)
+
+
+_SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=8)
+
+
+@pytest.mark.parametrize("model_class, config", [
+    ("LlamaForCausalLM", transformers.LlamaConfig(**_SMALL, num_key_value_heads=2)),
+    ("LlamaForCausalLM", transformers.LlamaConfig(  # (the key the length before scaling)
+        **_SMALL, num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    ("MistralForCausalLM", transformers.MistralConfig(**_SMALL, num_key_value_heads=2, sliding_window=4)),
+    ("GPTNeoXForCausalLM", transformers.GPTNeoXConfig(**_SMALL)),
+    ("FalconForCausalLM", transformers.FalconConfig(**{k: v for k, v in _SMALL.items() if k != "intermediate_size"},
+                                                    alibi=True)),
+    ("DebertaV2Model", transformers.DebertaV2Config(**_SMALL, relative_attention=True, position_buckets=4,
+                                                    position_biased_input=False, pos_att_type=["p2c", "c2p"])),
+], ids=["llama", "llama-rope-scaling", "mistral", "gpt-neox", "falcon-alibi", "deberta-v2"])
+def test_calibration_longer_than_a_position_key_no_table_holds_runs(model_class, config, gen):
+    """Every max_position_embeddings bounded the items, as GPT-2's table does: a model whose positions are
+    computed from each token's index (rotary angles, ALiBi slopes, DeBERTa's relative buckets) runs on longer
+    sequences, and items past the key were refused ('more than the model's 8 positions'). They calibrate."""
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config).eval()
+    ids = torch.randint(3, 60, (2, 3 * config.max_position_embeddings), generator=gen)
+    with torch.no_grad():  # (the model itself runs on them)
+        assert torch.isfinite(model(input_ids=ids)[0]).all()
+    epmq.quantize_model(model, SPEC, method="gptq", calibration={"a": [{"input_ids": ids}]}, progress=False)
+    assert any(isinstance(m, epmq.QuantLinear) for m in model.modules())
 
 
 @pytest.mark.parametrize("decoder", ["decoder_input_ids", "labels"])
