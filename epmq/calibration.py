@@ -1116,16 +1116,24 @@ CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "lay
                 "cache_params", "inference_params")
 
 
+def bound_to_forward(model, item) -> Optional[inspect.BoundArguments]:
+    """A positional ``item`` (a tuple or list) bound to ``model``'s forward's parameters; None where
+    it is none, or does not bind (the forward's own error, at the call)."""
+    if model is None or not isinstance(item, (tuple, list)):
+        return None
+    try:
+        return inspect.signature(model.forward).bind_partial(*item)
+    except (TypeError, ValueError):
+        return None
+
+
 def _keywords(model, item):
     """A positional item (``(input_ids, attention_mask)``, as a ``DataLoader`` of a
     ``TensorDataset`` yields it) as keyword arguments of ``model``'s forward where that names a
     mask (or raw audio's ``input_values``) among them, so that its padding is seen; else the item
     as it is."""
-    if model is None or not isinstance(item, (tuple, list)):
-        return item
-    try:
-        bound = inspect.signature(model.forward).bind_partial(*item)
-    except (TypeError, ValueError):  # (it does not bind: the forward's own error, at the call)
+    bound = bound_to_forward(model, item)
+    if bound is None:
         return item
     # (GPT-2's forward takes its cache second: a TensorDataset's (ids, mask) gave the mask
     # as a cache, and the model failed deep inside with "no attribute 'get_seq_length'")

@@ -119,7 +119,7 @@ from ._util import rescale_outside_compilation, rescaled_divisors, wrapped_model
 from .adapters import (Adapter, Part, Transposed, checkpoint_names, find_towers, named_blocks, prepare_towers,
                        remember, warn_other_towers)
 from .adapters import _expression as adapter_expression
-from .calibration import CACHE_KWARGS as _CACHE_KWARGS, position_limit, token_rows, unpad
+from .calibration import CACHE_KWARGS as _CACHE_KWARGS, bound_to_forward, position_limit, token_rows, unpad
 from .checkpoint import bind_save_pretrained
 from .checkpoint_io import hub_reference, ignored_on_load, key_renaming, loads_transposed
 from .checks import all_finite, check_number, device_argument
@@ -1768,11 +1768,8 @@ def _flag_given_a_tensor(model, item) -> Optional[str]:
     the label to HF CLIP's vision tower's interpolate_pos_encoding: a tensor of one value passes
     as a bool, so the walk ran, with the flag set by the label's value (the larger batches' labels
     fail there: ``_positional_hint``)."""
-    if not isinstance(item, (tuple, list)) or hasattr(item, "_fields"):
-        return None
-    try:
-        bound = inspect.signature(model.forward).bind_partial(*item)
-    except (TypeError, ValueError):  # (it does not bind: the forward's own error, at the call)
+    bound = None if hasattr(item, "_fields") else bound_to_forward(model, item)
+    if bound is None:
         return None
     params = bound.signature.parameters
     return next((name for name, value in bound.arguments.items()
