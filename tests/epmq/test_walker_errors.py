@@ -570,6 +570,18 @@ def test_a_walk_that_fails_on_a_model_holding_a_torchscript_module_rolls_back_an
 
 
 
+def _interrupt_the_second_solve(model, monkeypatch):
+    """A Ctrl-C in the solve of ``model``'s second block: once the first block holds a QuantLinear."""
+    solve = quant.gptq
+
+    def first_interrupt(*args, **kwargs):
+        if any(isinstance(m, epmq.QuantLinear) for m in model.modules()):
+            raise KeyboardInterrupt
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(quant, "gptq", first_interrupt)
+
+
 @pytest.mark.parametrize("second", ["rollback", "closing"])
 def test_a_second_interrupt_while_a_stopped_walk_winds_up_leaves_the_model_whole(second, gen, monkeypatch):
     """A Ctrl-C in the second block's solve, and a second one while the walk winds up: in the rollback, it
@@ -579,12 +591,6 @@ def test_a_second_interrupt_while_a_stopped_walk_winds_up_leaves_the_model_whole
 
     model = Net(Residual).train()
     before = snapshot(model)
-    solve = quant.gptq
-
-    def first_interrupt(*args, **kwargs):
-        if any(isinstance(m, epmq.QuantLinear) for m in model.modules()):
-            raise KeyboardInterrupt
-        return solve(*args, **kwargs)
 
     interrupted = []
 
@@ -602,7 +608,7 @@ def test_a_second_interrupt_while_a_stopped_walk_winds_up_leaves_the_model_whole
             raise KeyboardInterrupt
         close(ahead)
 
-    monkeypatch.setattr(quant, "gptq", first_interrupt)
+    _interrupt_the_second_solve(model, monkeypatch)
     if second == "rollback":
         monkeypatch.setattr(Residual, "__setattr__", put_back)
     else:
@@ -620,12 +626,6 @@ def test_interrupts_that_keep_coming_while_a_stopped_walk_rolls_back_are_held_un
     done, once; then raised, the model whole."""
     model = Net(Residual).train()
     before = snapshot(model)
-    solve = quant.gptq
-
-    def first_interrupt(*args, **kwargs):
-        if any(isinstance(m, epmq.QuantLinear) for m in model.modules()):
-            raise KeyboardInterrupt
-        return solve(*args, **kwargs)
 
     put_backs = []
 
@@ -637,7 +637,7 @@ def test_interrupts_that_keep_coming_while_a_stopped_walk_rolls_back_are_held_un
                 signal.raise_signal(signal.SIGINT)
         nn.Module.__setattr__(block, name, value)
 
-    monkeypatch.setattr(quant, "gptq", first_interrupt)
+    _interrupt_the_second_solve(model, monkeypatch)
     monkeypatch.setattr(Residual, "__setattr__", put_back)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
