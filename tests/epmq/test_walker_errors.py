@@ -569,7 +569,6 @@ def test_a_walk_that_fails_on_a_model_holding_a_torchscript_module_rolls_back_an
     assert_untouched(model, before)
 
 
-
 def _interrupt_the_second_solve(model, monkeypatch):
     """A Ctrl-C in the solve of ``model``'s second block: once the first block holds a QuantLinear."""
     solve = quant.gptq
