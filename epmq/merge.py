@@ -477,7 +477,7 @@ class _Trim:
     merge is the base, said nowhere else: refused."""
 
     def __init__(self, value, kept: Callable[[int], float], n: int, what: str, method: str):
-        if all(kept(k) == 0 for k in range(n)):
+        if n and all(kept(k) == 0 for k in range(n)):  # (no expert at all: the merge's own 'empty' refusal)
             raise ValueError(f"{what} is 0 for every expert: {method} would drop every task vector and return "
                              f"the base; give a {what} > 0")
         self.value, self.kept, self.what, self.method = value, kept, what, method
