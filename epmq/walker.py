@@ -1810,13 +1810,10 @@ def _decoder_inputs_hint(model, item, error) -> str:
     if isinstance(item, Mapping):
         given = {k for k, v in item.items() if v is not None}
     else:
-        try:
-            params = inspect.signature(model.forward).parameters.values()
-        except (TypeError, ValueError):
+        bound = bound_to_forward(model, item if isinstance(item, (tuple, list)) else (item,))
+        if bound is None:  # (it does not bind: a TypeError of the call, no ValueError to hint at)
             return ""
-        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        values = item if isinstance(item, (tuple, list)) else (item,)
-        given = {p.name for p, v in zip((p for p in params if p.kind in kinds), values) if v is not None}
+        given = {name for name, v in bound.arguments.items() if v is not None}
     if given & {"labels", "decoder_input_ids", "decoder_inputs_embeds"}:
         return ""
     return (f"; an encoder-decoder ({type(model).__name__}) runs its decoder on labels (the targets, "
