@@ -181,7 +181,7 @@ def check_solve_args(W, Hinv, bits, sym, R, group_size, scales, zeros, col_group
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
     # (both said neither which of the three was given or missing nor the group_size that asked for it)
-    grid = [(name, t) for name, t in (("scales", scales), ("zeros", zeros), ("col_group", col_group))]
+    grid = (("scales", scales), ("zeros", zeros), ("col_group", col_group))
     if group_size > 0:
         given = [name for name, t in grid if t is not None]
         if given:
