@@ -6,6 +6,9 @@ once per module, and ``bench`` = the bench built from it.
 
 ``held_elsewhere``: ``with held_elsewhere("hold_output", out) as pid:`` runs the body while another
 process (``pid``) holds ``out`` by ``epmq.resume``'s lock of that name.
+
+``headless_encoder_decoder``: ``headless_encoder_decoder(family, vocab_size)`` builds a tiny random-init
+T5Model (``family`` "t5") or BartModel, the encoder-decoders without a head, whose forward takes no labels.
 """
 
 import os
@@ -51,3 +54,18 @@ def held_elsewhere():
             first.communicate("\n")
 
     return held
+
+
+@pytest.fixture
+def headless_encoder_decoder():
+    import transformers
+
+    def build(family: str, vocab_size: int = 32):
+        if family == "t5":
+            return transformers.T5Model(transformers.T5Config(vocab_size=vocab_size, d_model=16, d_kv=4, d_ff=32,
+                                                              num_layers=1, num_heads=4, decoder_start_token_id=0))
+        return transformers.BartModel(transformers.BartConfig(
+            vocab_size=vocab_size, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64))
+
+    return build

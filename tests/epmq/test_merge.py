@@ -1642,23 +1642,15 @@ def test_gram_matrices_of_names_the_model_does_not_have_are_refused(gen):
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
-def test_gram_matrices_refuse_labels_an_encoder_decoder_without_a_head_drops(gen, family):
+def test_gram_matrices_refuse_labels_an_encoder_decoder_without_a_head_drops(gen, family, headless_encoder_decoder):
     """T5Model and BartModel take no labels: their forward's **kwargs dropped them, T5Model's pass failed
     ("You must specify exactly one of input_ids or inputs_embeds"), BartModel's decoder Gram matrices were
     those of the inputs shifted, RegMean's statistics with nothing said. Refused naming decoder_input_ids,
     which run, as epmq.quantize_model and merge_checkpoint refuse them."""
-    import transformers
-
     from epmq.stats import gram_matrices
 
     ids = torch.randint(3, 32, (1, 6), generator=gen)
-    if family == "t5":
-        model = transformers.T5Model(transformers.T5Config(
-            vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4, decoder_start_token_id=0))
-    else:
-        model = transformers.BartModel(transformers.BartConfig(
-            vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=16))
+    model = headless_encoder_decoder(family)
     with pytest.raises(ValueError, match=rf"batches\[1\]: {type(model).__name__}'s forward takes no labels, so its "
                                          r"decoder would not read them: give decoder_input_ids"):
         gram_matrices(model, [dict(input_ids=ids, decoder_input_ids=ids[:, :3]), dict(input_ids=ids, labels=ids)])

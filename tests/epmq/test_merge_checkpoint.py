@@ -1377,7 +1377,7 @@ def test_regmean_of_encoder_decoders_asks_the_model_for_its_decoder_start(tmp_pa
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
-def test_regmean_of_encoder_decoders_without_labels_is_refused_as_a_merge(tmp_path, family):
+def test_regmean_of_encoder_decoders_without_labels_is_refused_as_a_merge(tmp_path, family, headless_encoder_decoder):
     """T5Model and BartModel take no labels: the pairs' targets were dropped by their forward's **kwargs,
     T5Model's decoder then had no input (a failed pass, "You must specify exactly one of input_ids or
     inputs_embeds"), BartModel's Gram matrices were those of the inputs shifted, merged with nothing
@@ -1390,13 +1390,7 @@ def test_regmean_of_encoder_decoders_without_labels_is_refused_as_a_merge(tmp_pa
     for k in range(2):
         torch.manual_seed(k)
         models.append(tmp_path / f"{family}{k}")
-        if family == "t5":
-            model = transformers.T5Model(transformers.T5Config(
-                vocab_size=128, d_model=8, d_kv=2, d_ff=16, num_layers=1, num_heads=4, decoder_start_token_id=0))
-        else:
-            model = transformers.BartModel(transformers.BartConfig(
-                vocab_size=128, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64))
+        model = headless_encoder_decoder(family, vocab_size=128)
         model.save_pretrained(models[-1])
         t5_tokenizer(models[-1])
     with pytest.raises(ValueError) as refused:

@@ -327,19 +327,13 @@ def test_an_encoder_decoders_item_without_the_decoders_inputs_is_named(gen):
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
-def test_labels_for_an_encoder_decoder_without_a_head_are_refused(gen, family):
+def test_labels_for_an_encoder_decoder_without_a_head_are_refused(gen, family, headless_encoder_decoder):
     """T5Model and BartModel take no labels: their forward's **kwargs dropped them, T5Model's decoder then
     had no input (refused as "You must specify exactly one of input_ids or inputs_embeds", of items
     holding input_ids), BartModel's ran on the inputs shifted, calibrated on them with nothing said.
     Refused naming the labels and decoder_input_ids, which run."""
     ids = torch.randint(3, 32, (1, 6), generator=gen)
-    if family == "t5":
-        model = transformers.T5Model(transformers.T5Config(
-            vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4, decoder_start_token_id=0)).eval()
-    else:
-        model = transformers.BartModel(transformers.BartConfig(
-            vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=16)).eval()
+    model = headless_encoder_decoder(family).eval()
     before = snapshot(model)
     labelled = {"a": [dict(input_ids=ids, labels=ids[:, :3])]}
     with pytest.raises(ValueError, match=rf"calibration\['a'\] item 0: {type(model).__name__}'s forward takes no "
